@@ -1,0 +1,225 @@
+//! Cluster allocation from the refcounts, growing refcount blocks and the
+//! refcount table on demand.
+
+use crate::cache::{Kind, Slot};
+use crate::device::write_zeros;
+use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
+
+/// Each round of allocation either succeeds or creates refcount metadata;
+/// a handful of rounds always suffices on a consistent image.
+const MAX_ALLOC_ROUNDS: usize = 16;
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
+    ///
+    /// The refcount change stays in the cache; the cache's write-back order
+    /// makes it durable before any L1/L2 entry that points at the cluster.
+    pub(crate) async fn alloc_cluster(&mut self) -> Result<u64, Error<D::Error>> {
+        for _ in 0..MAX_ALLOC_ROUNDS {
+            let cluster = self.first_free_from(self.free_hint).await?;
+            self.check_host_limit(cluster + 1)?;
+            if self.refblock_of(cluster).await? != 0 {
+                self.grow_device_to(cluster + 1).await?;
+                self.set_refcount(cluster, 1).await?;
+                self.free_hint = cluster + 1;
+                return Ok(cluster << self.geo.cluster_bits);
+            }
+            if cluster / self.geo.refblock_entries < self.geo.reftable_entries {
+                self.new_refblock(cluster).await?;
+            } else {
+                self.grow_reftable(cluster).await?;
+            }
+        }
+        Err(Error::corrupt("cluster allocation does not converge", 0))
+    }
+
+    fn check_host_limit(&self, clusters: u64) -> Result<(), Error<D::Error>> {
+        match clusters.checked_mul(self.geo.cluster_size) {
+            Some(end) if end <= MAX_HOST_OFFSET => Ok(()),
+            _ => Err(Error::NoSpace),
+        }
+    }
+
+    /// Makes the device at least `clusters` clusters long.
+    pub(crate) async fn grow_device_to(&mut self, clusters: u64) -> Result<(), Error<D::Error>> {
+        if clusters <= self.dev_clusters {
+            return Ok(());
+        }
+        let sectors = clusters * (self.geo.cluster_size / SECTOR as u64);
+        if sectors > self.dev.sector_count() {
+            self.dev
+                .set_sector_count(sectors)
+                .await
+                .map_err(|_| Error::NoSpace)?;
+        }
+        self.dev_clusters = clusters;
+        Ok(())
+    }
+
+    /// Creates the refcount block for `cluster`'s range at `cluster` itself,
+    /// which is free and which the new block then marks as used.
+    async fn new_refblock(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
+        self.grow_device_to(cluster + 1).await?;
+        let host = cluster << self.geo.cluster_bits;
+        let index = cluster / self.geo.refblock_entries;
+        self.write_refblock(
+            host,
+            index * self.geo.refblock_entries,
+            cluster,
+            cluster + 1,
+        )
+        .await?;
+        // The block must be durable before the table points at it.
+        self.cache.flush_device(&mut self.dev).await?;
+        self.cache.forget_range(host, self.geo.cluster_size)?;
+        let at = self.geo.reftable_offset + index * 8;
+        self.cache
+            .write_u64(&mut self.dev, at, Kind::RefTable, host)
+            .await
+    }
+
+    /// Writes a refcount block at `host` covering clusters from `covers`,
+    /// with refcount 1 for clusters in `[used_from, used_to)` and 0 elsewhere.
+    async fn write_refblock(
+        &mut self,
+        host: u64,
+        covers: u64,
+        used_from: u64,
+        used_to: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let order = self.geo.refcount_order;
+        let per_sector = refcount::entries_in(SECTOR as u64, order);
+        let sectors = self.geo.cluster_size / SECTOR as u64;
+        let first = host / SECTOR as u64;
+        write_zeros(&mut self.dev, first, sectors)
+            .await
+            .map_err(Error::Io)?;
+        self.cache.note_device_write();
+        let from = used_from.max(covers);
+        let to = used_to.min(covers + self.geo.refblock_entries);
+        let mut cluster = from;
+        while cluster < to {
+            let sector = (cluster - covers) / per_sector;
+            let sector_start = covers + sector * per_sector;
+            self.scratch = [0; SECTOR];
+            let end = to.min(sector_start + per_sector);
+            for c in cluster..end {
+                refcount::set(&mut self.scratch, order, (c - sector_start) as usize, 1)
+                    .ok_or(Error::corrupt("refcount block layout", host))?;
+            }
+            self.dev
+                .write(first + sector, core::slice::from_ref(&self.scratch))
+                .await
+                .map_err(Error::Io)?;
+            cluster = end;
+        }
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger one placed, with the refcount
+    /// blocks that cover it, at the first cluster the old table does not
+    /// cover (never past `cluster`, the free cluster that triggered growth).
+    ///
+    /// Order: new blocks and table written and flushed, header switched and
+    /// flushed, then the old table's clusters freed.
+    async fn grow_reftable(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
+        let cs = self.geo.cluster_size;
+        let per_block = self.geo.refblock_entries;
+        let old_entries = self.geo.reftable_entries;
+        let old_clusters = self.geo.reftable_bytes() / cs;
+        let start = old_entries * per_block;
+        let wanted_entries = cluster / per_block + 1;
+        let mut table_clusters = old_clusters + (old_clusters / 2).max(1);
+        let mut blocks = 1u64;
+        for _ in 0..8 {
+            let end = start + blocks + table_clusters;
+            let new_blocks = end.div_ceil(per_block) - old_entries;
+            let entries = (old_entries + new_blocks).max(wanted_entries);
+            let new_table = table_clusters.max((entries * 8).div_ceil(cs));
+            if new_blocks == blocks && new_table == table_clusters {
+                break;
+            }
+            blocks = new_blocks;
+            table_clusters = new_table;
+        }
+        if table_clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace);
+        }
+        let end = start + blocks + table_clusters;
+        self.check_host_limit(end)?;
+        self.grow_device_to(end).await?;
+
+        for j in 0..blocks {
+            let covers = (old_entries + j) * per_block;
+            self.write_refblock((start + j) * cs, covers, start, end)
+                .await?;
+        }
+        // Copy the current table (with any cached changes) and append entries.
+        self.cache.write_refcounts(&mut self.dev).await?;
+        let table = (start + blocks) * cs;
+        let old_sectors = old_clusters * cs / SECTOR as u64;
+        let old_first = self.geo.reftable_offset / SECTOR as u64;
+        let new_first = table / SECTOR as u64;
+        for s in 0..old_sectors {
+            let buf = core::slice::from_mut(&mut self.scratch);
+            self.dev.read(old_first + s, buf).await.map_err(Error::Io)?;
+            self.dev
+                .write(new_first + s, buf)
+                .await
+                .map_err(Error::Io)?;
+        }
+        let total_sectors = table_clusters * cs / SECTOR as u64;
+        write_zeros(
+            &mut self.dev,
+            new_first + old_sectors,
+            total_sectors - old_sectors,
+        )
+        .await
+        .map_err(Error::Io)?;
+        for j in 0..blocks {
+            let at = (old_entries + j) * 8;
+            let sector = new_first + at / SECTOR as u64;
+            let buf = core::slice::from_mut(&mut self.scratch);
+            self.dev.read(sector, buf).await.map_err(Error::Io)?;
+            let i = (at % SECTOR as u64) as usize;
+            let bytes = (start + j) * cs;
+            self.scratch
+                .get_mut(i..i + 8)
+                .ok_or(Error::corrupt("refcount table layout", table))?
+                .copy_from_slice(&bytes.to_be_bytes());
+            self.dev
+                .write(sector, core::slice::from_ref(&self.scratch))
+                .await
+                .map_err(Error::Io)?;
+        }
+        self.cache.flush_device(&mut self.dev).await?;
+
+        let old_table = self.geo.reftable_offset;
+        self.header.refcount_table_offset = table;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
+        self.cache.flush_device(&mut self.dev).await?;
+        self.geo.reftable_offset = table;
+        self.geo.reftable_entries = table_clusters * cs / 8;
+        self.cache.forget_range(old_table, old_clusters * cs)?;
+        self.cache.forget_range(start * cs, (end - start) * cs)?;
+
+        // Nothing points at the old table any more: free its clusters.
+        let first_old = old_table / cs;
+        for c in first_old..first_old + old_clusters {
+            let count = self.refcount(c).await?;
+            let dropped = count.checked_sub(1).ok_or(Error::corrupt(
+                "refcount table cluster with refcount 0",
+                c * cs,
+            ))?;
+            self.set_refcount(c, dropped).await?;
+        }
+        self.free_hint = self.free_hint.min(first_old);
+        Ok(())
+    }
+}

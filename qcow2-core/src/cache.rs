@@ -1,0 +1,583 @@
+//! The bounded metadata cache.
+//!
+//! Every metadata access (L1, L2, refcount table, refcount blocks) goes
+//! through fixed-size slices held in caller-provided [`Slot`]s. Lookup is a
+//! hash index threaded through the slots themselves (no extra storage),
+//! replacement is CLOCK, and write-back obeys the ordering rule that
+//! refcounts reach the disk, and the disk is flushed, before any L1/L2 slice
+//! that may point at newly allocated clusters.
+
+use crate::{BlockDevice, Error, Sector, SECTOR};
+
+const EMPTY: u64 = u64::MAX;
+const NONE: u32 = u32::MAX;
+
+/// What a cached slice holds; decides write-back order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Part of the L1 table.
+    L1,
+    /// Part of an L2 table.
+    L2,
+    /// Part of the refcount table.
+    RefTable,
+    /// Part of a refcount block.
+    RefBlock,
+}
+
+impl Kind {
+    const fn is_refcount(self) -> bool {
+        matches!(self, Kind::RefTable | Kind::RefBlock)
+    }
+}
+
+/// One cache entry: a metadata slice of up to `K` sectors plus its tag.
+///
+/// Callers only allocate these (`[const { Slot::EMPTY }; N]` or a boxed
+/// slice); the image manages their contents.
+#[derive(Clone)]
+pub struct Slot<const K: usize> {
+    tag: u64,
+    next: u32,
+    head: u32,
+    kind: Kind,
+    dirty: bool,
+    referenced: bool,
+    data: [Sector; K],
+}
+
+impl<const K: usize> Slot<K> {
+    /// An unused slot, for building cache arrays.
+    pub const EMPTY: Self = Slot {
+        tag: EMPTY,
+        next: NONE,
+        head: NONE,
+        kind: Kind::L2,
+        dirty: false,
+        referenced: false,
+        data: [[0; SECTOR]; K],
+    };
+}
+
+/// Internal invariant broken: reported rather than panicking.
+const fn broken<E>() -> Error<E> {
+    Error::Corrupt {
+        what: "metadata cache index out of range",
+        offset: 0,
+    }
+}
+
+/// The cache proper, over caller-owned slot storage `S`.
+pub(crate) struct Cache<S, const K: usize> {
+    slots: S,
+    /// Bytes per slice: `K * 512`, or the cluster size when that is smaller.
+    slice_bytes: u64,
+    hand: u32,
+    dirty_refcount: u32,
+    dirty_mapping: u32,
+    /// Some device write since the last device flush.
+    device_unflushed: bool,
+}
+
+impl<S, const K: usize> Cache<S, K>
+where
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Takes over `slots`, clearing them, for an image of `cluster_size`.
+    pub(crate) fn new<E>(mut slots: S, cluster_size: u64) -> Result<Self, Error<E>> {
+        let n = slots.as_ref().len();
+        if n == 0 || n >= NONE as usize {
+            return Err(Error::InvalidArgument(
+                "cache needs between 1 and 2^32-1 slots",
+            ));
+        }
+        if K == 0 || !K.is_power_of_two() {
+            return Err(Error::InvalidArgument(
+                "cache slice size must be a power of two sectors",
+            ));
+        }
+        for slot in slots.as_mut() {
+            slot.tag = EMPTY;
+            slot.next = NONE;
+            slot.head = NONE;
+            slot.dirty = false;
+            slot.referenced = false;
+        }
+        Ok(Cache {
+            slots,
+            slice_bytes: ((K * SECTOR) as u64).min(cluster_size),
+            hand: 0,
+            dirty_refcount: 0,
+            dirty_mapping: 0,
+            device_unflushed: false,
+        })
+    }
+
+    /// Gives the slot storage back.
+    pub(crate) fn into_slots(self) -> S {
+        self.slots
+    }
+
+    /// Bytes per slice.
+    pub(crate) const fn slice_bytes(&self) -> u64 {
+        self.slice_bytes
+    }
+
+    /// Records a device write outside the cache (guest data, new tables).
+    pub(crate) fn note_device_write(&mut self) {
+        self.device_unflushed = true;
+    }
+
+    fn len(&self) -> u32 {
+        // Bounded in `new`.
+        self.slots.as_ref().len() as u32
+    }
+
+    fn bucket(&self, tag: u64) -> u32 {
+        let key = tag / self.slice_bytes;
+        let h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        (h % u64::from(self.len())) as u32
+    }
+
+    fn slot<E>(&self, i: u32) -> Result<&Slot<K>, Error<E>> {
+        self.slots.as_ref().get(i as usize).ok_or(broken())
+    }
+
+    fn slot_mut<E>(&mut self, i: u32) -> Result<&mut Slot<K>, Error<E>> {
+        self.slots.as_mut().get_mut(i as usize).ok_or(broken())
+    }
+
+    fn find(&self, tag: u64) -> Option<u32> {
+        let slots = self.slots.as_ref();
+        let mut i = slots.get(self.bucket(tag) as usize)?.head;
+        // A chain never holds more than every slot once.
+        for _ in 0..slots.len() {
+            let s = slots.get(i as usize)?;
+            if s.tag == tag {
+                return Some(i);
+            }
+            i = s.next;
+        }
+        None
+    }
+
+    fn link<E>(&mut self, i: u32, tag: u64, kind: Kind) -> Result<(), Error<E>> {
+        let b = self.bucket(tag);
+        let head = self.slot::<E>(b)?.head;
+        let s = self.slot_mut(i)?;
+        s.tag = tag;
+        s.kind = kind;
+        s.next = head;
+        s.referenced = true;
+        self.slot_mut(b)?.head = i;
+        Ok(())
+    }
+
+    /// Removes slot `i` from its chain and marks it empty (dropping dirt).
+    fn unlink<E>(&mut self, i: u32) -> Result<(), Error<E>> {
+        let s = self.slot::<E>(i)?;
+        let (tag, next) = (s.tag, s.next);
+        if tag == EMPTY {
+            return Ok(());
+        }
+        if s.dirty {
+            self.clear_dirty(i)?;
+        }
+        let b = self.bucket(tag);
+        let mut cur = self.slot::<E>(b)?.head;
+        if cur == i {
+            self.slot_mut(b)?.head = next;
+        } else {
+            for _ in 0..self.len() {
+                let c = self.slot::<E>(cur)?;
+                if c.next == i {
+                    self.slot_mut(cur)?.next = next;
+                    break;
+                }
+                cur = c.next;
+            }
+        }
+        let s = self.slot_mut(i)?;
+        s.tag = EMPTY;
+        s.next = NONE;
+        Ok(())
+    }
+
+    fn clear_dirty<E>(&mut self, i: u32) -> Result<(), Error<E>> {
+        let s = self.slot_mut::<E>(i)?;
+        if s.dirty {
+            s.dirty = false;
+            if s.kind.is_refcount() {
+                self.dirty_refcount -= 1;
+            } else {
+                self.dirty_mapping -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_dirty<E>(&mut self, i: u32) -> Result<(), Error<E>> {
+        let s = self.slot_mut::<E>(i)?;
+        if !s.dirty {
+            s.dirty = true;
+            if s.kind.is_refcount() {
+                self.dirty_refcount += 1;
+            } else {
+                self.dirty_mapping += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// CLOCK: the first empty slot, or the first not recently referenced.
+    fn victim<E>(&mut self) -> Result<u32, Error<E>> {
+        let n = self.len();
+        for _ in 0..=2 * n {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % n;
+            let s = self.slot_mut::<E>(i)?;
+            if s.tag == EMPTY || !s.referenced {
+                return Ok(i);
+            }
+            s.referenced = false;
+        }
+        Ok(self.hand)
+    }
+
+    fn sectors(&self) -> usize {
+        (self.slice_bytes / SECTOR as u64) as usize
+    }
+
+    /// Writes slot `i` to the device; the caller has handled ordering.
+    async fn write_slot<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        i: u32,
+    ) -> Result<(), Error<D::Error>> {
+        let sectors = self.sectors();
+        let s = self.slot(i)?;
+        let data = s.data.get(..sectors).ok_or(broken())?;
+        dev.write(s.tag / SECTOR as u64, data)
+            .await
+            .map_err(Error::Io)?;
+        self.device_unflushed = true;
+        self.clear_dirty(i)
+    }
+
+    /// Flushes the device (not the cache): a write barrier.
+    pub(crate) async fn flush_device<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+    ) -> Result<(), Error<D::Error>> {
+        dev.flush().await.map_err(Error::Io)?;
+        self.device_unflushed = false;
+        Ok(())
+    }
+
+    /// Writes back every dirty slice of one class (refcount or mapping).
+    async fn write_class<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        refcount: bool,
+    ) -> Result<(), Error<D::Error>> {
+        for i in 0..self.len() {
+            let s = self.slot(i)?;
+            if s.dirty && s.kind.is_refcount() == refcount {
+                self.write_slot(dev, i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes it safe to write an L1/L2 slice: every refcount increase and
+    /// every earlier data or table write is durable first.
+    async fn order_before_mapping<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+    ) -> Result<(), Error<D::Error>> {
+        if self.dirty_refcount > 0 {
+            self.write_class(dev, true).await?;
+        }
+        if self.device_unflushed {
+            self.flush_device(dev).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes back everything dirty in a crash-safe order, then flushes.
+    pub(crate) async fn flush<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+    ) -> Result<(), Error<D::Error>> {
+        if self.dirty_mapping > 0 {
+            self.order_before_mapping(dev).await?;
+            self.write_class(dev, false).await?;
+        } else if self.dirty_refcount > 0 {
+            self.write_class(dev, true).await?;
+        }
+        self.flush_device(dev).await
+    }
+
+    /// Writes back the dirty refcount slices only (no flush).
+    pub(crate) async fn write_refcounts<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+    ) -> Result<(), Error<D::Error>> {
+        self.write_class(dev, true).await
+    }
+
+    /// Returns the slot holding the slice at `offset`, loading it on a miss.
+    async fn load<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        kind: Kind,
+    ) -> Result<u32, Error<D::Error>> {
+        let tag = offset - offset % self.slice_bytes;
+        if let Some(i) = self.find(tag) {
+            self.slot_mut::<D::Error>(i)?.referenced = true;
+            return Ok(i);
+        }
+        let i = self.victim()?;
+        if self.slot::<D::Error>(i)?.dirty {
+            if !self.slot::<D::Error>(i)?.kind.is_refcount() {
+                self.order_before_mapping(dev).await?;
+            }
+            self.write_slot(dev, i).await?;
+        }
+        self.unlink(i)?;
+        let sectors = self.sectors();
+        let s = self.slot_mut(i)?;
+        let data = s.data.get_mut(..sectors).ok_or(broken())?;
+        dev.read(tag / SECTOR as u64, data)
+            .await
+            .map_err(Error::Io)?;
+        self.link(i, tag, kind)?;
+        Ok(i)
+    }
+
+    /// The bytes of the slice containing `offset`, for reading.
+    pub(crate) async fn get<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        kind: Kind,
+    ) -> Result<&[u8], Error<D::Error>> {
+        let i = self.load(dev, offset, kind).await?;
+        let sectors = self.sectors();
+        let s = self.slot(i)?;
+        Ok(s.data.get(..sectors).ok_or(broken())?.as_flattened())
+    }
+
+    /// The bytes of the slice containing `offset`, marked dirty.
+    pub(crate) async fn get_mut<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        kind: Kind,
+    ) -> Result<&mut [u8], Error<D::Error>> {
+        let i = self.load(dev, offset, kind).await?;
+        self.mark_dirty(i)?;
+        let sectors = self.sectors();
+        let s = self.slot_mut(i)?;
+        Ok(s.data
+            .get_mut(..sectors)
+            .ok_or(broken())?
+            .as_flattened_mut())
+    }
+
+    /// Reads the big-endian u64 at host byte `offset` (8-byte aligned).
+    pub(crate) async fn read_u64<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        kind: Kind,
+    ) -> Result<u64, Error<D::Error>> {
+        let at = (offset % self.slice_bytes) as usize;
+        let bytes = self.get(dev, offset, kind).await?;
+        let raw = bytes.get(at..at + 8).ok_or(broken())?;
+        let mut be = [0u8; 8];
+        be.copy_from_slice(raw);
+        Ok(u64::from_be_bytes(be))
+    }
+
+    /// Writes the big-endian u64 at host byte `offset` (8-byte aligned).
+    pub(crate) async fn write_u64<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        offset: u64,
+        kind: Kind,
+        value: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let at = (offset % self.slice_bytes) as usize;
+        let bytes = self.get_mut(dev, offset, kind).await?;
+        bytes
+            .get_mut(at..at + 8)
+            .ok_or(broken())?
+            .copy_from_slice(&value.to_be_bytes());
+        Ok(())
+    }
+
+    /// Forgets every cached slice inside `[offset, offset + len)`, dirty or
+    /// not: used when that host range stops being metadata.
+    pub(crate) fn forget_range<E>(&mut self, offset: u64, len: u64) -> Result<(), Error<E>> {
+        let mut tag = offset - offset % self.slice_bytes;
+        let end = offset.saturating_add(len);
+        // Few slices per cluster, or a scan when the range is larger than the cache.
+        if (end - tag) / self.slice_bytes > u64::from(self.len()) {
+            for i in 0..self.len() {
+                let t = self.slot::<E>(i)?.tag;
+                if t != EMPTY && t >= tag && t < end {
+                    self.unlink(i)?;
+                }
+            }
+            return Ok(());
+        }
+        while tag < end {
+            if let Some(i) = self.find(tag) {
+                self.unlink(i)?;
+            }
+            tag += self.slice_bytes;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use embassy_futures::block_on;
+
+    /// A RAM device that counts operations, for cache tests.
+    struct Ram {
+        data: [Sector; 64],
+        writes: usize,
+        flushes: usize,
+        log: [(u64, bool); 64],
+    }
+
+    impl BlockDevice for Ram {
+        type Error = ();
+        async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), ()> {
+            for (i, s) in buf.iter_mut().enumerate() {
+                *s = *self.data.get(first as usize + i).ok_or(())?;
+            }
+            Ok(())
+        }
+        async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), ()> {
+            for (i, s) in buf.iter().enumerate() {
+                *self.data.get_mut(first as usize + i).ok_or(())? = *s;
+            }
+            self.log[self.writes + self.flushes] = (first, false);
+            self.writes += 1;
+            Ok(())
+        }
+        async fn flush(&mut self) -> Result<(), ()> {
+            self.log[self.writes + self.flushes] = (0, true);
+            self.flushes += 1;
+            Ok(())
+        }
+        fn sector_count(&self) -> u64 {
+            64
+        }
+        async fn set_sector_count(&mut self, _: u64) -> Result<(), ()> {
+            Err(())
+        }
+    }
+
+    fn ram() -> Ram {
+        let mut data = [[0u8; SECTOR]; 64];
+        for (i, s) in data.iter_mut().enumerate() {
+            s[0] = i as u8;
+        }
+        Ram {
+            data,
+            writes: 0,
+            flushes: 0,
+            log: [(0, false); 64],
+        }
+    }
+
+    #[test]
+    fn hits_misses_and_eviction_keep_contents() {
+        block_on(async {
+            let mut dev = ram();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 3], 512).unwrap();
+            for round in 0..3 {
+                for sector in 0..10u64 {
+                    let b = cache
+                        .get(&mut dev, sector * 512 + 7, Kind::L2)
+                        .await
+                        .unwrap();
+                    assert_eq!(b[0], sector as u8, "round {round}");
+                }
+            }
+            // Dirty data survives eviction by being written back.
+            cache
+                .write_u64(&mut dev, 512 * 5 + 8, Kind::L2, 0xdead_beef)
+                .await
+                .unwrap();
+            for sector in 10..20u64 {
+                cache.get(&mut dev, sector * 512, Kind::L2).await.unwrap();
+            }
+            assert_eq!(&dev.data[5][8..16], &0xdead_beef_u64.to_be_bytes());
+            assert_eq!(
+                cache
+                    .read_u64(&mut dev, 512 * 5 + 8, Kind::L2)
+                    .await
+                    .unwrap(),
+                0xdead_beef
+            );
+        });
+    }
+
+    #[test]
+    fn mapping_writeback_waits_for_refcounts_and_a_flush() {
+        block_on(async {
+            let mut dev = ram();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512).unwrap();
+            cache
+                .write_u64(&mut dev, 512 * 2, Kind::L2, 1)
+                .await
+                .unwrap();
+            cache
+                .write_u64(&mut dev, 512 * 3, Kind::RefBlock, 1)
+                .await
+                .unwrap();
+            cache.flush(&mut dev).await.unwrap();
+            // Refcount sector 3 first, then a flush, then the L2 sector 2, then a flush.
+            assert_eq!(
+                &dev.log[..4],
+                &[(3, false), (0, true), (2, false), (0, true)]
+            );
+        });
+    }
+
+    #[test]
+    fn forget_drops_dirty_slices() {
+        block_on(async {
+            let mut dev = ram();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512).unwrap();
+            cache
+                .write_u64(&mut dev, 512 * 2, Kind::L2, 7)
+                .await
+                .unwrap();
+            cache.forget_range::<()>(1024, 512).unwrap();
+            cache.flush(&mut dev).await.unwrap();
+            assert_eq!(dev.writes, 0);
+            assert_eq!(
+                cache.read_u64(&mut dev, 1024, Kind::L2).await.unwrap() >> 56,
+                2
+            );
+        });
+    }
+
+    #[test]
+    fn slices_never_exceed_a_cluster() {
+        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 512).unwrap();
+        assert_eq!(cache.slice_bytes(), 512);
+        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536).unwrap();
+        assert_eq!(cache.slice_bytes(), 4096);
+        assert!(Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 0], 512).is_err());
+    }
+}

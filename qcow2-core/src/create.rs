@@ -1,0 +1,221 @@
+//! Creating a new, empty image.
+
+use crate::cache::Slot;
+use crate::device::write_zeros;
+use crate::format::header::{V2_LENGTH, V3_LENGTH};
+use crate::format::{
+    compatible, refcount, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
+    MIN_CLUSTER_BITS,
+};
+use crate::{BlockDevice, Error, OpenOptions, Qcow2, Sector, SECTOR};
+
+/// Parameters of a new image, with `qemu-img create`'s defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual size in bytes; a multiple of 512.
+    pub size: u64,
+    /// log2 of the cluster size, 9..=21 (default 16: 64 KiB).
+    pub cluster_bits: u32,
+    /// log2 of the refcount width in bits, 0..=6 (default 4: 16 bits).
+    pub refcount_order: u32,
+    /// Format version (default v3).
+    pub version: Version,
+    /// Set the lazy refcounts compatible bit (v3 only).
+    pub lazy_refcounts: bool,
+}
+
+impl CreateOptions {
+    /// Defaults for a disk of `size` bytes: 64 KiB clusters, 16-bit
+    /// refcounts, version 3, no lazy refcounts.
+    pub const fn new(size: u64) -> Self {
+        CreateOptions {
+            size,
+            cluster_bits: 16,
+            refcount_order: 4,
+            version: Version::V3,
+            lazy_refcounts: false,
+        }
+    }
+
+    fn validate<E>(&self) -> Result<(), Error<E>> {
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
+            return Err(Error::InvalidArgument(
+                "cluster size must be 512 B..=2 MiB, a power of two",
+            ));
+        }
+        if self.refcount_order > MAX_REFCOUNT_ORDER {
+            return Err(Error::InvalidArgument(
+                "refcount width must be 1..=64 bits, a power of two",
+            ));
+        }
+        if self.version == Version::V2 && self.refcount_order != 4 {
+            return Err(Error::InvalidArgument(
+                "compat 0.10 requires 16-bit refcounts",
+            ));
+        }
+        if self.version == Version::V2 && self.lazy_refcounts {
+            return Err(Error::InvalidArgument("lazy refcounts require compat 1.1"));
+        }
+        if self.size % SECTOR as u64 != 0 {
+            return Err(Error::InvalidArgument(
+                "size must be a multiple of 512 bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where create puts each structure, in clusters.
+struct Layout {
+    reftable: u64,
+    reftable_clusters: u64,
+    refblocks: u64,
+    refblock_count: u64,
+    l1: u64,
+    l1_entries: u64,
+    total: u64,
+}
+
+impl Layout {
+    /// Header, refcount table, refcount blocks, L1 table, in that order, with
+    /// enough blocks to cover all of them.
+    fn plan<E>(o: &CreateOptions) -> Result<Self, Error<E>> {
+        let cs = 1u64 << o.cluster_bits;
+        let bytes_per_l1 = cs * (cs / 8);
+        let l1_entries = o.size.div_ceil(bytes_per_l1);
+        if l1_entries * 8 > MAX_L1_BYTES || l1_entries > u64::from(u32::MAX) {
+            return Err(Error::InvalidArgument(
+                "size too large for this cluster size",
+            ));
+        }
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
+        let per_block = refcount::entries_in(cs, o.refcount_order);
+        let (mut table, mut blocks) = (1u64, 1u64);
+        loop {
+            let total = 1 + table + blocks + l1_clusters;
+            let need_blocks = total.div_ceil(per_block);
+            let need_table = (need_blocks * 8).div_ceil(cs);
+            if need_blocks <= blocks && need_table <= table {
+                return Ok(Layout {
+                    reftable: 1,
+                    reftable_clusters: table,
+                    refblocks: 1 + table,
+                    refblock_count: blocks,
+                    l1: 1 + table + blocks,
+                    l1_entries,
+                    total,
+                });
+            }
+            blocks = blocks.max(need_blocks);
+            table = table.max(need_table);
+        }
+    }
+}
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Formats `dev` as a new empty image and opens it read-write.
+    ///
+    /// A device that grows (a file) is grown to the metadata's size; a fixed
+    /// one must be large enough, and its first clusters are overwritten.
+    pub async fn create(
+        mut dev: D,
+        cache: S,
+        options: &CreateOptions,
+    ) -> Result<Self, Error<D::Error>> {
+        options.validate()?;
+        let layout = Layout::plan(options)?;
+        let cs = 1u64 << options.cluster_bits;
+        let cluster_sectors = cs / SECTOR as u64;
+        let total_sectors = layout.total * cluster_sectors;
+
+        // Old contents of the metadata area must read as zeros.
+        let old = dev.sector_count();
+        if old < total_sectors {
+            dev.set_sector_count(total_sectors)
+                .await
+                .map_err(|_| Error::NoSpace)?;
+        }
+        write_zeros(&mut dev, 0, old.min(total_sectors))
+            .await
+            .map_err(Error::Io)?;
+
+        let v3 = options.version == Version::V3;
+        let header = Header {
+            version: options.version,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: options.cluster_bits,
+            size: options.size,
+            crypt_method: 0,
+            l1_size: layout.l1_entries as u32,
+            l1_table_offset: layout.l1 * cs,
+            refcount_table_offset: layout.reftable * cs,
+            refcount_table_clusters: layout.reftable_clusters as u32,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: if options.lazy_refcounts {
+                compatible::LAZY_REFCOUNTS
+            } else {
+                0
+            },
+            autoclear_features: 0,
+            refcount_order: options.refcount_order,
+            header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
+            compression_type: 0,
+        };
+        let mut sector: Sector = [0; SECTOR];
+        header
+            .encode(&mut sector)
+            .ok_or(Error::InvalidArgument("header"))?;
+        dev.write(0, core::slice::from_ref(&sector))
+            .await
+            .map_err(Error::Io)?;
+
+        // Refcount table entries, a sector at a time.
+        let per_sector = (SECTOR / 8) as u64;
+        let mut j = 0;
+        while j < layout.refblock_count {
+            sector = [0; SECTOR];
+            let first = j;
+            while j < layout.refblock_count && j - first < per_sector {
+                let at = ((j - first) * 8) as usize;
+                let host = (layout.refblocks + j) * cs;
+                sector
+                    .get_mut(at..at + 8)
+                    .ok_or(Error::InvalidArgument("refcount table"))?
+                    .copy_from_slice(&host.to_be_bytes());
+                j += 1;
+            }
+            let at = layout.reftable * cluster_sectors + first / per_sector;
+            dev.write(at, core::slice::from_ref(&sector))
+                .await
+                .map_err(Error::Io)?;
+        }
+
+        // Refcount 1 for every cluster the metadata occupies.
+        let order = options.refcount_order;
+        let per_sector = refcount::entries_in(SECTOR as u64, order);
+        let mut cluster = 0;
+        while cluster < layout.total {
+            sector = [0; SECTOR];
+            let first = cluster;
+            while cluster < layout.total && cluster - first < per_sector {
+                refcount::set(&mut sector, order, (cluster - first) as usize, 1)
+                    .ok_or(Error::InvalidArgument("refcount block"))?;
+                cluster += 1;
+            }
+            // Blocks are contiguous, so entry n lives at sector n / per_sector.
+            let at = layout.refblocks * cluster_sectors + first / per_sector;
+            dev.write(at, core::slice::from_ref(&sector))
+                .await
+                .map_err(Error::Io)?;
+        }
+        dev.flush().await.map_err(Error::Io)?;
+        Qcow2::open(dev, cache, &OpenOptions::read_write()).await
+    }
+}

@@ -1,0 +1,79 @@
+//! Header I/O: reading the first cluster's extensions and rewriting the
+//! header in place (one sector write, extensions untouched).
+
+use crate::format::{Extension, ExtensionKind, Header};
+use crate::{BlockDevice, Error, Sector, SECTOR};
+
+/// Upper bound on extensions walked, so a hostile header cannot loop long.
+const MAX_EXTENSIONS: usize = 1024;
+
+/// Reads the 8 bytes at byte `at` (8-aligned) using `scratch`.
+async fn read8<D: BlockDevice>(
+    dev: &mut D,
+    scratch: &mut Sector,
+    at: u64,
+) -> Result<[u8; 8], Error<D::Error>> {
+    let sector = at / SECTOR as u64;
+    if sector >= dev.sector_count() {
+        return Err(Error::corrupt(
+            "header extension beyond the end of the image",
+            at,
+        ));
+    }
+    dev.read(sector, core::slice::from_mut(scratch))
+        .await
+        .map_err(Error::Io)?;
+    let i = (at % SECTOR as u64) as usize;
+    let mut out = [0u8; 8];
+    out.copy_from_slice(
+        scratch
+            .get(i..i + 8)
+            .ok_or(Error::corrupt("header extension misaligned", at))?,
+    );
+    Ok(out)
+}
+
+/// Walks the extension area, checking bounds and refusing extensions of
+/// unsupported features. Unknown extensions are left as they are.
+pub(crate) async fn check_extensions<D: BlockDevice>(
+    dev: &mut D,
+    scratch: &mut Sector,
+    header: &Header,
+) -> Result<(), Error<D::Error>> {
+    let cluster = header.cluster_size();
+    let mut at = header.extensions_offset();
+    for _ in 0..MAX_EXTENSIONS {
+        if at + 8 > cluster {
+            // No end marker before the end of the cluster: tolerated, as QEMU does.
+            return Ok(());
+        }
+        let ext = Extension::decode(read8(dev, scratch, at).await?, at, cluster)?;
+        match ext.kind {
+            ExtensionKind::End => return Ok(()),
+            ExtensionKind::FullDiskEncryption => return Err(Error::Unsupported("encryption")),
+            ExtensionKind::ExternalDataFile => {
+                return Err(Error::Unsupported("external data files"))
+            }
+            _ => {}
+        }
+        at = ext.next();
+    }
+    Err(Error::corrupt("too many header extensions", at))
+}
+
+/// Rewrites the header fields in sector 0, keeping every other byte.
+pub(crate) async fn write_header<D: BlockDevice>(
+    dev: &mut D,
+    scratch: &mut Sector,
+    header: &Header,
+) -> Result<(), Error<D::Error>> {
+    dev.read(0, core::slice::from_mut(scratch))
+        .await
+        .map_err(Error::Io)?;
+    header
+        .encode(scratch)
+        .ok_or(Error::corrupt("header does not fit its sector", 0))?;
+    dev.write(0, core::slice::from_ref(scratch))
+        .await
+        .map_err(Error::Io)
+}

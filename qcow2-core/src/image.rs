@@ -1,0 +1,323 @@
+//! The open image: [`Qcow2`] with open, read, write, flush and close.
+
+use crate::cache::{Cache, Slot};
+use crate::format::{compatible, header::overlaps, incompatible, Header, Version};
+use crate::map::Mapping;
+use crate::{header_io, BlockDevice, Error, Sector, SECTOR};
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Refuse every write and never modify the device.
+    pub read_only: bool,
+}
+
+impl OpenOptions {
+    /// Read-write opening.
+    pub const fn read_write() -> Self {
+        OpenOptions { read_only: false }
+    }
+
+    /// Read-only opening.
+    pub const fn read_only() -> Self {
+        OpenOptions { read_only: true }
+    }
+}
+
+/// A summary of an open image, in the terms `qemu-img info` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Format version.
+    pub version: Version,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Whether the lazy refcounts compatible feature is set.
+    pub lazy_refcounts: bool,
+    /// Whether the corrupt bit is set.
+    pub corrupt: bool,
+    /// Whether the dirty bit is set.
+    pub dirty: bool,
+    /// Whether the image was opened read-only.
+    pub read_only: bool,
+    /// Number of internal snapshots.
+    pub snapshots: u32,
+    /// Compression type (0 zlib, 1 zstd).
+    pub compression_type: u8,
+}
+
+/// Layout numbers derived from the header, kept current as tables move.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub cluster_bits: u32,
+    pub cluster_size: u64,
+    /// Entries per L2 table.
+    pub l2_entries: u64,
+    pub l1_offset: u64,
+    pub l1_entries: u64,
+    pub refcount_order: u32,
+    /// Refcount entries per refcount block.
+    pub refblock_entries: u64,
+    pub reftable_offset: u64,
+    /// Entries in the refcount table.
+    pub reftable_entries: u64,
+    pub v3: bool,
+    /// Virtual size in sectors (rounded up).
+    pub sectors: u64,
+}
+
+impl Geometry {
+    pub(crate) fn new(h: &Header) -> Self {
+        let cluster_size = h.cluster_size();
+        Geometry {
+            cluster_bits: h.cluster_bits,
+            cluster_size,
+            l2_entries: cluster_size / 8,
+            l1_offset: h.l1_table_offset,
+            l1_entries: u64::from(h.l1_size),
+            refcount_order: h.refcount_order,
+            refblock_entries: (cluster_size * 8) >> h.refcount_order,
+            reftable_offset: h.refcount_table_offset,
+            reftable_entries: u64::from(h.refcount_table_clusters) * cluster_size / 8,
+            v3: h.version == Version::V3,
+            sectors: h.size.div_ceil(SECTOR as u64),
+        }
+    }
+
+    pub(crate) const fn reftable_bytes(&self) -> u64 {
+        self.reftable_entries * 8
+    }
+
+    /// Whether host range `[offset, offset+len)` touches the header cluster,
+    /// the L1 table or the refcount table.
+    pub(crate) fn hits_fixed_metadata(&self, offset: u64, len: u64) -> bool {
+        offset < self.cluster_size
+            || overlaps(offset, len, self.l1_offset, self.l1_entries * 8)
+            || overlaps(offset, len, self.reftable_offset, self.reftable_bytes())
+    }
+}
+
+/// An open qcow2 image on device `D`, with metadata cache storage `S` of
+/// slices of `K` sectors.
+///
+/// `Qcow2` is itself a [`BlockDevice`], so images stack.
+pub struct Qcow2<D, S, const K: usize = 1> {
+    pub(crate) dev: D,
+    pub(crate) cache: Cache<S, K>,
+    pub(crate) geo: Geometry,
+    pub(crate) header: Header,
+    pub(crate) read_only: bool,
+    /// Cluster index where the search for free clusters starts.
+    pub(crate) free_hint: u64,
+    /// Device size in whole clusters, as far as this image has grown it.
+    pub(crate) dev_clusters: u64,
+    pub(crate) scratch: Sector,
+}
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Opens the image on `dev`, using `cache` for metadata.
+    ///
+    /// Costs a constant number of reads whatever the image size.
+    pub async fn open(
+        mut dev: D,
+        cache: S,
+        options: &OpenOptions,
+    ) -> Result<Self, Error<D::Error>> {
+        let mut scratch = [0u8; SECTOR];
+        if dev.sector_count() == 0 {
+            return Err(Error::NotQcow2);
+        }
+        dev.read(0, core::slice::from_mut(&mut scratch))
+            .await
+            .map_err(Error::Io)?;
+        let mut header = Header::decode(&scratch)?;
+        header.validate()?;
+        header_io::check_extensions(&mut dev, &mut scratch, &header).await?;
+
+        let geo = Geometry::new(&header);
+        let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
+        if geo.l1_entries > 0 && geo.l1_offset + geo.l1_entries * 8 > dev_bytes {
+            return Err(Error::corrupt(
+                "L1 table beyond the end of the image",
+                geo.l1_offset,
+            ));
+        }
+        if geo.reftable_offset + geo.reftable_bytes() > dev_bytes {
+            return Err(Error::corrupt(
+                "refcount table beyond the end of the image",
+                geo.reftable_offset,
+            ));
+        }
+        let read_only = options.read_only;
+        if !read_only {
+            if header.incompatible_features & incompatible::CORRUPT != 0 {
+                return Err(Error::corrupt(
+                    "image is marked corrupt; open it read-only",
+                    0,
+                ));
+            }
+            if header.incompatible_features & incompatible::DIRTY != 0 {
+                return Err(Error::Unsupported(
+                    "writing a dirty image (lazy refcounts need a refcount rebuild)",
+                ));
+            }
+            if header.nb_snapshots > 0 {
+                return Err(Error::Unsupported("writing images with internal snapshots"));
+            }
+            if header.autoclear_features != 0 {
+                // We maintain none of the autoclear features: declare them stale.
+                header.autoclear_features = 0;
+                header_io::write_header(&mut dev, &mut scratch, &header).await?;
+                dev.flush().await.map_err(Error::Io)?;
+            }
+        }
+        let dev_clusters = dev_bytes.div_ceil(geo.cluster_size);
+        Ok(Qcow2 {
+            dev,
+            cache: Cache::new(cache, geo.cluster_size)?,
+            geo,
+            header,
+            read_only,
+            free_hint: dev_clusters,
+            dev_clusters,
+            scratch,
+        })
+    }
+
+    /// A summary of the image.
+    pub fn info(&self) -> ImageInfo {
+        let h = &self.header;
+        ImageInfo {
+            virtual_size: h.size,
+            cluster_size: h.cluster_size(),
+            version: h.version,
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: h.compatible_features & compatible::LAZY_REFCOUNTS != 0,
+            corrupt: h.incompatible_features & incompatible::CORRUPT != 0,
+            dirty: h.incompatible_features & incompatible::DIRTY != 0,
+            read_only: self.read_only,
+            snapshots: h.nb_snapshots,
+            compression_type: h.compression_type,
+        }
+    }
+
+    /// The decoded header as it is on disk now.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// The underlying device.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn check_range(&self, first: u64, count: usize) -> Result<(), Error<D::Error>> {
+        match first.checked_add(count as u64) {
+            Some(end) if end <= self.geo.sectors => Ok(()),
+            _ => Err(Error::OutOfRange),
+        }
+    }
+
+    /// Reads `buf.len()` sectors of the virtual disk from sector `first`.
+    pub async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Error<D::Error>> {
+        self.check_range(first, buf.len())?;
+        let mut sector = first;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let (mapping, run) = self.map_run(sector, rest.len() as u64).await?;
+            // `run` never exceeds the requested length.
+            let (now, later) = rest.split_at_mut(run as usize);
+            match mapping {
+                Mapping::Unallocated | Mapping::Zero => now.fill([0; SECTOR]),
+                Mapping::Data { host } => {
+                    self.dev
+                        .read(host / SECTOR as u64, now)
+                        .await
+                        .map_err(Error::Io)?;
+                }
+                Mapping::Compressed { .. } => {
+                    return Err(Error::Unsupported("reading compressed clusters"))
+                }
+            }
+            sector += run;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf.len()` sectors to the virtual disk from sector `first`.
+    ///
+    /// Not durable until [`Qcow2::flush`].
+    pub async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(first, buf.len())?;
+        let cluster_sectors = (self.geo.cluster_size / SECTOR as u64) as usize;
+        let mut sector = first;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let within = (sector % cluster_sectors as u64) as usize;
+            let n = rest.len().min(cluster_sectors - within);
+            let (now, later) = rest.split_at(n);
+            self.write_in_cluster(sector, now).await?;
+            sector += n as u64;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// Makes every earlier write durable, metadata in crash-safe order.
+    pub async fn flush(&mut self) -> Result<(), Error<D::Error>> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.cache.flush(&mut self.dev).await
+    }
+
+    /// Flushes and closes the image, returning the device and cache storage.
+    pub async fn close(mut self) -> Result<(D, S), Error<D::Error>> {
+        self.flush().await?;
+        Ok((self.dev, self.cache.into_slots()))
+    }
+}
+
+impl<D, S, const K: usize> BlockDevice for Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    type Error = Error<D::Error>;
+
+    async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Self::Error> {
+        Qcow2::read(self, first, buf).await
+    }
+
+    async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Self::Error> {
+        Qcow2::write(self, first, buf).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        Qcow2::flush(self).await
+    }
+
+    fn sector_count(&self) -> u64 {
+        self.geo.sectors
+    }
+
+    async fn set_sector_count(&mut self, _n: u64) -> Result<(), Self::Error> {
+        Err(Error::Unsupported("resizing images"))
+    }
+}

@@ -1,0 +1,48 @@
+//! A `no_std`, allocation-free implementation of the qcow2 disk image format.
+//!
+//! The crate reads, writes and creates qcow2 images (versions 2 and 3) on any
+//! [`BlockDevice`]. All metadata goes through a bounded cache whose storage the
+//! caller provides ([`Slot`] array), so memory use is fixed at compile time.
+//!
+//! ```no_run
+//! # async fn demo<D: qcow2_core::BlockDevice>(dev: D) -> Result<(), qcow2_core::Error<D::Error>> {
+//! use qcow2_core::{CreateOptions, Qcow2, Slot, Sector};
+//! let cache = [const { Slot::<1>::EMPTY }; 8];
+//! let mut image = Qcow2::create(dev, cache, &CreateOptions::new(1 << 30)).await?;
+//! let data = [[0xaa_u8; 512]; 8];
+//! image.write(0, &data).await?;
+//! let mut back: [Sector; 8] = [[0; 512]; 8];
+//! image.read(0, &mut back).await?;
+//! let _device = image.close().await?;
+//! # Ok(()) }
+//! ```
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+// The core is single-threaded by design; callers pick their own executor.
+#![allow(async_fn_in_trait)]
+
+mod alloc;
+mod cache;
+mod create;
+mod device;
+mod error;
+pub mod format;
+mod header_io;
+mod image;
+mod map;
+mod refcount;
+mod write;
+
+pub use cache::Slot;
+pub use create::CreateOptions;
+pub use device::{BlockDevice, Sector, SECTOR};
+pub use error::Error;
+pub use format::Version;
+pub use image::{ImageInfo, OpenOptions, Qcow2};
+pub use map::Mapping;
+
+/// The cache configuration recommended for firmware: 8 slices of 512 bytes.
+pub type FirmwareCache = [Slot<1>; 8];
+/// An image with the default firmware cache configuration.
+pub type FirmwareQcow2<D> = Qcow2<D, FirmwareCache, 1>;

@@ -1,0 +1,199 @@
+//! Guest offset to host mapping through the L1 and L2 tables.
+
+use crate::cache::{Kind, Slot};
+use crate::format::{L1Entry, L2Entry};
+use crate::{BlockDevice, Error, Qcow2, SECTOR};
+
+/// Where a run of guest data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated: reads as zeros (there is no backing file).
+    Unallocated,
+    /// Explicitly zero (v3 zero flag).
+    Zero,
+    /// Stored uncompressed; `host` is the byte offset of the run's start.
+    Data {
+        /// Host byte offset.
+        host: u64,
+    },
+    /// Stored compressed at `host`, in at most `len` bytes.
+    Compressed {
+        /// Host byte offset of the compressed stream.
+        host: u64,
+        /// Upper bound of the stream length.
+        len: u64,
+    },
+}
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Host byte offset of the L1 entry for guest cluster `guest`.
+    pub(crate) fn l1_entry_offset(&self, guest: u64) -> Result<u64, Error<D::Error>> {
+        let index = guest / self.geo.l2_entries;
+        if index >= self.geo.l1_entries {
+            return Err(Error::OutOfRange);
+        }
+        Ok(self.geo.l1_offset + index * 8)
+    }
+
+    /// Host offset of the L2 table covering guest cluster `guest`, 0 if none.
+    pub(crate) async fn l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
+        let at = self.l1_entry_offset(guest)?;
+        let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
+        if entry.has_reserved_bits() {
+            return Err(Error::corrupt("reserved bits set in an L1 entry", at));
+        }
+        let l2 = entry.l2_offset();
+        if l2 == 0 {
+            return Ok(0);
+        }
+        self.check_cluster(l2, "L2 table")?;
+        if !self.read_only && !entry.copied() {
+            return Err(Error::corrupt("L1 entry without COPIED flag", at));
+        }
+        Ok(l2)
+    }
+
+    /// Checks that a cluster read from metadata is aligned, inside the
+    /// device, and clear of the header, L1 table and refcount table.
+    pub(crate) fn check_cluster(
+        &self,
+        host: u64,
+        what: &'static str,
+    ) -> Result<(), Error<D::Error>> {
+        let geo = &self.geo;
+        let msg = |m: [&'static str; 3]| match what {
+            "L2 table" => m[0],
+            "refcount block" => m[1],
+            _ => m[2],
+        };
+        if host % geo.cluster_size != 0 {
+            return Err(Error::corrupt(
+                msg([
+                    "L2 table offset not cluster aligned",
+                    "refcount block offset not cluster aligned",
+                    "data cluster offset not cluster aligned",
+                ]),
+                host,
+            ));
+        }
+        if host / geo.cluster_size >= self.dev_clusters {
+            return Err(Error::corrupt(
+                msg([
+                    "L2 table beyond the end of the image",
+                    "refcount block beyond the end of the image",
+                    "data cluster beyond the end of the image",
+                ]),
+                host,
+            ));
+        }
+        if geo.hits_fixed_metadata(host, geo.cluster_size) {
+            return Err(Error::corrupt(
+                msg([
+                    "L2 table overlaps the header, L1 or refcount table",
+                    "refcount block overlaps the header, L1 or refcount table",
+                    "data cluster overlaps the header, L1 or refcount table",
+                ]),
+                host,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and decodes the L2 entry of guest cluster `guest` in table `l2`,
+    /// returning it with its host byte offset.
+    pub(crate) async fn l2_entry(
+        &mut self,
+        l2: u64,
+        guest: u64,
+    ) -> Result<(L2Entry, u64), Error<D::Error>> {
+        let at = l2 + (guest % self.geo.l2_entries) * 8;
+        let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
+        if L2Entry::has_reserved_bits(raw, self.geo.v3) {
+            return Err(Error::corrupt("reserved bits set in an L2 entry", at));
+        }
+        let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
+        match entry {
+            L2Entry::Data { offset, .. } => self.check_cluster(offset, "data cluster")?,
+            L2Entry::Zero { offset, .. } if offset != 0 => {
+                self.check_cluster(offset, "data cluster")?
+            }
+            _ => {}
+        }
+        Ok((entry, at))
+    }
+
+    /// Mapping at guest `sector`, and how many sectors from there it is
+    /// known to hold: to the end of the cluster, or of the whole L2 table's
+    /// range when no table is allocated.
+    async fn map_one(&mut self, sector: u64) -> Result<(Mapping, u64), Error<D::Error>> {
+        let offset = sector * SECTOR as u64;
+        let guest = offset >> self.geo.cluster_bits;
+        let cluster_sectors = self.geo.cluster_size / SECTOR as u64;
+        let l2 = self.l2_table(guest).await?;
+        if l2 == 0 {
+            let table_sectors = cluster_sectors * self.geo.l2_entries;
+            return Ok((Mapping::Unallocated, table_sectors - sector % table_sectors));
+        }
+        let span = cluster_sectors - sector % cluster_sectors;
+        let within = offset % self.geo.cluster_size;
+        let mapping = match self.l2_entry(l2, guest).await?.0 {
+            L2Entry::Unallocated => Mapping::Unallocated,
+            L2Entry::Zero { .. } => Mapping::Zero,
+            L2Entry::Data { offset: host, .. } => Mapping::Data {
+                host: host + within,
+            },
+            L2Entry::Compressed { offset: host, len } => Mapping::Compressed { host, len },
+        };
+        Ok((mapping, span))
+    }
+
+    /// The mapping at guest `sector` and how many sectors (at most `max`)
+    /// from there share it contiguously.
+    pub(crate) async fn map_run(
+        &mut self,
+        sector: u64,
+        max: u64,
+    ) -> Result<(Mapping, u64), Error<D::Error>> {
+        let (first, span) = self.map_one(sector).await?;
+        let mut run = span.min(max);
+        if let Mapping::Compressed { .. } = first {
+            return Ok((first, run));
+        }
+        while run < max {
+            let (next, span) = self.map_one(sector + run).await?;
+            let continues = match (first, next) {
+                (Mapping::Data { host: a }, Mapping::Data { host: b }) => {
+                    b == a + run * SECTOR as u64
+                }
+                (a, b) => a == b && !matches!(a, Mapping::Compressed { .. }),
+            };
+            if !continues {
+                break;
+            }
+            run = (run + span).min(max);
+        }
+        Ok((first, run))
+    }
+
+    /// How the guest byte `offset` is stored, and for how many bytes from
+    /// there the same holds (contiguously on the host for data).
+    pub async fn map(&mut self, offset: u64) -> Result<(Mapping, u64), Error<D::Error>> {
+        let size = self.virtual_size();
+        if offset >= size {
+            return Err(Error::OutOfRange);
+        }
+        let sector = offset / SECTOR as u64;
+        let (mapping, run) = self.map_run(sector, self.geo.sectors - sector).await?;
+        let skip = offset % SECTOR as u64;
+        let bytes = (run * SECTOR as u64 - skip).min(size - offset);
+        let mapping = match mapping {
+            Mapping::Data { host } => Mapping::Data { host: host + skip },
+            other => other,
+        };
+        Ok((mapping, bytes))
+    }
+}

@@ -1,0 +1,149 @@
+//! A blocking, byte-addressed image API with a host-sized cache.
+
+use crate::block_on;
+use qcow2_core::{
+    BlockDevice, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Sector, Slot, SECTOR,
+};
+
+/// Sectors per cache slice on the host: 4 KiB slices.
+pub const HOST_SLICE_SECTORS: usize = 8;
+/// Slices in the host cache: 2 MiB of metadata, twice QEMU's default.
+pub const HOST_CACHE_SLOTS: usize = 512;
+/// The host cache storage.
+pub type HostCache = Box<[Slot<HOST_SLICE_SECTORS>]>;
+/// An image with the host cache.
+pub type HostQcow2<D> = Qcow2<D, HostCache, HOST_SLICE_SECTORS>;
+
+/// A fresh host cache of [`HOST_CACHE_SLOTS`] slices.
+pub fn host_cache() -> HostCache {
+    vec![Slot::EMPTY; HOST_CACHE_SLOTS].into_boxed_slice()
+}
+
+/// A blocking handle on an image, addressed in bytes.
+///
+/// Unaligned reads and writes are done by read-modify-write of the edge
+/// sectors.
+pub struct Image<D: BlockDevice> {
+    inner: HostQcow2<D>,
+}
+
+type Result<T, D> = core::result::Result<T, Error<<D as BlockDevice>::Error>>;
+
+impl<D: BlockDevice> Image<D> {
+    /// Formats `dev` as a new image.
+    pub fn create(dev: D, options: &CreateOptions) -> Result<Self, D> {
+        Ok(Image {
+            inner: block_on(Qcow2::create(dev, host_cache(), options))?,
+        })
+    }
+
+    /// Opens the image on `dev`.
+    pub fn open(dev: D, options: &OpenOptions) -> Result<Self, D> {
+        Ok(Image {
+            inner: block_on(Qcow2::open(dev, host_cache(), options))?,
+        })
+    }
+
+    /// The async image underneath.
+    pub fn inner_mut(&mut self) -> &mut HostQcow2<D> {
+        &mut self.inner
+    }
+
+    /// A summary of the image.
+    pub fn info(&self) -> ImageInfo {
+        self.inner.info()
+    }
+
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+
+    /// The underlying device.
+    pub fn device(&self) -> &D {
+        self.inner.device()
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), D> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.virtual_size() => Ok(()),
+            _ => Err(Error::OutOfRange),
+        }
+    }
+
+    /// Reads whole sectors from sector `first`.
+    pub fn read_sectors(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), D> {
+        block_on(self.inner.read(first, buf))
+    }
+
+    /// Writes whole sectors from sector `first`.
+    pub fn write_sectors(&mut self, first: u64, buf: &[Sector]) -> Result<(), D> {
+        block_on(self.inner.write(first, buf))
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
+        self.check(offset, buf.len())?;
+        let mut pos = offset;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let skip = (pos % SECTOR as u64) as usize;
+            if skip != 0 || rest.len() < SECTOR {
+                let mut sector = [[0u8; SECTOR]];
+                self.read_sectors(pos / SECTOR as u64, &mut sector)?;
+                let n = (SECTOR - skip).min(rest.len());
+                rest[..n].copy_from_slice(&sector[0][skip..skip + n]);
+                rest = &mut rest[n..];
+                pos += n as u64;
+                continue;
+            }
+            let (whole, _) = rest.as_chunks_mut::<SECTOR>();
+            let n = whole.len();
+            self.read_sectors(pos / SECTOR as u64, whole)?;
+            rest = &mut rest[n * SECTOR..];
+            pos += (n * SECTOR) as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at byte `offset`.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), D> {
+        self.check(offset, buf.len())?;
+        let mut pos = offset;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let skip = (pos % SECTOR as u64) as usize;
+            if skip != 0 || rest.len() < SECTOR {
+                let mut sector = [[0u8; SECTOR]];
+                self.read_sectors(pos / SECTOR as u64, &mut sector)?;
+                let n = (SECTOR - skip).min(rest.len());
+                sector[0][skip..skip + n].copy_from_slice(&rest[..n]);
+                self.write_sectors(pos / SECTOR as u64, &sector)?;
+                rest = &rest[n..];
+                pos += n as u64;
+                continue;
+            }
+            let (whole, _) = rest.as_chunks::<SECTOR>();
+            let n = whole.len();
+            self.write_sectors(pos / SECTOR as u64, whole)?;
+            rest = &rest[n * SECTOR..];
+            pos += (n * SECTOR) as u64;
+        }
+        Ok(())
+    }
+
+    /// How byte `offset` is stored and for how many bytes that holds.
+    pub fn map(&mut self, offset: u64) -> Result<(Mapping, u64), D> {
+        block_on(self.inner.map(offset))
+    }
+
+    /// Makes earlier writes durable.
+    pub fn flush(&mut self) -> Result<(), D> {
+        block_on(self.inner.flush())
+    }
+
+    /// Flushes and closes the image, returning the device.
+    pub fn close(self) -> Result<D, D> {
+        Ok(block_on(self.inner.close())?.0)
+    }
+}

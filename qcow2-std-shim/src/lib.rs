@@ -1,0 +1,18 @@
+//! Host adapters for `qcow2-core`: file and RAM devices, a blocking,
+//! byte-addressed image API, and cache defaults sized for a host.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod blocking;
+mod file;
+mod ram;
+
+pub use blocking::{host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SLICE_SECTORS};
+pub use file::FileDevice;
+pub use qcow2_core;
+pub use ram::RamDevice;
+
+/// Runs a future of the async core to completion on the current thread.
+pub fn block_on<F: core::future::Future>(f: F) -> F::Output {
+    embassy_futures::block_on(f)
+}
