@@ -395,7 +395,7 @@ impl Extension {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::compatible;
+    use crate::format::{compatible, incompatible};
 
     fn sample(version: Version) -> Header {
         Header {

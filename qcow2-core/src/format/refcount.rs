@@ -73,11 +73,11 @@ mod tests {
             let n = entries_in(64, order) as usize;
             let max = max_value(order);
             for i in 0..n {
-                let v = (i as u64 * 0x9e37_79b9_7f4a_7c15) & max;
+                let v = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
                 set(&mut block, order, i, v).unwrap();
             }
             for i in 0..n {
-                let v = (i as u64 * 0x9e37_79b9_7f4a_7c15) & max;
+                let v = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
                 assert_eq!(get(&block, order, i), Some(v), "order {order} index {i}");
             }
             // Overwrite one entry with max and zero; neighbours are untouched.
@@ -85,7 +85,7 @@ mod tests {
             assert_eq!(get(&block, order, 3), Some(max));
             set(&mut block, order, 3, 0).unwrap();
             assert_eq!(get(&block, order, 3), Some(0));
-            let v2 = (2u64 * 0x9e37_79b9_7f4a_7c15) & max;
+            let v2 = 2u64.wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
             assert_eq!(get(&block, order, 2), Some(v2));
             assert_eq!(get(&block, order, n), None);
             assert_eq!(set(&mut block, order, n, 0), None);
