@@ -578,6 +578,6 @@ mod tests {
         assert_eq!(cache.slice_bytes(), 512);
         let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536).unwrap();
         assert_eq!(cache.slice_bytes(), 4096);
-        assert!(Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 0], 512).is_err());
+        assert!(Cache::<_, 1>::new::<()>([Slot::<1>::EMPTY; 0], 512).is_err());
     }
 }

@@ -56,7 +56,7 @@ impl CreateOptions {
         if self.version == Version::V2 && self.lazy_refcounts {
             return Err(Error::InvalidArgument("lazy refcounts require compat 1.1"));
         }
-        if self.size % SECTOR as u64 != 0 {
+        if !self.size.is_multiple_of(SECTOR as u64) {
             return Err(Error::InvalidArgument(
                 "size must be a multiple of 512 bytes",
             ));

@@ -25,6 +25,27 @@ pub enum Mapping {
     },
 }
 
+/// Messages for a bad cluster pointer: unaligned, past the end of the
+/// device, on the header/L1/refcount table.
+pub(crate) type ClusterErrors = [&'static str; 3];
+
+const L2_TABLE: ClusterErrors = [
+    "L2 table offset not cluster aligned",
+    "L2 table beyond the end of the image",
+    "L2 table overlaps the header, L1 or refcount table",
+];
+const DATA_CLUSTER: ClusterErrors = [
+    "data cluster offset not cluster aligned",
+    "data cluster beyond the end of the image",
+    "data cluster overlaps the header, L1 or refcount table",
+];
+/// Placement errors of refcount blocks.
+pub(crate) const REFCOUNT_BLOCK: ClusterErrors = [
+    "refcount block offset not cluster aligned",
+    "refcount block beyond the end of the image",
+    "refcount block overlaps the header, L1 or refcount table",
+];
+
 impl<D, S, const K: usize> Qcow2<D, S, K>
 where
     D: BlockDevice,
@@ -50,7 +71,7 @@ where
         if l2 == 0 {
             return Ok(0);
         }
-        self.check_cluster(l2, "L2 table")?;
+        self.check_cluster(l2, L2_TABLE)?;
         if !self.read_only && !entry.copied() {
             return Err(Error::corrupt("L1 entry without COPIED flag", at));
         }
@@ -62,43 +83,18 @@ where
     pub(crate) fn check_cluster(
         &self,
         host: u64,
-        what: &'static str,
+        errors: ClusterErrors,
     ) -> Result<(), Error<D::Error>> {
         let geo = &self.geo;
-        let msg = |m: [&'static str; 3]| match what {
-            "L2 table" => m[0],
-            "refcount block" => m[1],
-            _ => m[2],
-        };
-        if host % geo.cluster_size != 0 {
-            return Err(Error::corrupt(
-                msg([
-                    "L2 table offset not cluster aligned",
-                    "refcount block offset not cluster aligned",
-                    "data cluster offset not cluster aligned",
-                ]),
-                host,
-            ));
+        let [unaligned, beyond_end, on_metadata] = errors;
+        if !host.is_multiple_of(geo.cluster_size) {
+            return Err(Error::corrupt(unaligned, host));
         }
         if host / geo.cluster_size >= self.dev_clusters {
-            return Err(Error::corrupt(
-                msg([
-                    "L2 table beyond the end of the image",
-                    "refcount block beyond the end of the image",
-                    "data cluster beyond the end of the image",
-                ]),
-                host,
-            ));
+            return Err(Error::corrupt(beyond_end, host));
         }
         if geo.hits_fixed_metadata(host, geo.cluster_size) {
-            return Err(Error::corrupt(
-                msg([
-                    "L2 table overlaps the header, L1 or refcount table",
-                    "refcount block overlaps the header, L1 or refcount table",
-                    "data cluster overlaps the header, L1 or refcount table",
-                ]),
-                host,
-            ));
+            return Err(Error::corrupt(on_metadata, host));
         }
         Ok(())
     }
@@ -117,9 +113,9 @@ where
         }
         let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
         match entry {
-            L2Entry::Data { offset, .. } => self.check_cluster(offset, "data cluster")?,
+            L2Entry::Data { offset, .. } => self.check_cluster(offset, DATA_CLUSTER)?,
             L2Entry::Zero { offset, .. } if offset != 0 => {
-                self.check_cluster(offset, "data cluster")?
+                self.check_cluster(offset, DATA_CLUSTER)?
             }
             _ => {}
         }

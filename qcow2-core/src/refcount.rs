@@ -2,6 +2,7 @@
 
 use crate::cache::{Kind, Slot};
 use crate::format::{refcount, MAX_HOST_OFFSET};
+use crate::map::REFCOUNT_BLOCK;
 use crate::{BlockDevice, Error, Qcow2};
 
 /// Low bits of a refcount table entry that must be zero.
@@ -53,7 +54,7 @@ where
                 at,
             ));
         }
-        self.check_cluster(raw, "refcount block")?;
+        self.check_cluster(raw, REFCOUNT_BLOCK)?;
         Ok(raw)
     }
 

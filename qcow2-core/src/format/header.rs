@@ -195,7 +195,7 @@ impl Header {
             if u64::from(self.header_length) > cluster {
                 return corrupt("header_length larger than a cluster");
             }
-            if self.header_length % 8 != 0 {
+            if !self.header_length.is_multiple_of(8) {
                 return corrupt("header_length not a multiple of 8");
             }
         }
@@ -252,7 +252,7 @@ impl Header {
             return corrupt("L1 table larger than 32 MiB");
         }
         if self.l1_size > 0 {
-            check_table(self.l1_table_offset, l1_bytes, cluster, "L1 table")?;
+            check_table(self.l1_table_offset, l1_bytes, cluster, L1_PLACEMENT)?;
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cluster;
         if self.refcount_table_clusters == 0 {
@@ -265,7 +265,7 @@ impl Header {
             self.refcount_table_offset,
             rt_bytes,
             cluster,
-            "refcount table",
+            REFTABLE_PLACEMENT,
         )?;
         if self.l1_size > 0
             && overlaps(
@@ -284,37 +284,50 @@ impl Header {
             return corrupt("too many snapshots");
         }
         if self.nb_snapshots > 0 {
-            check_table(self.snapshots_offset, 1, cluster, "snapshot table")?;
+            check_table(self.snapshots_offset, 1, cluster, SNAPSHOT_PLACEMENT)?;
         }
         Ok(())
     }
 }
 
+/// Messages for one table's placement errors: unaligned, on the header,
+/// beyond the offset limit.
+type PlacementErrors = [&'static str; 3];
+
+const L1_PLACEMENT: PlacementErrors = [
+    "L1 table offset not cluster aligned",
+    "L1 table overlaps the header",
+    "L1 table beyond the host offset limit",
+];
+const REFTABLE_PLACEMENT: PlacementErrors = [
+    "refcount table offset not cluster aligned",
+    "refcount table overlaps the header",
+    "refcount table beyond the host offset limit",
+];
+const SNAPSHOT_PLACEMENT: PlacementErrors = [
+    "snapshot table offset not cluster aligned",
+    "snapshot table overlaps the header",
+    "snapshot table beyond the host offset limit",
+];
+
 /// Checks a metadata table's placement: cluster aligned, after the header
 /// cluster, and wholly below the host offset limit.
-fn check_table<E>(offset: u64, len: u64, cluster: u64, what: &'static str) -> Result<(), Error<E>> {
-    let bad = |why| Err(Error::corrupt(why, offset));
-    if offset % cluster != 0 {
-        return bad(match what {
-            "L1 table" => "L1 table offset not cluster aligned",
-            "refcount table" => "refcount table offset not cluster aligned",
-            _ => "snapshot table offset not cluster aligned",
-        });
+fn check_table<E>(
+    offset: u64,
+    len: u64,
+    cluster: u64,
+    errors: PlacementErrors,
+) -> Result<(), Error<E>> {
+    let [unaligned, on_header, too_far] = errors;
+    if !offset.is_multiple_of(cluster) {
+        return Err(Error::corrupt(unaligned, offset));
     }
     if offset == 0 {
-        return bad(match what {
-            "L1 table" => "L1 table overlaps the header",
-            "refcount table" => "refcount table overlaps the header",
-            _ => "snapshot table overlaps the header",
-        });
+        return Err(Error::corrupt(on_header, offset));
     }
     match offset.checked_add(len) {
         Some(end) if end <= super::MAX_HOST_OFFSET => Ok(()),
-        _ => bad(match what {
-            "L1 table" => "L1 table beyond the host offset limit",
-            "refcount table" => "refcount table beyond the host offset limit",
-            _ => "snapshot table beyond the host offset limit",
-        }),
+        _ => Err(Error::corrupt(too_far, offset)),
     }
 }
 

@@ -1,0 +1,187 @@
+//! Model-based random testing: random reads and writes against a plain byte
+//! array, with a tiny metadata cache so eviction happens constantly, close
+//! and reopen in between, and `qemu-img check` / `compare` at the end.
+
+use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR};
+use qcow2_std_shim::{block_on, RamDevice};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// xorshift64*: small, deterministic, good enough for test inputs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+type Tiny<const K: usize> = Qcow2<RamDevice, [Slot<K>; 3], K>;
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qcow2-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img").args(args).output().expect("qemu-img is installed")
+}
+
+/// Runs `ops` random operations on a fresh image and checks every read
+/// against the model; returns the final device and model.
+fn run_model<const K: usize>(options: CreateOptions, seed: u64, ops: usize) -> (RamDevice, Vec<u8>) {
+    let size = options.size as usize;
+    let sectors = (size / SECTOR) as u64;
+    let cluster_sectors = (1u64 << options.cluster_bits) / SECTOR as u64;
+    let mut model = vec![0u8; size];
+    let mut rng = Rng(seed);
+    let cache = || [const { Slot::<K>::EMPTY }; 3];
+    let mut img: Tiny<K> = block_on(Qcow2::create(RamDevice::new(), cache(), &options)).unwrap();
+    for op in 0..ops {
+        // Lengths up to three clusters so writes straddle cluster and L2 boundaries.
+        let len = 1 + rng.below(3 * cluster_sectors);
+        let first = rng.below(sectors - len.min(sectors - 1));
+        let len = len.min(sectors - first);
+        let range = first as usize * SECTOR..(first + len) as usize * SECTOR;
+        match rng.below(10) {
+            0..=4 => {
+                let tag = rng.next();
+                let mut buf = vec![[0u8; SECTOR]; len as usize];
+                for (i, s) in buf.iter_mut().enumerate() {
+                    s.fill((tag as u8).wrapping_add(i as u8));
+                    s[..8].copy_from_slice(&(first + i as u64).to_le_bytes());
+                }
+                block_on(img.write(first, &buf)).unwrap();
+                model[range].copy_from_slice(buf.as_flattened());
+            }
+            5..=8 => {
+                let mut buf = vec![[0u8; SECTOR]; len as usize];
+                block_on(img.read(first, &mut buf)).unwrap();
+                assert!(
+                    buf.as_flattened() == &model[range],
+                    "seed {seed} op {op}: read of {len} sectors at {first} differs"
+                );
+            }
+            _ => {
+                if rng.below(4) == 0 {
+                    let (dev, _) = block_on(img.close()).unwrap();
+                    let opts = OpenOptions::read_write();
+                    img = block_on(Qcow2::open(dev, cache(), &opts)).unwrap();
+                } else {
+                    block_on(img.flush()).unwrap();
+                }
+            }
+        }
+    }
+    // Everything reads back after a final reopen.
+    let (dev, _) = block_on(img.close()).unwrap();
+    let mut img: Tiny<K> = block_on(Qcow2::open(dev, cache(), &OpenOptions::read_only())).unwrap();
+    let mut buf = vec![[0u8; SECTOR]; sectors as usize];
+    block_on(img.read(0, &mut buf)).unwrap();
+    assert!(buf.as_flattened() == &model[..], "seed {seed}: final contents differ");
+    let (dev, _) = block_on(img.close()).unwrap();
+    (dev, model)
+}
+
+/// `qemu-img check` exits 0 with no leaks, and the contents equal the model.
+fn qemu_agrees(dev: &RamDevice, model: &[u8], name: &str) {
+    let image = tmp(&format!("{name}.qcow2"));
+    let raw = tmp(&format!("{name}.raw"));
+    std::fs::write(&image, dev.as_bytes()).unwrap();
+    std::fs::write(&raw, model).unwrap();
+    let check = qemu_img(&["check", image.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{name}: qemu-img check failed:\n{report}");
+    assert!(report.contains("No errors were found"), "{name}: {report}");
+    let cmp = qemu_img(&["compare", "-f", "raw", "-F", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
+    assert!(cmp.status.success(), "{name}: qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
+    std::fs::remove_file(image).ok();
+    std::fs::remove_file(raw).ok();
+}
+
+fn options(size: u64, cluster_bits: u32, refcount_order: u32, version: Version) -> CreateOptions {
+    CreateOptions { size, cluster_bits, refcount_order, version, lazy_refcounts: false }
+}
+
+#[test]
+fn random_ops_512_byte_clusters_every_refcount_width() {
+    for order in 0..=6 {
+        let opts = options(2 << 20, 9, order, Version::V3);
+        let (dev, model) = run_model::<1>(opts, 0x1234 + u64::from(order), 2500);
+        qemu_agrees(&dev, &model, &format!("c512-r{order}"));
+    }
+}
+
+#[test]
+fn random_ops_4k_clusters_v2_and_slices_larger_than_clusters() {
+    let (dev, model) = run_model::<1>(options(8 << 20, 12, 4, Version::V2), 77, 3000);
+    qemu_agrees(&dev, &model, "c4k-v2");
+    // 4 KiB cache slices on 512-byte clusters: slices shrink to a cluster.
+    let (dev, model) = run_model::<8>(options(1 << 20, 9, 4, Version::V3), 78, 3000);
+    qemu_agrees(&dev, &model, "c512-k8");
+}
+
+#[test]
+fn random_ops_64k_clusters_large_slices() {
+    let (dev, model) = run_model::<8>(options(64 << 20, 16, 4, Version::V3), 99, 1500);
+    qemu_agrees(&dev, &model, "c64k-k8");
+}
+
+#[test]
+fn fixed_device_reports_no_space_and_stays_consistent() {
+    // Room for the metadata and a handful of clusters only.
+    let opts = options(1 << 20, 9, 4, Version::V3);
+    let mut img: Tiny<1> =
+        block_on(Qcow2::create(RamDevice::fixed(24), [const { Slot::<1>::EMPTY }; 3], &opts)).unwrap();
+    let data = [[0x5a_u8; SECTOR]; 1];
+    let mut written = 0u64;
+    let err = loop {
+        match block_on(img.write(written * 4, &data)) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 100, "a 24-sector device cannot take 100 clusters");
+    };
+    assert_eq!(err, Error::NoSpace);
+    // What was written before stays readable after a clean close.
+    let (dev, _) = block_on(img.close()).unwrap();
+    let mut img: Tiny<1> =
+        block_on(Qcow2::open(dev, [const { Slot::<1>::EMPTY }; 3], &OpenOptions::read_only())).unwrap();
+    for i in 0..written {
+        let mut back: [Sector; 1] = [[0; SECTOR]];
+        block_on(img.read(i * 4, &mut back)).unwrap();
+        assert_eq!(back, data);
+    }
+}
+
+#[test]
+fn sequential_fill_moves_the_refcount_table_twice() {
+    // 64-bit refcounts on 512-byte clusters: a block covers 64 clusters and
+    // the initial one-cluster table 64 blocks, so 6 MiB of data outgrows it.
+    let opts = options(6 << 20, 9, 6, Version::V3);
+    let mut img: Tiny<1> =
+        block_on(Qcow2::create(RamDevice::new(), [const { Slot::<1>::EMPTY }; 3], &opts)).unwrap();
+    let sectors = (opts.size / SECTOR as u64) as usize;
+    let mut model = vec![0u8; opts.size as usize];
+    let mut tables = vec![img.header().refcount_table_offset];
+    for first in (0..sectors).step_by(7) {
+        let n = 7.min(sectors - first);
+        let buf: Vec<Sector> = (first..first + n).map(|s| [(s % 251) as u8 + 1; SECTOR]).collect();
+        block_on(img.write(first as u64, &buf)).unwrap();
+        model[first * SECTOR..(first + n) * SECTOR].copy_from_slice(buf.as_flattened());
+        let table = img.header().refcount_table_offset;
+        if tables.last() != Some(&table) {
+            tables.push(table);
+        }
+    }
+    assert!(tables.len() >= 3, "refcount table moved only {} times", tables.len() - 1);
+    let (dev, _) = block_on(img.close()).unwrap();
+    qemu_agrees(&dev, &model, "reftable-growth");
+}
