@@ -17,25 +17,47 @@ where
 {
     /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
     ///
+    /// The search starts at the free hint, which an open image sets to the
+    /// end of the device so that opening costs nothing; when the device
+    /// cannot grow, the search wraps around once to reuse free clusters
+    /// inside it before reporting [`Error::NoSpace`].
+    ///
     /// The refcount change stays in the cache; the cache's write-back order
     /// makes it durable before any L1/L2 entry that points at the cluster.
     pub(crate) async fn alloc_cluster(&mut self) -> Result<u64, Error<D::Error>> {
+        let mut wrapped = self.free_hint == 0;
         for _ in 0..MAX_ALLOC_ROUNDS {
-            let cluster = self.first_free_from(self.free_hint).await?;
-            self.check_host_limit(cluster + 1)?;
-            if self.refblock_of(cluster).await? != 0 {
-                self.grow_device_to(cluster + 1).await?;
-                self.set_refcount(cluster, 1).await?;
-                self.free_hint = cluster + 1;
-                return Ok(cluster << self.geo.cluster_bits);
-            }
-            if cluster / self.geo.refblock_entries < self.geo.reftable_entries {
-                self.new_refblock(cluster).await?;
-            } else {
-                self.grow_reftable(cluster).await?;
+            match self.alloc_round().await {
+                Ok(Some(host)) => return Ok(host),
+                Ok(None) => {}
+                Err(Error::NoSpace) if !wrapped => {
+                    wrapped = true;
+                    self.free_hint = 0;
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(Error::corrupt("cluster allocation does not converge", 0))
+    }
+
+    /// One attempt: allocates the first free cluster from the hint if its
+    /// refcount block exists, or else creates the missing refcount
+    /// structures and returns `None` so the caller searches again.
+    async fn alloc_round(&mut self) -> Result<Option<u64>, Error<D::Error>> {
+        let cluster = self.first_free_from(self.free_hint).await?;
+        self.check_host_limit(cluster + 1)?;
+        if self.refblock_of(cluster).await? != 0 {
+            self.grow_device_to(cluster + 1).await?;
+            self.set_refcount(cluster, 1).await?;
+            self.free_hint = cluster + 1;
+            return Ok(Some(cluster << self.geo.cluster_bits));
+        }
+        if cluster / self.geo.refblock_entries < self.geo.reftable_entries {
+            self.new_refblock(cluster).await?;
+        } else {
+            self.grow_reftable(cluster).await?;
+        }
+        Ok(None)
     }
 
     fn check_host_limit(&self, clusters: u64) -> Result<(), Error<D::Error>> {

@@ -216,6 +216,9 @@ where
                 .map_err(Error::Io)?;
         }
         dev.flush().await.map_err(Error::Io)?;
-        Qcow2::open(dev, cache, &OpenOptions::read_write()).await
+        let mut image = Qcow2::open(dev, cache, &OpenOptions::read_write()).await?;
+        // On a fixed device larger than the metadata, data starts right after it.
+        image.free_hint = layout.total;
+        Ok(image)
     }
 }

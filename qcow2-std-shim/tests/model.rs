@@ -2,7 +2,9 @@
 //! array, with a tiny metadata cache so eviction happens constantly, close
 //! and reopen in between, and `qemu-img check` / `compare` at the end.
 
-use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR};
+use qcow2_core::{
+    BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR,
+};
 use qcow2_std_shim::{block_on, RamDevice};
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,12 +33,19 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img is installed")
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed")
 }
 
 /// Runs `ops` random operations on a fresh image and checks every read
 /// against the model; returns the final device and model.
-fn run_model<const K: usize>(options: CreateOptions, seed: u64, ops: usize) -> (RamDevice, Vec<u8>) {
+fn run_model<const K: usize>(
+    options: CreateOptions,
+    seed: u64,
+    ops: usize,
+) -> (RamDevice, Vec<u8>) {
     let size = options.size as usize;
     let sectors = (size / SECTOR) as u64;
     let cluster_sectors = (1u64 << options.cluster_bits) / SECTOR as u64;
@@ -85,7 +94,10 @@ fn run_model<const K: usize>(options: CreateOptions, seed: u64, ops: usize) -> (
     let mut img: Tiny<K> = block_on(Qcow2::open(dev, cache(), &OpenOptions::read_only())).unwrap();
     let mut buf = vec![[0u8; SECTOR]; sectors as usize];
     block_on(img.read(0, &mut buf)).unwrap();
-    assert!(buf.as_flattened() == &model[..], "seed {seed}: final contents differ");
+    assert!(
+        buf.as_flattened() == &model[..],
+        "seed {seed}: final contents differ"
+    );
     let (dev, _) = block_on(img.close()).unwrap();
     (dev, model)
 }
@@ -98,16 +110,37 @@ fn qemu_agrees(dev: &RamDevice, model: &[u8], name: &str) {
     std::fs::write(&raw, model).unwrap();
     let check = qemu_img(&["check", image.to_str().unwrap()]);
     let report = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "{name}: qemu-img check failed:\n{report}");
+    assert!(
+        check.status.success(),
+        "{name}: qemu-img check failed:\n{report}"
+    );
     assert!(report.contains("No errors were found"), "{name}: {report}");
-    let cmp = qemu_img(&["compare", "-f", "raw", "-F", "qcow2", raw.to_str().unwrap(), image.to_str().unwrap()]);
-    assert!(cmp.status.success(), "{name}: qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{name}: qemu-img compare: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
     std::fs::remove_file(image).ok();
     std::fs::remove_file(raw).ok();
 }
 
 fn options(size: u64, cluster_bits: u32, refcount_order: u32, version: Version) -> CreateOptions {
-    CreateOptions { size, cluster_bits, refcount_order, version, lazy_refcounts: false }
+    CreateOptions {
+        size,
+        cluster_bits,
+        refcount_order,
+        version,
+        lazy_refcounts: false,
+    }
 }
 
 #[test]
@@ -138,8 +171,12 @@ fn random_ops_64k_clusters_large_slices() {
 fn fixed_device_reports_no_space_and_stays_consistent() {
     // Room for the metadata and a handful of clusters only.
     let opts = options(1 << 20, 9, 4, Version::V3);
-    let mut img: Tiny<1> =
-        block_on(Qcow2::create(RamDevice::fixed(24), [const { Slot::<1>::EMPTY }; 3], &opts)).unwrap();
+    let mut img: Tiny<1> = block_on(Qcow2::create(
+        RamDevice::fixed(24),
+        [const { Slot::<1>::EMPTY }; 3],
+        &opts,
+    ))
+    .unwrap();
     let data = [[0x5a_u8; SECTOR]; 1];
     let mut written = 0u64;
     let err = loop {
@@ -152,8 +189,12 @@ fn fixed_device_reports_no_space_and_stays_consistent() {
     assert_eq!(err, Error::NoSpace);
     // What was written before stays readable after a clean close.
     let (dev, _) = block_on(img.close()).unwrap();
-    let mut img: Tiny<1> =
-        block_on(Qcow2::open(dev, [const { Slot::<1>::EMPTY }; 3], &OpenOptions::read_only())).unwrap();
+    let mut img: Tiny<1> = block_on(Qcow2::open(
+        dev,
+        [const { Slot::<1>::EMPTY }; 3],
+        &OpenOptions::read_only(),
+    ))
+    .unwrap();
     for i in 0..written {
         let mut back: [Sector; 1] = [[0; SECTOR]];
         block_on(img.read(i * 4, &mut back)).unwrap();
@@ -166,14 +207,20 @@ fn sequential_fill_moves_the_refcount_table_twice() {
     // 64-bit refcounts on 512-byte clusters: a block covers 64 clusters and
     // the initial one-cluster table 64 blocks, so 6 MiB of data outgrows it.
     let opts = options(6 << 20, 9, 6, Version::V3);
-    let mut img: Tiny<1> =
-        block_on(Qcow2::create(RamDevice::new(), [const { Slot::<1>::EMPTY }; 3], &opts)).unwrap();
+    let mut img: Tiny<1> = block_on(Qcow2::create(
+        RamDevice::new(),
+        [const { Slot::<1>::EMPTY }; 3],
+        &opts,
+    ))
+    .unwrap();
     let sectors = (opts.size / SECTOR as u64) as usize;
     let mut model = vec![0u8; opts.size as usize];
     let mut tables = vec![img.header().refcount_table_offset];
     for first in (0..sectors).step_by(7) {
         let n = 7.min(sectors - first);
-        let buf: Vec<Sector> = (first..first + n).map(|s| [(s % 251) as u8 + 1; SECTOR]).collect();
+        let buf: Vec<Sector> = (first..first + n)
+            .map(|s| [(s % 251) as u8 + 1; SECTOR])
+            .collect();
         block_on(img.write(first as u64, &buf)).unwrap();
         model[first * SECTOR..(first + n) * SECTOR].copy_from_slice(buf.as_flattened());
         let table = img.header().refcount_table_offset;
@@ -181,7 +228,38 @@ fn sequential_fill_moves_the_refcount_table_twice() {
             tables.push(table);
         }
     }
-    assert!(tables.len() >= 3, "refcount table moved only {} times", tables.len() - 1);
+    assert!(
+        tables.len() >= 3,
+        "refcount table moved only {} times",
+        tables.len() - 1
+    );
     let (dev, _) = block_on(img.close()).unwrap();
     qemu_agrees(&dev, &model, "reftable-growth");
+}
+
+#[test]
+fn image_on_a_fixed_partition_uses_the_space_inside_it() {
+    // A fixed 2 MiB device holding a 1 MiB disk: every write fits without growing.
+    let opts = options(1 << 20, 12, 4, Version::V3);
+    let mut img: Tiny<1> = block_on(Qcow2::create(
+        RamDevice::fixed(4096),
+        [const { Slot::<1>::EMPTY }; 3],
+        &opts,
+    ))
+    .unwrap();
+    let data: Vec<Sector> = (0..2048u32).map(|s| [(s % 253) as u8; SECTOR]).collect();
+    block_on(img.write(0, &data[..1024])).unwrap();
+    let (dev, _) = block_on(img.close()).unwrap();
+    assert_eq!(dev.sector_count(), 4096);
+    // Reopened, the free search starts at the device end and must wrap around.
+    let mut img: Tiny<1> = block_on(Qcow2::open(
+        dev,
+        [const { Slot::<1>::EMPTY }; 3],
+        &OpenOptions::read_write(),
+    ))
+    .unwrap();
+    block_on(img.write(1024, &data[1024..])).unwrap();
+    let (dev, _) = block_on(img.close()).unwrap();
+    assert_eq!(dev.sector_count(), 4096);
+    qemu_agrees(&dev, data.as_flattened(), "fixed-partition");
 }
