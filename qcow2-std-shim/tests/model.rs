@@ -263,3 +263,57 @@ fn image_on_a_fixed_partition_uses_the_space_inside_it() {
     assert_eq!(dev.sector_count(), 4096);
     qemu_agrees(&dev, data.as_flattened(), "fixed-partition");
 }
+
+#[test]
+fn host_offsets_beyond_4_gib_round_trip_through_qemu() {
+    use qcow2_std_shim::{FileDevice, Image};
+    let path = tmp("beyond-4g.qcow2");
+    let img = Image::create(
+        FileDevice::create(&path).unwrap(),
+        &CreateOptions::new(8 << 30),
+    )
+    .unwrap();
+    img.close().unwrap();
+    // A sparse 5 GiB file: the allocator continues at its end, past 4 GiB.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(5 << 30)
+        .unwrap();
+    let mut img = Image::open(
+        FileDevice::open(&path, true).unwrap(),
+        &OpenOptions::read_write(),
+    )
+    .unwrap();
+    img.write_at(0, &[0x11; 65536]).unwrap();
+    img.write_at((6 << 30) + 512, &[0x22; 70000]).unwrap();
+    match img.map(0).unwrap().0 {
+        qcow2_core::Mapping::Data { host } => assert!(host >= 5 << 30, "host offset {host:#x}"),
+        other => panic!("guest offset 0 not mapped to data: {other:?}"),
+    }
+    img.close().unwrap();
+    let p = path.to_str().unwrap();
+    let check = qemu_img(&["check", p]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let io = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-c",
+            "read -P 0x11 0 64k",
+            "-c",
+            "read -P 0x22 6442451456 70000",
+            "-c",
+            "read -P 0 6442521456 512",
+            p,
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&io.stdout);
+    assert!(io.status.success() && !out.contains("failed"), "{out}");
+    std::fs::remove_file(&path).ok();
+}
