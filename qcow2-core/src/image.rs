@@ -287,6 +287,13 @@ where
         self.cache.flush(&mut self.dev).await
     }
 
+    /// Gives up the image without flushing, returning the device and cache
+    /// storage: unflushed metadata is lost, as in a crash. For error paths
+    /// where the device failed and for crash tests.
+    pub fn abandon(self) -> (D, S) {
+        (self.dev, self.cache.into_slots())
+    }
+
     /// Flushes and closes the image, returning the device and cache storage.
     pub async fn close(mut self) -> Result<(D, S), Error<D::Error>> {
         self.flush().await?;

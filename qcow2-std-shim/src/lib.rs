@@ -1,16 +1,19 @@
-//! Host adapters for `qcow2-core`: file and RAM devices, a blocking,
-//! byte-addressed image API, and cache defaults sized for a host.
+//! Host adapters for `qcow2-core`: file and RAM devices, a fault-injecting
+//! device for crash tests, a blocking, byte-addressed image API, and cache
+//! defaults sized for a host.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod blocking;
+mod fault;
 mod file;
 mod ram;
 
 pub use blocking::{host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SLICE_SECTORS};
+pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;
 pub use qcow2_core;
-pub use ram::RamDevice;
+pub use ram::{RamDevice, RamError};
 
 /// Runs a future of the async core to completion on the current thread.
 pub fn block_on<F: core::future::Future>(f: F) -> F::Output {

@@ -69,6 +69,13 @@ impl RamDevice {
     }
 }
 
+/// `bytes` as whole sectors, zero-padded at the end.
+pub(crate) fn sectors_from_bytes(bytes: &[u8]) -> Vec<Sector> {
+    let mut sectors = vec![[0; SECTOR]; bytes.len().div_ceil(SECTOR)];
+    sectors.as_flattened_mut()[..bytes.len()].copy_from_slice(bytes);
+    sectors
+}
+
 impl BlockDevice for RamDevice {
     type Error = RamError;
 

@@ -1,0 +1,185 @@
+//! A fault-injecting device for crash tests.
+//!
+//! It keeps two states: what has been made durable by `flush`, and what
+//! reads see now, with the list of sector writes in between. A run can be
+//! stopped at write number N (that write and every later call fail), and the
+//! device that would survive a crash at that point can be produced three
+//! ways: only the flushed state, the flushed state plus every unflushed
+//! write, or the flushed state plus a seeded random subset of the unflushed
+//! sector writes (applied in order).
+
+use crate::ram::{sectors_from_bytes, RamDevice};
+use qcow2_core::{BlockDevice, Sector, SECTOR};
+use std::fmt;
+
+/// Errors of a [`FaultDevice`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultError {
+    /// The injected crash point was reached: the device is gone.
+    Crashed,
+    /// Access past the end of the device.
+    OutOfRange,
+}
+
+impl fmt::Display for FaultError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultError::Crashed => f.write_str("injected crash"),
+            FaultError::OutOfRange => f.write_str("access beyond the end of the device"),
+        }
+    }
+}
+
+impl std::error::Error for FaultError {}
+
+/// How much of the unflushed writes survives a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Survival {
+    /// Only what was flushed.
+    FlushedOnly,
+    /// Everything written, flushed or not.
+    AllWrites,
+    /// What was flushed plus a random subset of later sector writes.
+    RandomSubset(u64),
+}
+
+/// A RAM device that records unflushed writes and can crash on demand.
+#[derive(Debug, Clone, Default)]
+pub struct FaultDevice {
+    durable: Vec<Sector>,
+    current: Vec<Sector>,
+    /// Sector writes since the last flush, oldest first.
+    pending: Vec<(u64, Sector)>,
+    writes: u64,
+    crash_at: Option<u64>,
+    crashed: bool,
+}
+
+impl FaultDevice {
+    /// A device whose durable and current contents are `bytes`.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let sectors = sectors_from_bytes(bytes);
+        FaultDevice {
+            durable: sectors.clone(),
+            current: sectors,
+            ..Default::default()
+        }
+    }
+
+    /// An empty device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes write number `n` (counting from 0 over the device's life) and
+    /// every call after it fail with [`FaultError::Crashed`].
+    pub fn crash_at_write(&mut self, n: u64) {
+        self.crash_at = Some(n);
+    }
+
+    /// Number of write calls that succeeded so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Whether the crash point was reached.
+    pub fn crashed(&self) -> bool {
+        self.crashed
+    }
+
+    /// Number of sector writes not yet flushed.
+    pub fn unflushed_sectors(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The device a crash now would leave behind, as a fresh RAM device.
+    pub fn survivor(&self, survival: Survival) -> RamDevice {
+        let mut sectors = self.durable.clone();
+        let mut rng = match survival {
+            Survival::RandomSubset(seed) => seed | 1,
+            _ => 0,
+        };
+        for (at, data) in &self.pending {
+            let keep = match survival {
+                Survival::FlushedOnly => false,
+                Survival::AllWrites => true,
+                Survival::RandomSubset(_) => {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng & 1 == 1
+                }
+            };
+            if keep {
+                if let Some(s) = sectors.get_mut(*at as usize) {
+                    *s = *data;
+                }
+            }
+        }
+        RamDevice::from_bytes(sectors.as_flattened())
+    }
+
+    fn alive(&self) -> Result<(), FaultError> {
+        if self.crashed {
+            Err(FaultError::Crashed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn range(&self, first: u64, n: usize) -> Result<std::ops::Range<usize>, FaultError> {
+        let start = usize::try_from(first).map_err(|_| FaultError::OutOfRange)?;
+        let end = start.checked_add(n).ok_or(FaultError::OutOfRange)?;
+        if end > self.current.len() {
+            return Err(FaultError::OutOfRange);
+        }
+        Ok(start..end)
+    }
+}
+
+impl BlockDevice for FaultDevice {
+    type Error = FaultError;
+
+    async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), FaultError> {
+        self.alive()?;
+        let r = self.range(first, buf.len())?;
+        buf.copy_from_slice(&self.current[r]);
+        Ok(())
+    }
+
+    async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), FaultError> {
+        self.alive()?;
+        if self.crash_at == Some(self.writes) {
+            self.crashed = true;
+            return Err(FaultError::Crashed);
+        }
+        let r = self.range(first, buf.len())?;
+        self.current[r].copy_from_slice(buf);
+        for (i, s) in buf.iter().enumerate() {
+            self.pending.push((first + i as u64, *s));
+        }
+        self.writes += 1;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), FaultError> {
+        self.alive()?;
+        self.durable.clone_from(&self.current);
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn sector_count(&self) -> u64 {
+        self.current.len() as u64
+    }
+
+    async fn set_sector_count(&mut self, n: u64) -> Result<(), FaultError> {
+        self.alive()?;
+        let n = usize::try_from(n).map_err(|_| FaultError::OutOfRange)?;
+        // Size changes are treated as immediately durable; new sectors are zeros.
+        self.current.resize(n, [0; SECTOR]);
+        self.durable.resize(n, [0; SECTOR]);
+        self.pending.retain(|(at, _)| (*at as usize) < n);
+        Ok(())
+    }
+}

@@ -1,0 +1,307 @@
+//! Crash consistency: stop a workload at every device write, take what a
+//! crash would leave (flushed state only, everything, or a random subset of
+//! unflushed sector writes), then reopen and check the promise: the image
+//! opens, flushed data is intact, every sector holds its flushed value or a
+//! value written after that flush (never a third value), and `qemu-img
+//! check` finds no corruption.
+
+use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR};
+use qcow2_std_shim::{block_on, FaultDevice, FaultError, RamDevice, Survival};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const SLOTS: usize = 4;
+type Cache = [Slot<1>; SLOTS];
+type Image = Qcow2<FaultDevice, Cache, 1>;
+
+fn cache() -> Cache {
+    [const { Slot::<1>::EMPTY }; SLOTS]
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write { first: u64, len: u64 },
+    Flush,
+    Reopen,
+}
+
+/// What each sector may read as after a crash: ids of sector contents
+/// (0 = zeros). `durable[s]` was flushed; `recent[s]` were written since.
+struct Model {
+    durable: Vec<u64>,
+    recent: Vec<Vec<u64>>,
+    current: Vec<u64>,
+    serial: u64,
+}
+
+/// The sector contents identified by `id`: the id, then a byte pattern.
+fn sector_of(id: u64) -> Sector {
+    let mut s = [(id % 251) as u8; SECTOR];
+    if id != 0 {
+        s[..8].copy_from_slice(&id.to_le_bytes());
+    }
+    s
+}
+
+impl Model {
+    fn new(sectors: usize) -> Self {
+        Model {
+            durable: vec![0; sectors],
+            recent: vec![Vec::new(); sectors],
+            current: vec![0; sectors],
+            serial: 0,
+        }
+    }
+
+    fn write(&mut self, img: &mut Image, first: u64, len: u64) -> Result<(), Error<FaultError>> {
+        let mut buf = Vec::with_capacity(len as usize);
+        for s in first..first + len {
+            self.serial += 1;
+            // Recorded before the call: a crash inside it may keep any part.
+            self.recent[s as usize].push(self.serial);
+            buf.push(sector_of(self.serial));
+        }
+        block_on(img.write(first, &buf))?;
+        for (i, s) in (first..first + len).enumerate() {
+            self.current[s as usize] = u64::from_le_bytes(buf[i][..8].try_into().unwrap());
+        }
+        Ok(())
+    }
+
+    fn flushed(&mut self) {
+        self.durable.clone_from(&self.current);
+        self.recent.iter_mut().for_each(Vec::clear);
+    }
+
+    /// Checks every sector of a reopened image against what may survive.
+    fn verify(&self, img: &mut Qcow2<RamDevice, Cache, 1>, what: &str) {
+        let mut buf = vec![[0u8; SECTOR]; self.durable.len()];
+        block_on(img.read(0, &mut buf)).unwrap_or_else(|e| panic!("{what}: read failed: {e}"));
+        for (s, got) in buf.iter().enumerate() {
+            let id = u64::from_le_bytes(got[..8].try_into().unwrap());
+            let id = if *got == [0; SECTOR] { 0 } else { id };
+            let allowed = id == self.durable[s] || self.recent[s].contains(&id);
+            assert!(
+                allowed && *got == sector_of(id),
+                "{what}: sector {s} holds a third value (flushed {}, recent {:?})",
+                self.durable[s],
+                self.recent[s]
+            );
+        }
+    }
+}
+
+struct Workload {
+    name: &'static str,
+    options: CreateOptions,
+    ops: Vec<Op>,
+}
+
+/// Replays `w` on a fresh copy of `base`, crashing at write `crash_at`.
+/// Returns the device and the model at the moment it stopped.
+fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Model) {
+    let mut dev = FaultDevice::from_bytes(base);
+    if let Some(n) = crash_at {
+        dev.crash_at_write(n);
+    }
+    let sectors = (w.options.size / SECTOR as u64) as usize;
+    let mut model = Model::new(sectors);
+    let mut img = block_on(Image::open(dev, cache(), &OpenOptions::read_write())).unwrap();
+    for op in &w.ops {
+        let result = match *op {
+            Op::Write { first, len } => model.write(&mut img, first, len),
+            Op::Flush => block_on(img.flush()).map(|()| model.flushed()),
+            // A close is a flush and letting go of the device.
+            Op::Reopen => match block_on(img.flush()) {
+                Ok(()) => {
+                    model.flushed();
+                    let (dev, slots) = img.abandon();
+                    img = block_on(Image::open(dev, slots, &OpenOptions::read_write())).unwrap();
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            assert_eq!(
+                e,
+                Error::Io(FaultError::Crashed),
+                "{}: unexpected error",
+                w.name
+            );
+            return (img.abandon().0, model);
+        }
+    }
+    let (dev, _) = img.abandon();
+    (dev, model)
+}
+
+fn qemu_check(bytes: &[u8], what: &str) {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("qcow2-crash-{}-{n}.qcow2", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", "--output", "json", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    // 0: clean, 3: leaks only (allowed after a crash).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{what}: qemu-img check: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!report.contains("\"corruptions\""), "{what}: {report}");
+    std::fs::remove_file(path).ok();
+}
+
+/// Runs every crash point of `w`; returns the refcount table offsets before
+/// and after the uninterrupted workload.
+fn run(w: &Workload) -> (u64, u64) {
+    let dev = FaultDevice::new();
+    let img = block_on(Qcow2::create(dev, cache(), &w.options)).unwrap();
+    let table_before = img.header().refcount_table_offset;
+    let (dev, _) = block_on(img.close()).unwrap();
+    let base = dev.survivor(Survival::FlushedOnly).as_bytes().to_vec();
+    let complete = replay(w, &base, None).0;
+    let total = complete.writes();
+    let reopened = block_on(Qcow2::open(complete, cache(), &OpenOptions::read_only())).unwrap();
+    let table_after = reopened.header().refcount_table_offset;
+    let points: Vec<u64> = if total <= 2000 {
+        (0..total).collect()
+    } else {
+        (0..2000).map(|i| i * total / 2000).collect()
+    };
+    let mut checked = 0;
+    for (k, &n) in points.iter().enumerate() {
+        let (dev, model) = replay(w, &base, Some(n));
+        assert!(dev.crashed(), "{}: crash point {n} not reached", w.name);
+        for survival in [
+            Survival::FlushedOnly,
+            Survival::AllWrites,
+            Survival::RandomSubset(n * 31 + 7),
+        ] {
+            let what = format!("{} crash at write {n} ({survival:?})", w.name);
+            let survivor = dev.survivor(survival);
+            let mut img = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_write()))
+                .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+            model.verify(&mut img, &what);
+            let (survivor, _) = block_on(img.close()).unwrap();
+            if k % 10 == 0 {
+                qemu_check(survivor.as_bytes(), &what);
+            }
+            checked += 1;
+        }
+    }
+    eprintln!(
+        "{}: {} writes, {} crash points, {} survivors checked",
+        w.name,
+        total,
+        points.len(),
+        checked
+    );
+    (table_before, table_after)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn opts(size: u64, cluster_bits: u32, refcount_order: u32) -> CreateOptions {
+    CreateOptions {
+        size,
+        cluster_bits,
+        refcount_order,
+        version: Version::V3,
+        lazy_refcounts: false,
+    }
+}
+
+#[test]
+fn crash_during_sequential_fill_across_l2_tables() {
+    let options = opts(160 << 10, 9, 4);
+    let sectors = options.size / SECTOR as u64;
+    let mut ops = Vec::new();
+    for (i, first) in (0..sectors).step_by(3).enumerate() {
+        ops.push(Op::Write {
+            first,
+            len: 3.min(sectors - first),
+        });
+        if i % 16 == 15 {
+            ops.push(Op::Flush);
+        }
+    }
+    run(&Workload {
+        name: "sequential fill",
+        options,
+        ops,
+    });
+}
+
+#[test]
+fn crash_during_random_writes_growing_the_refcount_table() {
+    // 64-bit refcounts on 512-byte clusters: blocks cover 64 clusters and
+    // the first table 64 blocks, so the table grows and moves.
+    let options = opts(3 << 20, 9, 6);
+    let sectors = options.size / SECTOR as u64;
+    let mut rng = Rng(0x5eed);
+    let mut ops = vec![];
+    // Fill three quarters sequentially to reach table growth quickly.
+    for first in (0..sectors * 3 / 4).step_by(64) {
+        ops.push(Op::Write { first, len: 64 });
+    }
+    ops.push(Op::Flush);
+    for i in 0..300 {
+        let len = 1 + rng.below(4);
+        ops.push(Op::Write {
+            first: rng.below(sectors - len),
+            len,
+        });
+        match i % 40 {
+            13 => ops.push(Op::Flush),
+            27 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    let (before, after) = run(&Workload {
+        name: "random writes, refcount table growth",
+        options,
+        ops,
+    });
+    assert_ne!(before, after, "the workload never moved the refcount table");
+}
+
+#[test]
+fn crash_during_overwrites_and_writes_after_reopen() {
+    let options = opts(1 << 20, 12, 4);
+    let sectors = options.size / SECTOR as u64;
+    let mut rng = Rng(0xfeed);
+    let mut ops = vec![];
+    for i in 0..400 {
+        let len = 1 + rng.below(16);
+        // A small hot range so most writes overwrite allocated clusters.
+        let first = if i % 3 == 0 {
+            rng.below(sectors - len)
+        } else {
+            rng.below(64)
+        };
+        ops.push(Op::Write { first, len });
+        match i % 25 {
+            7 => ops.push(Op::Flush),
+            19 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    run(&Workload {
+        name: "overwrites and reopen",
+        options,
+        ops,
+    });
+}
