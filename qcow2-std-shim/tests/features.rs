@@ -1,0 +1,244 @@
+//! Feature handling at open: what is refused with a precise error, what is
+//! kept, and what is cleared, on images made by qemu-img or patched by hand.
+
+use qcow2_core::{CreateOptions, Error, OpenOptions};
+use qcow2_std_shim::{FileDevice, Image};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qcow2-features-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_io(path: &Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", cmd, path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn open(path: &Path, read_only: bool) -> Result<Image<FileDevice>, Error<std::io::Error>> {
+    let opts = if read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    };
+    Image::open(FileDevice::open(path, !read_only).unwrap(), &opts)
+}
+
+fn unsupported(path: &Path, read_only: bool) -> &'static str {
+    match open(path, read_only) {
+        Err(Error::Unsupported(what)) => what,
+        Err(e) => panic!("{}: expected Unsupported, got {e}", path.display()),
+        Ok(_) => panic!("{}: expected Unsupported, opened fine", path.display()),
+    }
+}
+
+fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+fn read_back(path: &Path, at: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, at)
+        .unwrap();
+    buf
+}
+
+#[test]
+fn unimplemented_features_are_refused_by_name() {
+    let d = dir();
+    let base = d.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+
+    let backed = d.join("backed.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        backed.to_str().unwrap(),
+    ]);
+    assert_eq!(unsupported(&backed, true), "backing files");
+
+    let ext_l2 = d.join("extl2.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        ext_l2.to_str().unwrap(),
+        "1M",
+    ]);
+    assert_eq!(
+        unsupported(&ext_l2, true),
+        "extended L2 entries (subclusters)"
+    );
+
+    let data_file = d.join("external.qcow2");
+    let raw = d.join("external.raw");
+    let opt = format!("data_file={}", raw.display());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opt,
+        data_file.to_str().unwrap(),
+        "1M",
+    ]);
+    assert_eq!(unsupported(&data_file, true), "external data files");
+
+    // Encryption: crypt_method 1 (AES) patched into a plain image.
+    let enc = d.join("enc.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", enc.to_str().unwrap(), "1M"]);
+    patch(&enc, 32, &1u32.to_be_bytes());
+    assert_eq!(unsupported(&enc, true), "encryption");
+
+    // An incompatible bit nobody knows.
+    let unknown = d.join("unknown.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        unknown.to_str().unwrap(),
+        "1M",
+    ]);
+    patch(&unknown, 72, &(1u64 << 40).to_be_bytes());
+    assert_eq!(
+        unsupported(&unknown, true),
+        "unknown incompatible feature bits"
+    );
+
+    // Compressed clusters: the image opens, reading them is refused.
+    let plain = d.join("plain.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "1M"]);
+    qemu_io(&plain, "write -P 0x61 0 64k");
+    let compressed = d.join("compressed.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        plain.to_str().unwrap(),
+        compressed.to_str().unwrap(),
+    ]);
+    let mut img = open(&compressed, true).unwrap();
+    let mut buf = vec![0; 4096];
+    assert!(matches!(
+        img.read_at(0, &mut buf),
+        Err(Error::Unsupported("reading compressed clusters"))
+    ));
+    // Unallocated parts of the same image still read as zeros.
+    img.read_at(512 << 10, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
+    let d = dir().join("ro");
+    std::fs::create_dir_all(&d).unwrap();
+    let snap = d.join("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", snap.to_str().unwrap(), "1M"]);
+    qemu_io(&snap, "write -P 0x42 0 4k");
+    qemu_img(&["snapshot", "-c", "s1", snap.to_str().unwrap()]);
+    qemu_io(&snap, "write -P 0x43 0 512");
+    let mut img = open(&snap, true).unwrap();
+    let mut buf = vec![0; 4096];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf[..512].iter().all(|b| *b == 0x43) && buf[512..].iter().all(|b| *b == 0x42));
+    drop(img);
+    assert_eq!(
+        unsupported(&snap, false),
+        "writing images with internal snapshots"
+    );
+
+    for (bit, name) in [(1u64, "dirty"), (2u64, "corrupt")] {
+        let p = d.join(format!("{name}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+        patch(&p, 72, &bit.to_be_bytes());
+        let img = open(&p, true).unwrap();
+        assert_eq!(img.info().dirty, name == "dirty");
+        assert_eq!(img.info().corrupt, name == "corrupt");
+        drop(img);
+        assert!(open(&p, false).is_err(), "{name} image opened read-write");
+        // A refused open leaves the header untouched.
+        assert_eq!(read_back(&p, 72, 8), bit.to_be_bytes());
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn unknown_extensions_survive_and_autoclear_bits_are_cleared_on_write() {
+    let d = dir().join("ext");
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("ext.qcow2");
+    let img = Image::create(
+        FileDevice::create(&p).unwrap(),
+        &CreateOptions::new(4 << 20),
+    )
+    .unwrap();
+    img.close().unwrap();
+    // An unknown extension after the 112-byte header, then the end marker.
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    ext.extend_from_slice(&5u32.to_be_bytes());
+    ext.extend_from_slice(b"hello\0\0\0");
+    ext.extend_from_slice(&[0; 8]);
+    patch(&p, 112, &ext);
+    // Autoclear: bitmaps (bit 0) and an unknown bit 7.
+    patch(&p, 88, &0x81u64.to_be_bytes());
+
+    // Read-only: nothing changes.
+    drop(open(&p, true).unwrap());
+    assert_eq!(read_back(&p, 88, 8), 0x81u64.to_be_bytes());
+
+    let mut img = open(&p, false).unwrap();
+    img.write_at(100_000, &[7; 3000]).unwrap();
+    img.close().unwrap();
+    assert_eq!(read_back(&p, 88, 8), [0; 8], "autoclear bits not cleared");
+    assert_eq!(read_back(&p, 112, ext.len()), ext, "unknown extension lost");
+    let out = Command::new("qemu-img")
+        .args(["check", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
