@@ -418,6 +418,18 @@ where
         Ok(())
     }
 
+    /// Forgets every cached refcount table and refcount block slice, dirty
+    /// or not: used when a rebuild replaces them all.
+    pub(crate) fn forget_refcounts<E>(&mut self) -> Result<(), Error<E>> {
+        for i in 0..self.len() {
+            let s = self.slot::<E>(i)?;
+            if s.tag != EMPTY && s.kind.is_refcount() {
+                self.unlink(i)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets every cached slice inside `[offset, offset + len)`, dirty or
     /// not: used when that host range stops being metadata.
     pub(crate) fn forget_range<E>(&mut self, offset: u64, len: u64) -> Result<(), Error<E>> {

@@ -77,3 +77,33 @@ pub(crate) async fn write_header<D: BlockDevice>(
         .await
         .map_err(Error::Io)
 }
+
+/// Reads `out.len()` bytes at byte `at`, a sector at a time through `scratch`.
+pub(crate) async fn read_bytes<D: BlockDevice>(
+    dev: &mut D,
+    scratch: &mut Sector,
+    at: u64,
+    out: &mut [u8],
+) -> Result<(), Error<D::Error>> {
+    let mut done = 0;
+    while done < out.len() {
+        let pos = at + done as u64;
+        let sector = pos / SECTOR as u64;
+        if sector >= dev.sector_count() {
+            return Err(Error::corrupt("structure beyond the end of the image", pos));
+        }
+        dev.read(sector, core::slice::from_mut(scratch))
+            .await
+            .map_err(Error::Io)?;
+        let skip = (pos % SECTOR as u64) as usize;
+        let n = (SECTOR - skip).min(out.len() - done);
+        let src = scratch
+            .get(skip..skip + n)
+            .ok_or(Error::corrupt("read_bytes", pos))?;
+        out.get_mut(done..done + n)
+            .ok_or(Error::corrupt("read_bytes", pos))?
+            .copy_from_slice(src);
+        done += n;
+    }
+    Ok(())
+}

@@ -24,6 +24,7 @@
 
 mod alloc;
 mod cache;
+mod check;
 mod create;
 mod device;
 mod error;
@@ -35,6 +36,7 @@ mod refcount;
 mod write;
 
 pub use cache::Slot;
+pub use check::{CheckReport, Repair};
 pub use create::CreateOptions;
 pub use device::{BlockDevice, Sector, SECTOR};
 pub use error::Error;

@@ -5,7 +5,7 @@
 //! value written after that flush (never a third value), and `qemu-img
 //! check` finds no corruption.
 
-use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR};
+use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR};
 use qcow2_std_shim::{block_on, FaultDevice, FaultError, RamDevice, Survival};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -136,7 +136,8 @@ fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Mod
     (dev, model)
 }
 
-fn qemu_check(bytes: &[u8], what: &str) {
+/// Runs `qemu-img check` and returns its (corruptions, leaks).
+fn qemu_check(bytes: &[u8], what: &str) -> (u64, u64) {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("qcow2-crash-{}-{n}.qcow2", std::process::id()));
@@ -154,6 +155,24 @@ fn qemu_check(bytes: &[u8], what: &str) {
     );
     assert!(!report.contains("\"corruptions\""), "{what}: {report}");
     std::fs::remove_file(path).ok();
+    (
+        json_field(&report, "corruptions"),
+        json_field(&report, "leaks"),
+    )
+}
+
+/// The integer value of `"name": N` in qemu-img's JSON, 0 when absent.
+fn json_field(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\": ");
+    json.find(&key)
+        .map(|i| {
+            json[i + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs every crash point of `w`; returns the refcount table offsets before
@@ -187,9 +206,38 @@ fn run(w: &Workload) -> (u64, u64) {
             let mut img = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_write()))
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             model.verify(&mut img, &what);
-            let (survivor, _) = block_on(img.close()).unwrap();
+            // Small scratch buffers force multi-pass checks; large ones take one pass.
+            let mut scratch = vec![0u8; if k % 3 == 0 { 1024 } else { 1 << 16 }];
+            let ours = block_on(img.check(&mut scratch)).unwrap();
+            assert_eq!(ours.corruptions, 0, "{what}: {ours:?}");
             if k % 10 == 0 {
-                qemu_check(survivor.as_bytes(), &what);
+                let (survivor, slots) = block_on(img.close()).unwrap();
+                let (corruptions, leaks) = qemu_check(survivor.as_bytes(), &what);
+                assert_eq!(
+                    (ours.corruptions, ours.leaks),
+                    (corruptions, leaks),
+                    "{what}: our check disagrees with qemu-img"
+                );
+                // Repairing the leaks leaves an image both checks call clean.
+                let mut img =
+                    block_on(Qcow2::open(survivor, slots, &OpenOptions::read_write())).unwrap();
+                let fixed = block_on(img.repair(&mut scratch, Repair::Leaks)).unwrap();
+                assert_eq!(fixed.leaks_fixed, leaks, "{what}");
+                assert!(
+                    block_on(img.check(&mut scratch)).unwrap().is_clean(),
+                    "{what}: leaks remain"
+                );
+                let (survivor, _) = block_on(img.close()).unwrap();
+                assert_eq!(
+                    qemu_check(survivor.as_bytes(), &what),
+                    (0, 0),
+                    "{what}: after repair"
+                );
+                model.verify(
+                    &mut block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_only()))
+                        .unwrap(),
+                    &what,
+                );
             }
             checked += 1;
         }

@@ -5,6 +5,7 @@
 pub mod entry;
 pub mod header;
 pub mod refcount;
+pub mod snapshot;
 
 pub use entry::{L1Entry, L2Entry};
 pub use header::{Extension, ExtensionKind, Header};
