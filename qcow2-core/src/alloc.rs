@@ -46,6 +46,7 @@ where
     async fn alloc_round(&mut self) -> Result<Option<u64>, Error<D::Error>> {
         let cluster = self.first_free_from(self.free_hint).await?;
         self.check_host_limit(cluster + 1)?;
+        self.check_unused(cluster, 1)?;
         if self.refblock_of(cluster).await? != 0 {
             self.grow_device_to(cluster + 1).await?;
             self.set_refcount(cluster, 1).await?;
@@ -58,6 +59,17 @@ where
             self.grow_reftable(cluster).await?;
         }
         Ok(None)
+    }
+
+    /// Refuses to hand out clusters that are visibly live metadata although
+    /// their refcount says free (zeroed refcounts under live data).
+    fn check_unused(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
+        let host = first << self.geo.cluster_bits;
+        let len = count << self.geo.cluster_bits;
+        if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
+            return Err(Error::corrupt("free cluster holds live metadata", host));
+        }
+        Ok(())
     }
 
     fn check_host_limit(&self, clusters: u64) -> Result<(), Error<D::Error>> {
@@ -98,7 +110,6 @@ where
         .await?;
         // The block must be durable before the table points at it.
         self.cache.flush_device(&mut self.dev).await?;
-        self.cache.forget_range(host, self.geo.cluster_size)?;
         let at = self.geo.reftable_offset + index * 8;
         self.cache
             .write_u64(&mut self.dev, at, Kind::RefTable, host)
@@ -174,6 +185,7 @@ where
         }
         let end = start + blocks + table_clusters;
         self.check_host_limit(end)?;
+        self.check_unused(start, end - start)?;
         self.grow_device_to(end).await?;
 
         for j in 0..blocks {
@@ -229,7 +241,6 @@ where
         self.geo.reftable_offset = table;
         self.geo.reftable_entries = table_clusters * cs / 8;
         self.cache.forget_range(old_table, old_clusters * cs)?;
-        self.cache.forget_range(start * cs, (end - start) * cs)?;
 
         // Nothing points at the old table any more: free its clusters.
         let first_old = old_table / cs;

@@ -77,6 +77,8 @@ pub(crate) struct Cache<S, const K: usize> {
     dirty_mapping: u32,
     /// Some device write since the last device flush.
     device_unflushed: bool,
+    /// Lazy refcounts: L1/L2 slices need not wait for refcount slices.
+    lazy_refcounts: bool,
 }
 
 impl<S, const K: usize> Cache<S, K>
@@ -84,7 +86,11 @@ where
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
 {
     /// Takes over `slots`, clearing them, for an image of `cluster_size`.
-    pub(crate) fn new<E>(mut slots: S, cluster_size: u64) -> Result<Self, Error<E>> {
+    pub(crate) fn new<E>(
+        mut slots: S,
+        cluster_size: u64,
+        lazy_refcounts: bool,
+    ) -> Result<Self, Error<E>> {
         let n = slots.as_ref().len();
         if n == 0 || n >= NONE as usize {
             return Err(Error::InvalidArgument(
@@ -110,6 +116,7 @@ where
             dirty_refcount: 0,
             dirty_mapping: 0,
             device_unflushed: false,
+            lazy_refcounts,
         })
     }
 
@@ -290,12 +297,14 @@ where
     }
 
     /// Makes it safe to write an L1/L2 slice: every refcount increase and
-    /// every earlier data or table write is durable first.
+    /// every earlier data or table write is durable first. With lazy
+    /// refcounts (under the dirty bit) the refcounts may wait; the data and
+    /// zeroed tables may not.
     async fn order_before_mapping<D: BlockDevice>(
         &mut self,
         dev: &mut D,
     ) -> Result<(), Error<D::Error>> {
-        if self.dirty_refcount > 0 {
+        if self.dirty_refcount > 0 && !self.lazy_refcounts {
             self.write_class(dev, true).await?;
         }
         if self.device_unflushed {
@@ -418,6 +427,27 @@ where
         Ok(())
     }
 
+    /// Whether any slice inside `[offset, offset + len)` is cached: a cluster
+    /// about to be allocated must not be, or it is live metadata.
+    pub(crate) fn holds_any(&self, offset: u64, len: u64) -> bool {
+        let mut tag = offset - offset % self.slice_bytes;
+        let end = offset.saturating_add(len);
+        if (end - tag) / self.slice_bytes > u64::from(self.len()) {
+            return self
+                .slots
+                .as_ref()
+                .iter()
+                .any(|s| s.tag != EMPTY && s.tag >= tag && s.tag < end);
+        }
+        while tag < end {
+            if self.find(tag).is_some() {
+                return true;
+            }
+            tag += self.slice_bytes;
+        }
+        false
+    }
+
     /// Forgets every cached refcount table and refcount block slice, dirty
     /// or not: used when a rebuild replaces them all.
     pub(crate) fn forget_refcounts<E>(&mut self) -> Result<(), Error<E>> {
@@ -514,7 +544,8 @@ mod tests {
     fn hits_misses_and_eviction_keep_contents() {
         block_on(async {
             let mut dev = ram();
-            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 3], 512).unwrap();
+            let mut cache =
+                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 3], 512, false).unwrap();
             for round in 0..3 {
                 for sector in 0..10u64 {
                     let b = cache
@@ -547,7 +578,8 @@ mod tests {
     fn mapping_writeback_waits_for_refcounts_and_a_flush() {
         block_on(async {
             let mut dev = ram();
-            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512).unwrap();
+            let mut cache =
+                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false).unwrap();
             cache
                 .write_u64(&mut dev, 512 * 2, Kind::L2, 1)
                 .await
@@ -569,7 +601,8 @@ mod tests {
     fn forget_drops_dirty_slices() {
         block_on(async {
             let mut dev = ram();
-            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512).unwrap();
+            let mut cache =
+                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false).unwrap();
             cache
                 .write_u64(&mut dev, 512 * 2, Kind::L2, 7)
                 .await
@@ -586,10 +619,11 @@ mod tests {
 
     #[test]
     fn slices_never_exceed_a_cluster() {
-        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 512).unwrap();
+        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 512, false).unwrap();
         assert_eq!(cache.slice_bytes(), 512);
-        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536).unwrap();
+        let cache =
+            Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536, false).unwrap();
         assert_eq!(cache.slice_bytes(), 4096);
-        assert!(Cache::<_, 1>::new::<()>([Slot::<1>::EMPTY; 0], 512).is_err());
+        assert!(Cache::<_, 1>::new::<()>([Slot::<1>::EMPTY; 0], 512, false).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The open image: [`Qcow2`] with open, read, write, flush and close.
 
 use crate::cache::{Cache, Slot};
+use crate::check::Repair;
 use crate::format::{compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, Sector, SECTOR};
@@ -110,6 +111,11 @@ pub struct Qcow2<D, S, const K: usize = 1> {
     pub(crate) geo: Geometry,
     pub(crate) header: Header,
     pub(crate) read_only: bool,
+    /// Refcount updates may reach the disk after the L2 entries that need
+    /// them, covered by the dirty bit (lazy refcounts).
+    pub(crate) lazy: bool,
+    /// Corruption was found while writing: the image is now read-only.
+    pub(crate) corrupt_detected: bool,
     /// Cluster index where the search for free clusters starts.
     pub(crate) free_hint: u64,
     /// Device size in whole clusters, as far as this image has grown it.
@@ -124,11 +130,23 @@ where
 {
     /// Opens the image on `dev`, using `cache` for metadata.
     ///
-    /// Costs a constant number of reads whatever the image size.
-    pub async fn open(
+    /// Costs a constant number of reads whatever the image size, except for
+    /// a read-write open of a dirty image (lazy refcounts after a crash),
+    /// whose refcounts are rebuilt first; this uses a small internal scratch
+    /// buffer and may take many passes: see [`Qcow2::open_with_scratch`].
+    pub async fn open(dev: D, cache: S, options: &OpenOptions) -> Result<Self, Error<D::Error>> {
+        let mut scratch = [0u8; 1024];
+        Self::open_with_scratch(dev, cache, options, &mut scratch).await
+    }
+
+    /// Opens the image like [`Qcow2::open`], using `rebuild_scratch` (4 bytes
+    /// per host cluster and pass) should a dirty image need its refcounts
+    /// rebuilt.
+    pub async fn open_with_scratch(
         mut dev: D,
         cache: S,
         options: &OpenOptions,
+        rebuild_scratch: &mut [u8],
     ) -> Result<Self, Error<D::Error>> {
         let mut scratch = [0u8; SECTOR];
         if dev.sector_count() == 0 {
@@ -163,11 +181,6 @@ where
                     0,
                 ));
             }
-            if header.incompatible_features & incompatible::DIRTY != 0 {
-                return Err(Error::Unsupported(
-                    "writing a dirty image (lazy refcounts need a refcount rebuild)",
-                ));
-            }
             if header.nb_snapshots > 0 {
                 return Err(Error::Unsupported("writing images with internal snapshots"));
             }
@@ -179,16 +192,25 @@ where
             }
         }
         let dev_clusters = dev_bytes.div_ceil(geo.cluster_size);
-        Ok(Qcow2 {
+        let lazy =
+            !read_only && geo.v3 && header.compatible_features & compatible::LAZY_REFCOUNTS != 0;
+        let mut image = Qcow2 {
             dev,
-            cache: Cache::new(cache, geo.cluster_size)?,
+            cache: Cache::new(cache, geo.cluster_size, lazy)?,
             geo,
             header,
             read_only,
+            lazy,
+            corrupt_detected: false,
             free_hint: dev_clusters,
             dev_clusters,
             scratch,
-        })
+        };
+        if !read_only && image.header.incompatible_features & incompatible::DIRTY != 0 {
+            // Refcounts may be stale: rebuild them before any allocation.
+            image.repair(rebuild_scratch, Repair::All).await?;
+        }
+        Ok(image)
     }
 
     /// A summary of the image.
@@ -259,12 +281,25 @@ where
 
     /// Writes `buf.len()` sectors to the virtual disk from sector `first`.
     ///
-    /// Not durable until [`Qcow2::flush`].
+    /// Not durable until [`Qcow2::flush`]. Corruption detected on the way
+    /// marks the image corrupt (it then opens read-only until repaired).
     pub async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         self.check_range(first, buf.len())?;
+        if self.lazy && self.header.incompatible_features & incompatible::DIRTY == 0 {
+            // Durable before the first metadata write that may skip ordering.
+            self.set_incompatible(incompatible::DIRTY).await?;
+        }
+        let result = self.write_clusters(first, buf).await;
+        if let Err(Error::Corrupt { .. }) = result {
+            self.mark_corrupt().await;
+        }
+        result
+    }
+
+    async fn write_clusters(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
         let cluster_sectors = (self.geo.cluster_size / SECTOR as u64) as usize;
         let mut sector = first;
         let mut rest = buf;
@@ -280,11 +315,50 @@ where
     }
 
     /// Makes every earlier write durable, metadata in crash-safe order.
+    ///
+    /// Fails on an image found corrupt while writing: what was written
+    /// since the last flush is then not durable.
     pub async fn flush(&mut self) -> Result<(), Error<D::Error>> {
+        if self.corrupt_detected {
+            return Err(Error::corrupt(
+                "image marked corrupt; writes since the last flush were dropped",
+                0,
+            ));
+        }
         if self.read_only {
             return Ok(());
         }
         self.cache.flush(&mut self.dev).await
+    }
+
+    /// Sets incompatible feature bits in the header, durably (v3 only).
+    pub(crate) async fn set_incompatible(&mut self, bits: u64) -> Result<(), Error<D::Error>> {
+        if !self.geo.v3 || self.header.incompatible_features & bits == bits {
+            return Ok(());
+        }
+        self.header.incompatible_features |= bits;
+        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
+        self.cache.flush_device(&mut self.dev).await
+    }
+
+    /// Records detected corruption: sets the corrupt bit (best effort) and
+    /// stops all further writes.
+    async fn mark_corrupt(&mut self) {
+        // Metadata in the cache may be wrong now: it is never written.
+        let _ = self.set_incompatible(incompatible::CORRUPT).await;
+        self.read_only = true;
+        self.corrupt_detected = true;
+    }
+
+    /// Does what [`Qcow2::close`] does (flush, then clear the dirty bit of
+    /// lazy refcounts) but keeps the image open; a later write sets the
+    /// dirty bit again.
+    pub async fn finish(&mut self) -> Result<(), Error<D::Error>> {
+        self.flush().await?;
+        if !self.read_only {
+            self.clear_incompatible(incompatible::DIRTY).await?;
+        }
+        Ok(())
     }
 
     /// Gives up the image without flushing, returning the device and cache
@@ -295,8 +369,9 @@ where
     }
 
     /// Flushes and closes the image, returning the device and cache storage.
+    /// A clean close clears the dirty bit of lazy refcounts.
     pub async fn close(mut self) -> Result<(D, S), Error<D::Error>> {
-        self.flush().await?;
+        self.finish().await?;
         Ok((self.dev, self.cache.into_slots()))
     }
 }

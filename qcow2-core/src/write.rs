@@ -79,7 +79,6 @@ where
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
-        self.cache.forget_range(table, self.geo.cluster_size)?;
         // Written back only after the zeroed table and its refcount are durable.
         self.cache
             .write_u64(&mut self.dev, at, Kind::L1, L1Entry::new(table).0)

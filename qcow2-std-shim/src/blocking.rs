@@ -9,6 +9,9 @@ use qcow2_core::{
 pub const HOST_SLICE_SECTORS: usize = 8;
 /// Slices in the host cache: 2 MiB of metadata, twice QEMU's default.
 pub const HOST_CACHE_SLOTS: usize = 512;
+/// Scratch for check, repair and dirty-image rebuilds: 4 MiB counts a
+/// million clusters (64 GiB at 64 KiB clusters) per pass.
+pub const HOST_SCRATCH_BYTES: usize = 4 << 20;
 /// The host cache storage.
 pub type HostCache = Box<[Slot<HOST_SLICE_SECTORS>]>;
 /// An image with the host cache.

@@ -9,7 +9,10 @@ mod fault;
 mod file;
 mod ram;
 
-pub use blocking::{host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SLICE_SECTORS};
+pub use blocking::{
+    host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SCRATCH_BYTES,
+    HOST_SLICE_SECTORS,
+};
 pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;
 pub use qcow2_core;

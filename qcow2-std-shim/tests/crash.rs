@@ -111,8 +111,8 @@ fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Mod
         let result = match *op {
             Op::Write { first, len } => model.write(&mut img, first, len),
             Op::Flush => block_on(img.flush()).map(|()| model.flushed()),
-            // A close is a flush and letting go of the device.
-            Op::Reopen => match block_on(img.flush()) {
+            // A close is a finish and letting go of the device.
+            Op::Reopen => match block_on(img.finish()) {
                 Ok(()) => {
                     model.flushed();
                     let (dev, slots) = img.abandon();
@@ -192,7 +192,7 @@ fn run(w: &Workload) -> (u64, u64) {
     } else {
         (0..2000).map(|i| i * total / 2000).collect()
     };
-    let mut checked = 0;
+    let (mut checked, mut dirty) = (0, 0);
     for (k, &n) in points.iter().enumerate() {
         let (dev, model) = replay(w, &base, Some(n));
         assert!(dev.crashed(), "{}: crash point {n} not reached", w.name);
@@ -203,6 +203,9 @@ fn run(w: &Workload) -> (u64, u64) {
         ] {
             let what = format!("{} crash at write {n} ({survival:?})", w.name);
             let survivor = dev.survivor(survival);
+            let peek = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_only())).unwrap();
+            dirty += usize::from(peek.info().dirty);
+            let (survivor, _) = block_on(peek.close()).unwrap();
             let mut img = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_write()))
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             model.verify(&mut img, &what);
@@ -349,6 +352,32 @@ fn crash_during_overwrites_and_writes_after_reopen() {
     }
     run(&Workload {
         name: "overwrites and reopen",
+        options,
+        ops,
+    });
+}
+
+#[test]
+fn crash_with_lazy_refcounts_is_rebuilt_at_open() {
+    let mut options = opts(512 << 10, 9, 4);
+    options.lazy_refcounts = true;
+    let sectors = options.size / SECTOR as u64;
+    let mut rng = Rng(0x1a2b);
+    let mut ops = vec![];
+    for i in 0..250 {
+        let len = 1 + rng.below(8);
+        ops.push(Op::Write {
+            first: rng.below(sectors - len),
+            len,
+        });
+        match i % 30 {
+            11 => ops.push(Op::Flush),
+            23 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    run(&Workload {
+        name: "lazy refcounts",
         options,
         ops,
     });

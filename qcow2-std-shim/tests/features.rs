@@ -188,16 +188,47 @@ fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
 
     for (bit, name) in [(1u64, "dirty"), (2u64, "corrupt")] {
         let p = d.join(format!("{name}.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p.to_str().unwrap(),
+            "1M",
+        ]);
+        qemu_io(&p, "write -P 0x44 0 8k");
         patch(&p, 72, &bit.to_be_bytes());
         let img = open(&p, true).unwrap();
         assert_eq!(img.info().dirty, name == "dirty");
         assert_eq!(img.info().corrupt, name == "corrupt");
         drop(img);
-        assert!(open(&p, false).is_err(), "{name} image opened read-write");
-        // A refused open leaves the header untouched.
+        // A read-only open leaves the header untouched.
         assert_eq!(read_back(&p, 72, 8), bit.to_be_bytes());
     }
+    // Corrupt: read-write refused, header untouched.
+    let corrupt = d.join("corrupt.qcow2");
+    assert!(matches!(open(&corrupt, false), Err(Error::Corrupt { .. })));
+    assert_eq!(read_back(&corrupt, 72, 8), 2u64.to_be_bytes());
+    // Dirty: read-write rebuilds the refcounts and clears the bit.
+    let dirty = d.join("dirty.qcow2");
+    let mut img = open(&dirty, false).unwrap();
+    let mut buf = vec![0; 8192];
+    img.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x44));
+    assert!(!img.info().dirty);
+    img.close().unwrap();
+    assert_eq!(read_back(&dirty, 72, 8), [0; 8]);
+    let out = Command::new("qemu-img")
+        .args(["check", dirty.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -1,0 +1,164 @@
+//! `convert`: copy the guest contents of an image into a new image,
+//! leaving zero regions unallocated (sparse).
+
+use crate::disk::{round_to_sector, Disk, Extent, Format};
+use crate::error::{core_error, CliResult, CoreError};
+use crate::options::{self, QCOW2_KEYS};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Bytes moved per read: large enough for throughput, small enough to keep
+/// memory use modest.
+const BUFFER_BYTES: usize = 4 << 20;
+/// Zero-detection granularity for raw targets (a typical file-system block).
+const RAW_GRANULE: usize = 4096;
+
+/// Arguments of `convert`.
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Source format (probed from the magic bytes when not given).
+    #[arg(short = 'f', value_enum)]
+    format: Option<Format>,
+    /// Target format.
+    #[arg(short = 'O', value_enum, default_value = "raw")]
+    output_format: Format,
+    /// Target creation options (qcow2 only): cluster_size, refcount_bits,
+    /// lazy_refcounts, compat.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// The source image.
+    source: PathBuf,
+    /// The target image (created or overwritten).
+    target: PathBuf,
+}
+
+/// Whether `a` and `b` name the same existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Runs `convert`.
+pub fn run(args: &ConvertArgs) -> CliResult<()> {
+    let allowed: &[&str] = match args.output_format {
+        Format::Qcow2 => QCOW2_KEYS,
+        Format::Raw => &[],
+    };
+    let opts = options::parse(&args.options, allowed)?;
+    if opts.help {
+        outln!("{}", options::HELP);
+        return Ok(());
+    }
+    let src_name = args.source.display().to_string();
+    let dst_name = args.target.display().to_string();
+    if same_file(&args.source, &args.target) {
+        return Err(format!("'{src_name}' and '{dst_name}' are the same file").into());
+    }
+    let mut src = Disk::open(&args.source, args.format, false)?;
+    let size = round_to_sector(src.size());
+    let create = opts.to_create(size)?;
+    let granule = match args.output_format {
+        Format::Qcow2 => 1usize << create.cluster_bits,
+        Format::Raw => RAW_GRANULE,
+    };
+    let mut dst = Disk::create(&args.target, args.output_format, size, &create)?;
+    copy(&mut src, &mut dst, granule, &src_name, &dst_name)
+        .and_then(|()| dst.close().map_err(|e| core_error(&dst_name, &e)))
+        .inspect_err(|_| {
+            // A partial copy is of no use: do not leave it behind.
+            let _ = std::fs::remove_file(&args.target);
+        })
+}
+
+/// Copies every possibly non-zero byte of `src` into `dst`, which must read
+/// as zeros everywhere. Zero runs of the source are skipped through its
+/// mapping; data is written only in `granule`-sized pieces that are not all
+/// zeros.
+fn copy(
+    src: &mut Disk,
+    dst: &mut Disk,
+    granule: usize,
+    src_name: &str,
+    dst_name: &str,
+) -> CliResult<()> {
+    let read_err = |e| core_error(&format!("error while reading {src_name}"), &e);
+    let size = src.size();
+    let buf_len = (BUFFER_BYTES / granule).max(1) * granule;
+    let mut buf = vec![0u8; buf_len];
+    let mut offset = 0u64;
+    while offset < size {
+        let (extent, len) = src.extent(offset).map_err(read_err)?;
+        let end = offset.saturating_add(len).min(size);
+        if extent == Extent::Zero {
+            offset = end;
+            continue;
+        }
+        while offset < end {
+            // Stop at a granule boundary so zero detection stays aligned.
+            let room = buf_len - (offset % granule as u64) as usize;
+            let n = usize::try_from(end - offset).map_or(room, |rest| rest.min(room));
+            let chunk = &mut buf[..n];
+            src.read_at(offset, chunk).map_err(read_err)?;
+            write_nonzero(dst, offset, chunk, granule)
+                .map_err(|e| core_error(&format!("error while writing {dst_name}"), &e))?;
+            offset += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the parts of `data` (which lands at guest `offset`) that are not
+/// all zeros, judged per `granule` of the guest address space; runs of
+/// non-zero granules go out as single writes.
+fn write_nonzero(
+    dst: &mut Disk,
+    offset: u64,
+    data: &[u8],
+    granule: usize,
+) -> Result<(), CoreError> {
+    let mut pos = 0usize;
+    let mut run_start: Option<usize> = None;
+    while pos < data.len() {
+        let to_boundary = granule - ((offset + pos as u64) % granule as u64) as usize;
+        let next = (pos + to_boundary).min(data.len());
+        let zero = is_zero(&data[pos..next]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(start)) => {
+                dst.write_at(offset + start as u64, &data[start..pos])?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = next;
+    }
+    if let Some(start) = run_start {
+        dst.write_at(offset + start as u64, &data[start..])?;
+    }
+    Ok(())
+}
+
+/// Whether every byte of `data` is zero.
+fn is_zero(data: &[u8]) -> bool {
+    let (words, tail) = data.as_chunks::<16>();
+    words.iter().all(|w| u128::from_ne_bytes(*w) == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 100]));
+        let mut v = vec![0u8; 100];
+        v[99] = 1;
+        assert!(!is_zero(&v));
+        v[99] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}

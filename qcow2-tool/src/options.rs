@@ -1,0 +1,298 @@
+//! `-o key=value,...` image creation options, as `qemu-img` takes them.
+
+use crate::error::{CliError, CliResult};
+use crate::size::parse_size;
+use qcow2_core::{CreateOptions, Version};
+
+/// The options `qcow2-tool` understands, for `-o help`.
+pub const HELP: &str = "\
+Supported qcow2 options:
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  compression_type=<str> - Compression method used for image cluster compression (zlib only)
+  extended_l2=<bool (on/off)> - Extended L2 tables (off only)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (off only)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size";
+
+/// Parsed `-o` options. Absent keys keep `qemu-img create`'s defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// `-o help` was asked for.
+    pub help: bool,
+    /// `size=`, in bytes.
+    pub size: Option<u64>,
+    /// `cluster_size=`, in bytes.
+    pub cluster_size: u64,
+    /// `refcount_bits=`.
+    pub refcount_bits: u64,
+    /// `lazy_refcounts=`, with the text given.
+    pub lazy_refcounts: Option<(bool, String)>,
+    /// `compat=`, with the text given.
+    pub compat: Option<(Version, String)>,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            help: false,
+            size: None,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: None,
+            compat: None,
+        }
+    }
+}
+
+/// Splits an option list at commas; `,,` stands for a literal comma.
+fn split_list(list: &str) -> CliResult<Vec<String>> {
+    let invalid = || CliError(format!("Invalid option list: {list}"));
+    let mut items = vec![String::new()];
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                items.last_mut().ok_or_else(invalid)?.push(',');
+            }
+            ',' => items.push(String::new()),
+            c => items.last_mut().ok_or_else(invalid)?.push(c),
+        }
+    }
+    if items.iter().any(String::is_empty) {
+        return Err(invalid());
+    }
+    Ok(items)
+}
+
+/// A boolean option value as QEMU spells them.
+fn parse_bool(key: &str, value: &str) -> CliResult<bool> {
+    match value {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'").into()),
+    }
+}
+
+/// An unsigned number in C notation: decimal, `0x` hex or `0` octal.
+fn parse_number(key: &str, value: &str) -> CliResult<u64> {
+    let err = || CliError(format!("Parameter '{key}' expects a number"));
+    let (digits, radix) = if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        (hex, 16)
+    } else if value.len() > 1 && value.starts_with('0') {
+        (&value[1..], 8)
+    } else {
+        (value, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(err());
+    }
+    u64::from_str_radix(digits, radix).map_err(|_| err())
+}
+
+/// Parses the `-o` arguments (later keys override earlier ones).
+/// `allowed` names the keys the caller accepts; others are rejected as
+/// `qemu-img` rejects unknown parameters.
+pub fn parse(lists: &[String], allowed: &[&str]) -> CliResult<ImageOptions> {
+    let mut opts = ImageOptions::default();
+    for list in lists {
+        for item in split_list(list)? {
+            if item == "help" || item == "?" {
+                opts.help = true;
+                continue;
+            }
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item.as_str(), None),
+            };
+            if !allowed.contains(&key) {
+                return Err(format!("Invalid parameter '{key}'").into());
+            }
+            let text = value.unwrap_or("");
+            let size = |what: &str| {
+                parse_size(text).map_err(|_| {
+                    CliError(format!(
+                        "Parameter '{what}' expects a non-negative number below 2^64 \
+                         (optional suffix k, M, G, T, P or E)"
+                    ))
+                })
+            };
+            match key {
+                "size" => {
+                    if opts.size.is_some() {
+                        return Err("The image size must be specified only once".into());
+                    }
+                    opts.size = Some(size(key)?);
+                }
+                "cluster_size" => opts.cluster_size = size(key)?,
+                "refcount_bits" => opts.refcount_bits = parse_number(key, text)?,
+                "lazy_refcounts" => {
+                    let on = value.map_or(Ok(true), |v| parse_bool(key, v))?;
+                    opts.lazy_refcounts = Some((on, value.unwrap_or("on").to_string()));
+                }
+                "compat" => {
+                    let version = match text {
+                        "0.10" | "v2" => Version::V2,
+                        "1.1" | "v3" => Version::V3,
+                        _ => {
+                            return Err(format!(
+                                "Parameter 'compat' does not accept value '{text}'"
+                            )
+                            .into())
+                        }
+                    };
+                    opts.compat = Some((version, text.to_string()));
+                }
+                "compression_type" if text != "zlib" => {
+                    return Err(format!("compression_type={text} is not supported").into())
+                }
+                "extended_l2" | "preallocation" => {
+                    let off = if key == "preallocation" {
+                        text == "off"
+                    } else {
+                        !parse_bool(key, value.unwrap_or("on"))?
+                    };
+                    if !off {
+                        return Err(format!("{key}={text} is not supported").into());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(opts)
+}
+
+impl ImageOptions {
+    /// The format version asked for (v3 unless `compat` says otherwise).
+    pub fn version(&self) -> Version {
+        self.compat.as_ref().map_or(Version::V3, |(v, _)| *v)
+    }
+
+    /// Whether lazy refcounts were asked for.
+    pub fn lazy(&self) -> bool {
+        self.lazy_refcounts.as_ref().is_some_and(|(on, _)| *on)
+    }
+
+    /// Checks the options and turns them into core create options for a
+    /// disk of `size` bytes (a multiple of 512).
+    pub fn to_create(&self, size: u64) -> CliResult<CreateOptions> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err("Cluster size must be a power of two between 512 and 2048k".into());
+        }
+        let bits = self.refcount_bits;
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
+        }
+        let version = self.version();
+        if version == Version::V2 && bits != 16 {
+            return Err(
+                "Different refcount widths than 16 bits require compatibility \
+                        level 1.1 or above (use compat=v3)"
+                    .into(),
+            );
+        }
+        if version == Version::V2 && self.lazy() {
+            return Err(
+                "Lazy refcounts only supported with compatibility level 1.1 \
+                        and above (use compat=v3)"
+                    .into(),
+            );
+        }
+        Ok(CreateOptions {
+            size,
+            cluster_bits: cs.trailing_zeros(),
+            refcount_order: bits.trailing_zeros(),
+            version,
+            lazy_refcounts: self.lazy(),
+        })
+    }
+
+    /// The option part of `qemu-img create`'s `Formatting` line.
+    pub fn describe(&self, size: u64) -> String {
+        let compat = self
+            .compat
+            .as_ref()
+            .map(|(_, text)| format!(" compat={text}"))
+            .unwrap_or_default();
+        let lazy = self
+            .lazy_refcounts
+            .as_ref()
+            .map_or("off", |(_, text)| text.as_str());
+        format!(
+            "cluster_size={} extended_l2=off compression_type=zlib size={size}{compat} \
+             lazy_refcounts={lazy} refcount_bits={}",
+            self.cluster_size, self.refcount_bits
+        )
+    }
+}
+
+/// Keys `create` and `convert` accept for qcow2 targets.
+pub const QCOW2_KEYS: &[&str] = &[
+    "cluster_size",
+    "refcount_bits",
+    "lazy_refcounts",
+    "compat",
+    "compression_type",
+    "extended_l2",
+    "preallocation",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_one(s: &str) -> CliResult<ImageOptions> {
+        parse(&[s.to_string()], QCOW2_KEYS)
+    }
+
+    #[test]
+    fn parses_lists() {
+        let o = parse_one("cluster_size=4k,refcount_bits=8,lazy_refcounts=on,compat=1.1").unwrap();
+        assert_eq!(o.cluster_size, 4096);
+        assert_eq!(o.refcount_bits, 8);
+        assert!(o.lazy());
+        assert_eq!(o.version(), Version::V3);
+        let c = o.to_create(1 << 20).unwrap();
+        assert_eq!((c.cluster_bits, c.refcount_order), (12, 3));
+        assert_eq!(parse_one("refcount_bits=0x10").unwrap().refcount_bits, 16);
+        assert_eq!(parse_one("compat=v2").unwrap().version(), Version::V2);
+        assert!(parse_one("lazy_refcounts").unwrap().lazy());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            "foo=1",
+            "cluster_size=abc",
+            "refcount_bits=16k",
+            "lazy_refcounts=maybe",
+            "compat=2",
+            ",cluster_size=4k",
+            "cluster_size=4k,",
+            "compression_type=zstd",
+            "extended_l2=on",
+            "size=1M",
+        ] {
+            assert!(parse_one(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "cluster_size=1000",
+            "cluster_size=256",
+            "cluster_size=4M",
+            "refcount_bits=3",
+            "refcount_bits=0",
+            "refcount_bits=128",
+            "compat=0.10,refcount_bits=8",
+            "compat=0.10,lazy_refcounts=on",
+        ] {
+            assert!(parse_one(bad).unwrap().to_create(1 << 20).is_err(), "{bad}");
+        }
+    }
+}
