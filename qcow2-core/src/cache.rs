@@ -349,10 +349,14 @@ where
         }
         let i = self.victim()?;
         if self.slot::<D::Error>(i)?.dirty {
-            if !self.slot::<D::Error>(i)?.kind.is_refcount() {
+            if self.slot::<D::Error>(i)?.kind.is_refcount() {
+                self.write_slot(dev, i).await?;
+            } else {
+                // One barrier covers every dirty L1/L2 slice: write them all,
+                // so the evictions that follow need no flush of their own.
                 self.order_before_mapping(dev).await?;
+                self.write_class(dev, false).await?;
             }
-            self.write_slot(dev, i).await?;
         }
         self.unlink(i)?;
         let sectors = self.sectors();

@@ -9,10 +9,18 @@ use std::path::Path;
 /// A file used as a block device. Writes grow the file; `flush` is
 /// `fdatasync`. A file whose length is not a multiple of 512 reads as if
 /// zero-padded to the next sector.
+///
+/// Growing is lazy: [`BlockDevice::set_sector_count`] only records the new
+/// length (reads past the physical end return zeros, writes extend the
+/// file), and `flush` sets the physical length if writes fell short of it.
+/// That saves a system call for every cluster an image allocates.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
+    /// Logical length in bytes.
     len: u64,
+    /// Physical length as far as this device knows.
+    physical: u64,
     writable: bool,
 }
 
@@ -40,6 +48,7 @@ impl FileDevice {
         Ok(FileDevice {
             file,
             len,
+            physical: len,
             writable,
         })
     }
@@ -75,7 +84,7 @@ impl BlockDevice for FileDevice {
                 Err(e) => return Err(e),
             }
         }
-        if done < bytes.len() && at + (done as u64) < self.len {
+        if done < bytes.len() && at + (done as u64) < self.physical {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
         }
         // Past the end of the file reads as zeros.
@@ -87,12 +96,18 @@ impl BlockDevice for FileDevice {
         let at = first * SECTOR as u64;
         let bytes = buf.as_flattened();
         self.file.write_all_at(bytes, at)?;
-        self.len = self.len.max(at + bytes.len() as u64);
+        let end = at + bytes.len() as u64;
+        self.physical = self.physical.max(end);
+        self.len = self.len.max(end);
         Ok(())
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         if self.writable {
+            if self.physical < self.len {
+                self.file.set_len(self.len)?;
+                self.physical = self.len;
+            }
             self.file.sync_data()?;
         }
         Ok(())
@@ -104,7 +119,16 @@ impl BlockDevice for FileDevice {
 
     async fn set_sector_count(&mut self, n: u64) -> io::Result<()> {
         let len = n * SECTOR as u64;
-        self.file.set_len(len)?;
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only file",
+            ));
+        }
+        if len < self.physical {
+            self.file.set_len(len)?;
+            self.physical = len;
+        }
         self.len = len;
         Ok(())
     }

@@ -246,11 +246,18 @@ fn run(w: &Workload) -> (u64, u64) {
         }
     }
     eprintln!(
-        "{}: {} writes, {} crash points, {} survivors checked",
+        "{}: {} writes, {} crash points, {} survivors checked, {} dirty",
         w.name,
         total,
         points.len(),
-        checked
+        checked,
+        dirty
+    );
+    assert_eq!(
+        dirty > 0,
+        w.options.lazy_refcounts,
+        "{}: dirty survivors",
+        w.name
     );
     (table_before, table_after)
 }

@@ -6,8 +6,9 @@ use qcow2_std_shim::{FileDevice, Image};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qcow2-features-{}", std::process::id()));
+/// A fresh directory for one test (tests run in parallel).
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qcow2-features-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -71,7 +72,7 @@ fn read_back(path: &Path, at: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn unimplemented_features_are_refused_by_name() {
-    let d = dir();
+    let d = dir("refused");
     let base = d.join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
 
@@ -169,8 +170,7 @@ fn unimplemented_features_are_refused_by_name() {
 
 #[test]
 fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
-    let d = dir().join("ro");
-    std::fs::create_dir_all(&d).unwrap();
+    let d = dir("read-only");
     let snap = d.join("snap.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", snap.to_str().unwrap(), "1M"]);
     qemu_io(&snap, "write -P 0x42 0 4k");
@@ -234,8 +234,7 @@ fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
 
 #[test]
 fn unknown_extensions_survive_and_autoclear_bits_are_cleared_on_write() {
-    let d = dir().join("ext");
-    std::fs::create_dir_all(&d).unwrap();
+    let d = dir("extensions");
     let p = d.join("ext.qcow2");
     let img = Image::create(
         FileDevice::create(&p).unwrap(),
