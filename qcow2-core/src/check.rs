@@ -54,8 +54,9 @@ impl CheckReport {
 pub enum Repair {
     /// Lower refcounts that are too high (leaked clusters).
     Leaks,
-    /// Clear invalid table entries, rebuild every refcount from the
-    /// references, fix COPIED flags, and clear the corrupt and dirty bits.
+    /// Fix leaks and, when there are corruptions, clear invalid table
+    /// entries, rebuild every refcount from the references and fix COPIED
+    /// flags; then clear the corrupt and dirty bits.
     All,
 }
 
@@ -74,6 +75,8 @@ struct Walk<'a> {
     skip_refcount_structures: bool,
     /// One past the highest referenced cluster.
     end: u64,
+    /// One past the highest cluster with a nonzero stored refcount.
+    refcounted_end: u64,
     report: CheckReport,
     /// Host offset of the previous data cluster, for fragmentation.
     previous_data: u64,
@@ -157,6 +160,7 @@ where
             fix: mode == Some(Repair::All),
             skip_refcount_structures: false,
             end: 0,
+            refcounted_end: 0,
             report: CheckReport {
                 total_clusters: self.header.size.div_ceil(self.geo.cluster_size),
                 ..CheckReport::default()
@@ -170,21 +174,21 @@ where
             w.report.passes += 1;
             w.audit = false;
             let end = w.end.max(self.dev_clusters);
-            self.compare(&mut w, end, mode == Some(Repair::Leaks))
-                .await?;
+            // Both repair modes lower refcounts that are too high in place.
+            self.compare(&mut w, end, mode.is_some()).await?;
             start += len;
             if start >= end {
                 break;
             }
         }
         let mut report = w.report;
-        report.image_end_offset = w.end * self.geo.cluster_size;
-        if mode == Some(Repair::All) && !report.is_clean() {
+        // As qemu-img: the end of the last cluster in use or with a refcount.
+        report.image_end_offset = w.end.max(w.refcounted_end) * self.geo.cluster_size;
+        if mode == Some(Repair::All) && report.corruptions > 0 {
             w.fix = false;
             self.rebuild_refcounts(&mut w).await?;
             self.fix_copied_flags().await?;
             report.corruptions_fixed = report.corruptions;
-            report.leaks_fixed = report.leaks;
         }
         if mode == Some(Repair::All) {
             self.clear_incompatible(incompatible::CORRUPT | incompatible::DIRTY)
@@ -211,6 +215,9 @@ where
                 Err(Error::Corrupt { .. }) => 0,
                 Err(e) => return Err(e),
             };
+            if stored > 0 {
+                w.refcounted_end = cluster + 1;
+            }
             if refs > stored {
                 w.report.corruptions += 1;
             } else if stored > refs {

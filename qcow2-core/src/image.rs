@@ -11,17 +11,35 @@ use crate::{header_io, BlockDevice, Error, Sector, SECTOR};
 pub struct OpenOptions {
     /// Refuse every write and never modify the device.
     pub read_only: bool,
+    /// Open read-write for [`Qcow2::repair`]: accepted even when the image
+    /// is marked corrupt (guest writes stay refused until the repair clears
+    /// the mark), and a dirty image is left for the repair to rebuild.
+    pub for_repair: bool,
 }
 
 impl OpenOptions {
     /// Read-write opening.
     pub const fn read_write() -> Self {
-        OpenOptions { read_only: false }
+        OpenOptions {
+            read_only: false,
+            for_repair: false,
+        }
     }
 
     /// Read-only opening.
     pub const fn read_only() -> Self {
-        OpenOptions { read_only: true }
+        OpenOptions {
+            read_only: true,
+            for_repair: false,
+        }
+    }
+
+    /// Read-write opening for a repair (see [`OpenOptions::for_repair`]).
+    pub const fn repair() -> Self {
+        OpenOptions {
+            read_only: false,
+            for_repair: true,
+        }
     }
 }
 
@@ -175,7 +193,7 @@ where
         }
         let read_only = options.read_only;
         if !read_only {
-            if header.incompatible_features & incompatible::CORRUPT != 0 {
+            if header.incompatible_features & incompatible::CORRUPT != 0 && !options.for_repair {
                 return Err(Error::corrupt(
                     "image is marked corrupt; open it read-only",
                     0,
@@ -206,7 +224,8 @@ where
             dev_clusters,
             scratch,
         };
-        if !read_only && image.header.incompatible_features & incompatible::DIRTY != 0 {
+        let dirty = image.header.incompatible_features & incompatible::DIRTY != 0;
+        if !read_only && !options.for_repair && dirty {
             // Refcounts may be stale: rebuild them before any allocation.
             image.repair(rebuild_scratch, Repair::All).await?;
         }
@@ -288,6 +307,9 @@ where
             return Err(Error::ReadOnly);
         }
         self.check_range(first, buf.len())?;
+        if self.header.incompatible_features & incompatible::CORRUPT != 0 {
+            return Err(Error::corrupt("image marked corrupt; repair it first", 0));
+        }
         if self.lazy && self.header.incompatible_features & incompatible::DIRTY == 0 {
             // Durable before the first metadata write that may skip ordering.
             self.set_incompatible(incompatible::DIRTY).await?;

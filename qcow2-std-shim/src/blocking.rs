@@ -2,7 +2,8 @@
 
 use crate::block_on;
 use qcow2_core::{
-    BlockDevice, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Sector, Slot, SECTOR,
+    BlockDevice, CheckReport, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Repair,
+    Sector, Slot, SECTOR,
 };
 
 /// Sectors per cache slice on the host: 4 KiB slices.
@@ -40,11 +41,27 @@ impl<D: BlockDevice> Image<D> {
         })
     }
 
-    /// Opens the image on `dev`.
+    /// Opens the image on `dev`. A dirty image opened read-write gets its
+    /// refcounts rebuilt with a [`HOST_SCRATCH_BYTES`] scratch buffer.
     pub fn open(dev: D, options: &OpenOptions) -> Result<Self, D> {
+        let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
+        let open = Qcow2::open_with_scratch(dev, host_cache(), options, &mut scratch);
         Ok(Image {
-            inner: block_on(Qcow2::open(dev, host_cache(), options))?,
+            inner: block_on(open)?,
         })
+    }
+
+    /// Checks the image's consistency with a [`HOST_SCRATCH_BYTES`] buffer.
+    pub fn check(&mut self) -> Result<CheckReport, D> {
+        let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
+        block_on(self.inner.check(&mut scratch))
+    }
+
+    /// Repairs the image (see [`Repair`]) with a [`HOST_SCRATCH_BYTES`]
+    /// buffer.
+    pub fn repair(&mut self, mode: Repair) -> Result<CheckReport, D> {
+        let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
+        block_on(self.inner.repair(&mut scratch, mode))
     }
 
     /// The async image underneath.
@@ -67,7 +84,7 @@ impl<D: BlockDevice> Image<D> {
         self.inner.device()
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<(), D> {
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), D> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.virtual_size() => Ok(()),
             _ => Err(Error::OutOfRange),
@@ -86,7 +103,7 @@ impl<D: BlockDevice> Image<D> {
 
     /// Reads `buf.len()` bytes at byte `offset`.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
-        self.check(offset, buf.len())?;
+        self.check_range(offset, buf.len())?;
         let mut pos = offset;
         let mut rest = buf;
         while !rest.is_empty() {
@@ -111,7 +128,7 @@ impl<D: BlockDevice> Image<D> {
 
     /// Writes `buf` at byte `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), D> {
-        self.check(offset, buf.len())?;
+        self.check_range(offset, buf.len())?;
         let mut pos = offset;
         let mut rest = buf;
         while !rest.is_empty() {

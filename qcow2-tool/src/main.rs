@@ -1,7 +1,7 @@
 //! `qcow2-tool`: a small `qemu-img` / `qemu-io` work-alike built on
 //! `qcow2-core`.
 //!
-//! Subcommands: `create`, `info`, `convert` and `io`. Failures print one
+//! Subcommands: `create`, `info`, `check`, `convert` and `io`. Failures print one
 //! line, `qcow2-tool: <message>`, on stderr and exit with status 1.
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ macro_rules! errln {
     }};
 }
 
+mod check;
 mod convert;
 mod create;
 mod disk;
@@ -57,6 +58,9 @@ enum Command {
     Create(create::CreateArgs),
     /// Describe an image (like `qemu-img info`).
     Info(info::InfoArgs),
+    /// Check an image's consistency and optionally repair it (like
+    /// `qemu-img check`; exit 2 for corruptions, 3 for leaks).
+    Check(check::CheckArgs),
     /// Copy an image into a new one, possibly of another format (like
     /// `qemu-img convert`).
     Convert(convert::ConvertArgs),
@@ -104,6 +108,12 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args).map(|()| true),
         Command::Convert(args) => convert::run(args).map(|()| true),
         Command::Io(args) => io_cmd::run(args),
+        Command::Check(args) => {
+            return match check::run(args) {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => report_error(&e.0),
+            }
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -644,3 +644,87 @@ fn damaged_images_do_not_panic() {
     // The damage must exercise both the error paths and the working ones.
     assert!(failures > 10 && successes > 10, "{failures} / {successes}");
 }
+
+/// Writes big-endian `value` of `width` bytes at byte `at` of `path`.
+fn poke(path: &str, at: u64, value: u64, width: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for poke");
+    f.write_all_at(&value.to_be_bytes()[8 - width..], at)
+        .expect("poke");
+}
+
+/// `check --output json` without the file name, and the exit code.
+fn check_json(program: &str, args: &[&str], image: &str) -> (Value, Option<i32>) {
+    let mut all = vec!["check", "--output", "json"];
+    all.extend_from_slice(args);
+    all.push(image);
+    let out = if program == "qemu-img" {
+        qemu_img(&all)
+    } else {
+        tool(&all)
+    };
+    let mut value = json(&stdout(&out));
+    value.as_object_mut().expect("object").remove("filename");
+    (value, out.status.code())
+}
+
+#[test]
+fn check_and_repair_agree_with_qemu_img() {
+    let s = Scratch::new("check");
+    // A 1 MiB image with one data cluster: header, refcount table, refcount
+    // block, L1, L2, data = clusters 0..=5; the refcount block is at 128 KiB.
+    let base = s.path("base.qcow2");
+    ok(
+        qemu_img(&["create", "-q", "-f", "qcow2", &base, "1M"]),
+        "create",
+    );
+    ok(
+        run("qemu-io", &["-c", "write -P 0x5a 0 64k", &base]),
+        "qemu-io",
+    );
+    let refblock = 128 << 10;
+
+    let leaked = s.path("leaked.qcow2");
+    std::fs::copy(&base, &leaked).expect("copy");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&leaked)
+        .unwrap()
+        .set_len(7 << 16)
+        .unwrap();
+    poke(&leaked, refblock + 2 * 6, 1, 2);
+
+    let corrupt = s.path("corrupt.qcow2");
+    std::fs::copy(&leaked, &corrupt).expect("copy");
+    poke(&corrupt, refblock + 2 * 5, 0, 2);
+
+    for (image, expected_code) in [(&base, 0), (&leaked, 3), (&corrupt, 2)] {
+        let ours = check_json("ours", &[], image);
+        let theirs = check_json("qemu-img", &[], image);
+        assert_eq!(ours, theirs, "{image}");
+        assert_eq!(ours.1, Some(expected_code), "{image}");
+    }
+    // Repairs: afterwards qemu-img finds nothing, and the data is intact.
+    for (image, mode) in [(&leaked, "leaks"), (&corrupt, "all")] {
+        let (report, code) = check_json("ours", &["-r", mode], image);
+        assert_eq!(code, Some(0), "{image}: {report}");
+        assert_eq!(report["leaks-fixed"], 1, "{image}: {report}");
+        assert_eq!(check_json("qemu-img", &[], image).1, Some(0), "{image}");
+        let io = run("qemu-io", &["-r", "-c", "read -P 0x5a 0 64k", image]);
+        assert!(!stdout(&io).contains("failed"), "{image}: {}", stdout(&io));
+    }
+    // Leaks only cannot fix a corruption; the exit code says so.
+    let corrupt2 = s.path("corrupt2.qcow2");
+    std::fs::copy(&base, &corrupt2).expect("copy");
+    poke(&corrupt2, refblock + 2 * 5, 0, 2);
+    assert_eq!(check_json("ours", &["-r", "leaks"], &corrupt2).1, Some(2));
+    // Not a qcow2 image: exit 1 with one line.
+    let raw = s.path("plain.raw");
+    std::fs::write(&raw, vec![0u8; 4096]).expect("write raw");
+    let out = tool(&["check", &raw]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
