@@ -344,7 +344,15 @@ where
     ) -> Result<u32, Error<D::Error>> {
         let tag = offset - offset % self.slice_bytes;
         if let Some(i) = self.find(tag) {
-            self.slot_mut::<D::Error>(i)?.referenced = true;
+            let s = self.slot_mut::<D::Error>(i)?;
+            if s.kind != kind {
+                // One cluster cannot be, say, an L2 table and a refcount block.
+                return Err(Error::corrupt(
+                    "metadata cluster used as two kinds of table",
+                    tag,
+                ));
+            }
+            s.referenced = true;
             return Ok(i);
         }
         let i = self.victim()?;

@@ -15,6 +15,13 @@ pub struct OpenOptions {
     /// is marked corrupt (guest writes stay refused until the repair clears
     /// the mark), and a dirty image is left for the repair to rebuild.
     pub for_repair: bool,
+    /// Before allowing writes, run a full [`Qcow2::check`] (cost grows with
+    /// the metadata) and refuse an image with any corruption. Without it,
+    /// in-place writes are checked against the header, L1 table, refcount
+    /// table, self-covering refcount blocks and every cached table slice,
+    /// but a hostile L2 entry can still point at an uncached L2 table or
+    /// refcount block. Use it for images from untrusted sources.
+    pub verify: bool,
 }
 
 impl OpenOptions {
@@ -23,6 +30,7 @@ impl OpenOptions {
         OpenOptions {
             read_only: false,
             for_repair: false,
+            verify: false,
         }
     }
 
@@ -31,6 +39,17 @@ impl OpenOptions {
         OpenOptions {
             read_only: true,
             for_repair: false,
+            verify: false,
+        }
+    }
+
+    /// Read-write opening that first verifies the image (see
+    /// [`OpenOptions::verify`]).
+    pub const fn verified() -> Self {
+        OpenOptions {
+            read_only: false,
+            for_repair: false,
+            verify: true,
         }
     }
 
@@ -39,6 +58,7 @@ impl OpenOptions {
         OpenOptions {
             read_only: false,
             for_repair: true,
+            verify: false,
         }
     }
 }
@@ -228,6 +248,12 @@ where
         if !read_only && !options.for_repair && dirty {
             // Refcounts may be stale: rebuild them before any allocation.
             image.repair(rebuild_scratch, Repair::All).await?;
+        }
+        if !read_only && options.verify && image.check(rebuild_scratch).await?.corruptions > 0 {
+            return Err(Error::corrupt(
+                "check found corruption; open read-only or repair first",
+                0,
+            ));
         }
         Ok(image)
     }

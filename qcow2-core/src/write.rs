@@ -29,6 +29,7 @@ where
                 offset,
                 copied: true,
             } => {
+                self.check_not_metadata(offset).await?;
                 self.dev
                     .write(offset / SECTOR as u64 + within, data)
                     .await
@@ -46,7 +47,10 @@ where
             L2Entry::Zero {
                 offset,
                 copied: true,
-            } if offset != 0 => offset,
+            } if offset != 0 => {
+                self.check_not_metadata(offset).await?;
+                offset
+            }
             L2Entry::Zero { .. } | L2Entry::Unallocated => self.alloc_cluster().await?,
         };
         // The whole new cluster is written: the guest reads zeros around `data`.
@@ -67,6 +71,19 @@ where
         self.cache
             .write_u64(&mut self.dev, at, Kind::L2, L2Entry::data(host))
             .await
+    }
+
+    /// Refuses guest writes into a cluster that is visibly metadata: held
+    /// in the cache as a table slice, or a refcount block covering itself
+    /// (where refcount blocks normally live). See [`crate::OpenOptions::verify`].
+    async fn check_not_metadata(&mut self, host: u64) -> Result<(), Error<D::Error>> {
+        let cluster = host >> self.geo.cluster_bits;
+        if self.cache.holds_any(host, self.geo.cluster_size)
+            || self.refblock_of(cluster).await? == host
+        {
+            return Err(Error::corrupt("data cluster is live metadata", host));
+        }
+        Ok(())
     }
 
     /// Allocates a zeroed L2 table for guest cluster `guest` and links it

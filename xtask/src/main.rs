@@ -4,7 +4,10 @@
 //!   build of the core, installing the target when missing.
 //! - `interop`: only the tests that use qemu-img / qemu-io as the oracle.
 //! - `size`: the memory figures of an open image.
+//! - `corpus`: regenerate the hostile image corpus.
 //! - `fuzz`, `bench`: not implemented yet; they fail with a message.
+
+mod corpus;
 
 use std::process::{exit, Command};
 
@@ -19,13 +22,14 @@ fn main() {
             size();
             Ok(())
         }
+        Some("corpus") => corpus::generate(std::path::Path::new("qcow2-std-shim/tests/hostile")),
         Some("fuzz") => {
             Err("fuzzing is not implemented yet (tracked by the reliability issue)".into())
         }
         Some("bench") => {
             Err("benchmarks are not implemented yet (tracked by the performance issue)".into())
         }
-        _ => Err("usage: cargo xtask ci | interop | size | fuzz | bench".into()),
+        _ => Err("usage: cargo xtask ci | interop | size | corpus | fuzz | bench".into()),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
