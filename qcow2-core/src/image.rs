@@ -2,7 +2,7 @@
 
 use crate::cache::{Cache, Slot};
 use crate::check::Repair;
-use crate::format::{compatible, header::overlaps, incompatible, Header, Version};
+use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, Sector, SECTOR};
 
@@ -221,6 +221,10 @@ where
             }
             if header.nb_snapshots > 0 {
                 return Err(Error::Unsupported("writing images with internal snapshots"));
+            }
+            if header.autoclear_features & autoclear::BITMAPS != 0 {
+                // Clearing the bit would strand the bitmaps' clusters as leaks.
+                return Err(Error::Unsupported("writing images with persistent bitmaps"));
             }
             if header.autoclear_features != 0 {
                 // We maintain none of the autoclear features: declare them stale.

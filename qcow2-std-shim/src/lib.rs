@@ -7,6 +7,7 @@
 mod blocking;
 mod fault;
 mod file;
+pub mod fuzzing;
 mod ram;
 
 pub use blocking::{

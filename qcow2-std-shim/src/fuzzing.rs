@@ -1,0 +1,221 @@
+//! Fuzz harnesses, shared by the cargo-fuzz targets in `fuzz/` and by the
+//! tests that replay their saved corpora on stable Rust.
+//!
+//! Each harness takes arbitrary bytes and panics only when the library
+//! breaks a promise (a wrong read, an unclean image after repair); errors
+//! the library reports for bad input are expected and ignored.
+
+use crate::{block_on, FaultDevice, RamDevice, Survival};
+use qcow2_core::format::Header;
+use qcow2_core::{CreateOptions, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR};
+
+type Small<D> = Qcow2<D, [Slot<1>; 4], 1>;
+
+fn cache() -> [Slot<1>; 4] {
+    [const { Slot::<1>::EMPTY }; 4]
+}
+
+/// Header decoding, validation and re-encoding.
+pub fn header(data: &[u8]) {
+    if let Ok(h) = Header::decode::<()>(data) {
+        let _ = h.validate::<()>();
+        let mut out = [0u8; SECTOR];
+        if h.encode(&mut out).is_some() {
+            // What was decoded encodes to bytes that decode the same.
+            assert_eq!(Header::decode::<()>(&out), Ok(h));
+        }
+    }
+}
+
+/// Opening arbitrary bytes read-only, mapping and reading the whole disk
+/// (bounded), and checking: no panic, no hang.
+pub fn open_read(data: &[u8]) {
+    let dev = RamDevice::from_bytes(data);
+    let Ok(mut img) = block_on(Small::open(dev, cache(), &OpenOptions::read_only())) else {
+        return;
+    };
+    let size = img.virtual_size();
+    let mut offset = 0;
+    let mut sector = [[0u8; SECTOR]; 1];
+    for _ in 0..512 {
+        if offset >= size {
+            break;
+        }
+        match block_on(img.map(offset)) {
+            Ok((_, len)) => {
+                let _ = block_on(img.read(offset / SECTOR as u64, &mut sector));
+                offset += len.max(1);
+            }
+            Err(_) => break,
+        }
+    }
+    let mut scratch = [0u8; 256];
+    let _ = block_on(img.check(&mut scratch));
+}
+
+/// Check and repair of arbitrary bytes: a repair that succeeds leaves an
+/// image that check calls clean.
+pub fn check_repair(data: &[u8]) {
+    let dev = RamDevice::from_bytes(data);
+    let Ok(mut img) = block_on(Small::open(dev, cache(), &OpenOptions::repair())) else {
+        return;
+    };
+    let mut scratch = [0u8; 512];
+    if block_on(img.check(&mut scratch)).is_err() {
+        return;
+    }
+    if block_on(img.repair(&mut scratch, Repair::All)).is_err() {
+        return;
+    }
+    let after = block_on(img.check(&mut scratch)).expect("check after a successful repair");
+    assert_eq!(
+        (after.corruptions, after.leaks),
+        (0, 0),
+        "repair left {after:?}"
+    );
+}
+
+/// A little reader over the fuzz input.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from(self.byte()?) << 8 | u16::from(self.byte()?))
+    }
+}
+
+/// The sector contents identified by `id` (0 = zeros).
+fn sector_of(id: u64) -> Sector {
+    let mut s = [(id % 251) as u8; SECTOR];
+    if id != 0 {
+        s[..8].copy_from_slice(&id.to_le_bytes());
+    }
+    s
+}
+
+fn id_of(s: &Sector) -> u64 {
+    if *s == [0; SECTOR] {
+        0
+    } else {
+        u64::from_le_bytes(s[..8].try_into().unwrap_or_default())
+    }
+}
+
+/// Operation sequences (write, read, flush, reopen, crash) on a fresh
+/// image, checked against a model of what each sector may hold.
+pub fn ops(data: &[u8]) {
+    let mut input = Input(data);
+    let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
+        return;
+    };
+    let options = CreateOptions {
+        size: 256 << 10,
+        cluster_bits: 9 + u32::from(a % 4),
+        refcount_order: u32::from(b % 7),
+        version: if a & 0x80 != 0 {
+            Version::V2
+        } else {
+            Version::V3
+        },
+        lazy_refcounts: a & 0x40 != 0 && a & 0x80 == 0,
+    };
+    let options = CreateOptions {
+        refcount_order: if options.version == Version::V2 {
+            4
+        } else {
+            options.refcount_order
+        },
+        ..options
+    };
+    let sectors = (options.size / SECTOR as u64) as usize;
+    let mut img = block_on(Small::create(FaultDevice::new(), cache(), &options)).expect("create");
+    // Per sector: the flushed id and the ids written since the last flush.
+    let mut durable = vec![0u64; sectors];
+    let mut recent: Vec<Vec<u64>> = vec![Vec::new(); sectors];
+    let mut current = vec![0u64; sectors];
+    let mut serial = 0u64;
+    for _ in 0..64 {
+        let Some(op) = input.byte() else { break };
+        match op % 8 {
+            0..=3 => {
+                let Some(first) = input.u16() else { break };
+                let first = usize::from(first) % sectors;
+                let len = (1 + usize::from(input.byte().unwrap_or(0)) % 24).min(sectors - first);
+                let mut buf = Vec::with_capacity(len);
+                for s in first..first + len {
+                    serial += 1;
+                    recent[s].push(serial);
+                    current[s] = serial;
+                    buf.push(sector_of(serial));
+                }
+                block_on(img.write(first as u64, &buf)).expect("write");
+            }
+            4 => {
+                let Some(first) = input.u16() else { break };
+                let first = usize::from(first) % sectors;
+                let len = (1 + usize::from(input.byte().unwrap_or(0)) % 24).min(sectors - first);
+                let mut buf = vec![[0u8; SECTOR]; len];
+                block_on(img.read(first as u64, &mut buf)).expect("read");
+                for (i, s) in buf.iter().enumerate() {
+                    assert_eq!(*s, sector_of(current[first + i]), "sector {}", first + i);
+                }
+            }
+            5 => {
+                block_on(img.flush()).expect("flush");
+                durable.clone_from(&current);
+                recent.iter_mut().for_each(Vec::clear);
+            }
+            6 => {
+                let (dev, slots) = block_on(img.close()).expect("close");
+                durable.clone_from(&current);
+                recent.iter_mut().for_each(Vec::clear);
+                img =
+                    block_on(Small::open(dev, slots, &OpenOptions::read_write())).expect("reopen");
+            }
+            _ => {
+                // Crash: keep some of the unflushed writes, reopen, and
+                // every sector must hold its flushed or a later value.
+                let mode = match input.byte().unwrap_or(0) % 3 {
+                    0 => Survival::FlushedOnly,
+                    1 => Survival::AllWrites,
+                    n => Survival::RandomSubset(u64::from(n) * 7919 + serial),
+                };
+                let (dev, _) = img.abandon();
+                let survivor = dev.survivor(mode);
+                let bytes = survivor.as_bytes().to_vec();
+                let fresh = FaultDevice::from_bytes(&bytes);
+                img = block_on(Small::open(fresh, cache(), &OpenOptions::read_write()))
+                    .expect("open after crash");
+                let mut buf = vec![[0u8; SECTOR]; sectors];
+                block_on(img.read(0, &mut buf)).expect("read after crash");
+                for (s, got) in buf.iter().enumerate() {
+                    let id = id_of(got);
+                    assert!(
+                        (id == durable[s] || recent[s].contains(&id)) && *got == sector_of(id),
+                        "sector {s} after crash: {id} not in {} / {:?}",
+                        durable[s],
+                        recent[s]
+                    );
+                    current[s] = id;
+                }
+                durable.clone_from(&current);
+                recent.iter_mut().for_each(Vec::clear);
+                // Leaks are allowed after a crash; corruption never.
+                let mut scratch = [0u8; 1024];
+                let report = block_on(img.check(&mut scratch)).expect("check after crash");
+                assert_eq!(report.corruptions, 0, "{report:?}");
+                block_on(img.repair(&mut scratch, Repair::Leaks)).expect("repair leaks");
+            }
+        }
+    }
+    let (dev, slots) = block_on(img.close()).expect("close");
+    let mut img = block_on(Small::open(dev, slots, &OpenOptions::read_only())).expect("final open");
+    let mut scratch = [0u8; 1024];
+    let report = block_on(img.check(&mut scratch)).expect("final check");
+    assert!(report.is_clean(), "{report:?}");
+}
