@@ -161,3 +161,139 @@ pub fn generate(dir: &Path) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Runs a QEMU tool, failing with its stderr.
+fn qemu(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Seeds for the fuzz targets: small images made by qemu-img and qemu-io
+/// with varied options, their first sectors for the header target, and a
+/// few operation scripts.
+pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
+    let tmp = std::env::temp_dir().join(format!("qcow2-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let images: &[(&str, &str)] = &[
+        ("v3-c512-r16", "cluster_size=512"),
+        ("v3-c512-r1", "cluster_size=512,refcount_bits=1"),
+        ("v3-c512-r64", "cluster_size=512,refcount_bits=64"),
+        ("v3-c4k-lazy", "cluster_size=4096,lazy_refcounts=on"),
+        ("v2-c512", "cluster_size=512,compat=0.10"),
+        ("v3-c1k-zstd", "cluster_size=1024,compression_type=zstd"),
+    ];
+    let mut made = 0;
+    for dir in ["header", "open_read", "check_repair", "ops"] {
+        std::fs::create_dir_all(fuzz.join("corpus").join(dir)).map_err(|e| e.to_string())?;
+    }
+    for (name, opts) in images {
+        let path = tmp.join(format!("{name}.qcow2"));
+        let p = path.to_str().ok_or("temp path not UTF-8")?;
+        qemu(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, p, "256K"],
+        )?;
+        qemu(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0x11 0 3k",
+                "-c",
+                "write -P 0x22 40k 1k",
+                "-c",
+                "write -z 100k 2k",
+                "-c",
+                "write -P 0x33 200k 700",
+                p,
+            ],
+        )?;
+        let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+        for dir in ["open_read", "check_repair"] {
+            std::fs::write(fuzz.join("corpus").join(dir).join(name), &bytes)
+                .map_err(|e| e.to_string())?;
+        }
+        std::fs::write(fuzz.join("corpus/header").join(name), &bytes[..512])
+            .map_err(|e| e.to_string())?;
+        made += 1;
+    }
+    // A compressed image and one with an internal snapshot.
+    let plain = tmp.join("plain.qcow2");
+    let p = plain.to_str().ok_or("temp path not UTF-8")?;
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p,
+            "64K",
+        ],
+    )?;
+    qemu("qemu-io", &["-c", "write -P 0x44 0 8k", p])?;
+    let compressed = tmp.join("compressed.qcow2");
+    let c = compressed.to_str().ok_or("temp path not UTF-8")?;
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            p,
+            c,
+        ],
+    )?;
+    qemu("qemu-img", &["snapshot", "-c", "s1", p])?;
+    qemu("qemu-io", &["-c", "write -P 0x55 0 1k", p])?;
+    for (name, path) in [("compressed", &compressed), ("snapshot", &plain)] {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        for dir in ["open_read", "check_repair"] {
+            std::fs::write(fuzz.join("corpus").join(dir).join(name), &bytes)
+                .map_err(|e| e.to_string())?;
+        }
+        made += 1;
+    }
+    // Operation scripts: config bytes, then opcodes with arguments.
+    let scripts: &[(&str, &[u8])] = &[
+        ("write-read", &[0, 4, 0, 0, 0, 5, 4, 0, 0, 0, 5]),
+        (
+            "write-crash",
+            &[1, 6, 0, 0, 2, 10, 0, 1, 3, 7, 2, 4, 0, 2, 10],
+        ),
+        (
+            "reopen-lazy",
+            &[0x41, 4, 2, 1, 0, 20, 6, 3, 0, 100, 4, 7, 1, 4, 0, 0, 30],
+        ),
+        (
+            "v2-fill",
+            &[
+                0x80, 0, 0, 0, 0, 23, 0, 0, 24, 23, 0, 0, 48, 23, 5, 7, 0, 4, 0, 30, 20,
+            ],
+        ),
+    ];
+    for (name, bytes) in scripts {
+        std::fs::write(fuzz.join("corpus/ops").join(name), bytes).map_err(|e| e.to_string())?;
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    println!(
+        "wrote {made} image seeds and {} operation scripts under {}",
+        scripts.len(),
+        fuzz.display()
+    );
+    Ok(())
+}

@@ -4,8 +4,12 @@
 //!   build of the core, installing the target when missing.
 //! - `interop`: only the tests that use qemu-img / qemu-io as the oracle.
 //! - `size`: the memory figures of an open image.
-//! - `corpus`: regenerate the hostile image corpus.
-//! - `fuzz`, `bench`: not implemented yet; they fail with a message.
+//! - `corpus`: regenerate the hostile image corpus and the fuzz seeds.
+//! - `fuzz [--secs N] [TARGET...]`: run every cargo-fuzz target (or the
+//!   named ones) for N seconds each (default 60), installing cargo-fuzz
+//!   when missing; nightly when present, else stable without sanitizers.
+//! - `miri`: the core's unit tests under miri (nightly with miri).
+//! - `bench`: not implemented yet; it fails with a message.
 
 mod corpus;
 
@@ -22,14 +26,17 @@ fn main() {
             size();
             Ok(())
         }
-        Some("corpus") => corpus::generate(std::path::Path::new("qcow2-std-shim/tests/hostile")),
-        Some("fuzz") => {
-            Err("fuzzing is not implemented yet (tracked by the reliability issue)".into())
-        }
+        Some("corpus") => corpus::generate(std::path::Path::new("qcow2-std-shim/tests/hostile"))
+            .and_then(|()| corpus::fuzz_seeds(std::path::Path::new("fuzz"))),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("miri") => miri(),
         Some("bench") => {
             Err("benchmarks are not implemented yet (tracked by the performance issue)".into())
         }
-        _ => Err("usage: cargo xtask ci | interop | size | corpus | fuzz | bench".into()),
+        _ => Err(
+            "usage: cargo xtask ci | interop | size | corpus | fuzz [--secs N] [TARGET...] | miri | bench"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e}");
@@ -101,6 +108,84 @@ fn ci() -> Result<(), String> {
     run(&cargo, &["test", "--workspace"])?;
     size();
     Ok(())
+}
+
+/// The fuzz targets, as named in `fuzz/Cargo.toml`.
+const FUZZ_TARGETS: &[&str] = &["header", "open_read", "ops", "check_repair"];
+
+fn has_nightly() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut secs = 60u64;
+    let mut targets: Vec<&str> = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--secs" => {
+                secs = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("--secs needs a number of seconds")?;
+            }
+            t if FUZZ_TARGETS.contains(&t) => targets.push(t),
+            other => return Err(format!("unknown fuzz target or option `{other}`")),
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.to_vec();
+    }
+    let have_fuzz = Command::new(cargo())
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        run(&cargo(), &["install", "cargo-fuzz", "--locked"])?;
+    }
+    let nightly = has_nightly();
+    let max_time = format!("-max_total_time={secs}");
+    for target in targets {
+        let corpus = format!("corpus/{target}");
+        let mut cmd = Command::new("cargo");
+        if nightly {
+            cmd.arg("+nightly");
+        }
+        cmd.args(["fuzz", "run"]);
+        if !nightly {
+            cmd.args(["--sanitizer", "none"]);
+        }
+        cmd.args([target, &corpus, "--", &max_time, "-print_final_stats=1"]);
+        cmd.current_dir("fuzz");
+        eprintln!(
+            "xtask: fuzzing {target} for {secs} s ({})",
+            if nightly {
+                "nightly"
+            } else {
+                "stable, no sanitizer"
+            }
+        );
+        let status = cmd
+            .status()
+            .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "fuzz target {target} failed; see fuzz/artifacts/{target}/"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn miri() -> Result<(), String> {
+    if !has_nightly() {
+        return Err("miri needs a nightly toolchain".into());
+    }
+    run("rustup", &["+nightly", "component", "add", "miri"])?;
+    run("cargo", &["+nightly", "miri", "test", "-p", "qcow2-core"])
 }
 
 fn interop() -> Result<(), String> {

@@ -162,7 +162,7 @@ impl Header {
     pub fn encoded_len(&self) -> usize {
         match self.version {
             Version::V2 => V2_LENGTH as usize,
-            Version::V3 => self.header_length.min(V3_LENGTH) as usize,
+            Version::V3 => self.header_length.clamp(V3_MIN_LENGTH, V3_LENGTH) as usize,
         }
     }
 
