@@ -55,5 +55,7 @@ fn check_repair_corpus() {
 
 #[test]
 fn ops_corpus() {
-    assert!(replay("ops", fuzzing::ops, &[]) > 0);
+    let n = replay("ops", fuzzing::ops, &[]);
+    eprintln!("ops: {n} inputs");
+    assert!(n > 0);
 }
