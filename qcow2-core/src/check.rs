@@ -14,6 +14,9 @@ use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
 
 /// Largest extra data QEMU accepts in a snapshot entry.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+/// QEMU's limits on persistent bitmaps.
+const MAX_BITMAPS: u32 = 65535;
+const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
 
 /// Findings of a check, in `qemu-img check` terms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -278,7 +281,73 @@ where
         }
         let (l1, entries) = (self.geo.l1_offset, self.geo.l1_entries);
         self.walk_l1(w, l1, entries, true).await?;
-        self.walk_snapshots(w).await
+        self.walk_snapshots(w).await?;
+        self.walk_bitmaps(w).await
+    }
+
+    /// Counts the clusters of persistent bitmaps: the directory, each
+    /// bitmap table and the bitmap data clusters it points at.
+    async fn walk_bitmaps(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
+        let Some(ext) = self.bitmaps else {
+            return Ok(());
+        };
+        let mut fixed = [0u8; 24];
+        if ext.len < 24 {
+            w.corrupt();
+            return Ok(());
+        }
+        header_io::read_bytes(&mut self.dev, &mut self.scratch, ext.offset, &mut fixed).await?;
+        let be32 = |b: &[u8], i: usize| {
+            b.get(i..i + 4)
+                .and_then(|s| <[u8; 4]>::try_from(s).ok())
+                .map_or(0, u32::from_be_bytes)
+        };
+        let be64 = |b: &[u8], i: usize| u64::from(be32(b, i)) << 32 | u64::from(be32(b, i + 4));
+        let count = be32(&fixed, 0);
+        let (dir_size, dir) = (be64(&fixed, 8), be64(&fixed, 16));
+        if count > MAX_BITMAPS
+            || dir_size > MAX_BITMAP_DIRECTORY
+            || !self.valid_clusters(dir, dir_size.max(1))
+        {
+            w.corrupt();
+            return Ok(());
+        }
+        self.count_range(w, dir, dir_size);
+        let mut at = dir;
+        let mut entry = [0u8; 24];
+        for _ in 0..count {
+            if at + 24 > dir + dir_size {
+                w.corrupt();
+                return Ok(());
+            }
+            header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut entry).await?;
+            let (table, table_size) = (be64(&entry, 0), u64::from(be32(&entry, 8)));
+            let name_len = u64::from(be32(&entry, 16) & 0xffff);
+            let extra = u64::from(be32(&entry, 20));
+            if table_size > 0 {
+                if !self.valid_clusters(table, table_size * 8) {
+                    w.corrupt();
+                } else {
+                    self.count_range(w, table, table_size * 8);
+                    for i in 0..table_size {
+                        let mut raw = [0u8; 8];
+                        header_io::read_bytes(
+                            &mut self.dev,
+                            &mut self.scratch,
+                            table + i * 8,
+                            &mut raw,
+                        )
+                        .await?;
+                        let data = u64::from_be_bytes(raw) & crate::format::entry::OFFSET_MASK;
+                        if data != 0 {
+                            self.count_range(w, data, self.geo.cluster_size);
+                        }
+                    }
+                }
+            }
+            at += (24 + extra + name_len).div_ceil(8) * 8;
+        }
+        Ok(())
     }
 
     async fn walk_snapshots(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {

@@ -35,21 +35,26 @@ async fn read8<D: BlockDevice>(
 
 /// Walks the extension area, checking bounds and refusing extensions of
 /// unsupported features. Unknown extensions are left as they are.
+///
+/// Returns the bitmaps extension, if any, for `check` to account for the
+/// clusters it owns.
 pub(crate) async fn check_extensions<D: BlockDevice>(
     dev: &mut D,
     scratch: &mut Sector,
     header: &Header,
-) -> Result<(), Error<D::Error>> {
+) -> Result<Option<Extension>, Error<D::Error>> {
     let cluster = header.cluster_size();
     let mut at = header.extensions_offset();
+    let mut bitmaps = None;
     for _ in 0..MAX_EXTENSIONS {
         if at + 8 > cluster {
             // No end marker before the end of the cluster: tolerated, as QEMU does.
-            return Ok(());
+            return Ok(bitmaps);
         }
         let ext = Extension::decode(read8(dev, scratch, at).await?, at, cluster)?;
         match ext.kind {
-            ExtensionKind::End => return Ok(()),
+            ExtensionKind::End => return Ok(bitmaps),
+            ExtensionKind::Bitmaps => bitmaps = Some(ext),
             ExtensionKind::FullDiskEncryption => return Err(Error::Unsupported("encryption")),
             ExtensionKind::ExternalDataFile => {
                 return Err(Error::Unsupported("external data files"))

@@ -154,6 +154,8 @@ pub struct Qcow2<D, S, const K: usize = 1> {
     pub(crate) lazy: bool,
     /// Corruption was found while writing: the image is now read-only.
     pub(crate) corrupt_detected: bool,
+    /// The persistent bitmaps extension, when consistent (read-only use).
+    pub(crate) bitmaps: Option<crate::format::Extension>,
     /// Cluster index where the search for free clusters starts.
     pub(crate) free_hint: u64,
     /// Device size in whole clusters, as far as this image has grown it.
@@ -195,7 +197,7 @@ where
             .map_err(Error::Io)?;
         let mut header = Header::decode(&scratch)?;
         header.validate()?;
-        header_io::check_extensions(&mut dev, &mut scratch, &header).await?;
+        let bitmaps = header_io::check_extensions(&mut dev, &mut scratch, &header).await?;
 
         let geo = Geometry::new(&header);
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
@@ -244,6 +246,8 @@ where
             read_only,
             lazy,
             corrupt_detected: false,
+            // Valid only while the autoclear bit says so.
+            bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
             free_hint: dev_clusters,
             dev_clusters,
             scratch,

@@ -1698,6 +1698,9 @@ fn qemu_bitmap_image_reads_but_refuses_writes() {
     qemu_create(&path, "", 64 * MIB);
     qemu_io(&path, &["write -P 0x81 0 100000".to_string()]);
     qemu_img(&["bitmap", "--add", s(&path), "b0"]);
+    qemu_img(&["bitmap", "--add", s(&path), "b1"]);
+    // Writes while the bitmaps are enabled give them data clusters.
+    qemu_io(&path, &["write -P 0x80 1M 1M".to_string()]);
     let before = std::fs::read(&path).expect("read image");
     let dev = FileDevice::open(&path, true).expect("open file");
     match Image::open(dev, &OpenOptions::read_write()) {
@@ -1715,6 +1718,9 @@ fn qemu_bitmap_image_reads_but_refuses_writes() {
     )
     .expect("read-only open");
     assert_eq!(our_read(&mut img, 0, 100_000), vec![0x81; 100_000]);
+    // Our check accounts for the bitmap directory, tables and data.
+    let report = img.check().expect("check");
+    assert!(report.is_clean(), "{report:?}");
     let out = run("qemu-img", &["check", s(&path)]);
     assert!(
         out.status.success(),
