@@ -2,7 +2,6 @@
 //! refcount table on demand.
 
 use crate::cache::{Kind, Slot};
-use crate::device::write_zeros;
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
 
@@ -129,7 +128,8 @@ where
         let per_sector = refcount::entries_in(SECTOR as u64, order);
         let sectors = self.geo.cluster_size / SECTOR as u64;
         let first = host / SECTOR as u64;
-        write_zeros(&mut self.dev, first, sectors)
+        self.dev
+            .write_zeros(first, sectors)
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
@@ -208,13 +208,10 @@ where
                 .map_err(Error::Io)?;
         }
         let total_sectors = table_clusters * cs / SECTOR as u64;
-        write_zeros(
-            &mut self.dev,
-            new_first + old_sectors,
-            total_sectors - old_sectors,
-        )
-        .await
-        .map_err(Error::Io)?;
+        self.dev
+            .write_zeros(new_first + old_sectors, total_sectors - old_sectors)
+            .await
+            .map_err(Error::Io)?;
         for j in 0..blocks {
             let at = (old_entries + j) * 8;
             let sector = new_first + at / SECTOR as u64;

@@ -7,7 +7,6 @@
 //! repeated once per window of clusters. A bigger buffer means fewer passes.
 
 use crate::cache::{Kind, Slot};
-use crate::device::write_zeros;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{incompatible, refcount, L1Entry, L2Entry, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
@@ -493,13 +492,10 @@ where
         let end = start + blocks + table;
         self.grow_device_to(end).await?;
         let cluster_sectors = cs / SECTOR as u64;
-        write_zeros(
-            &mut self.dev,
-            start * cluster_sectors,
-            (end - start) * cluster_sectors,
-        )
-        .await
-        .map_err(Error::Io)?;
+        self.dev
+            .write_zeros(start * cluster_sectors, (end - start) * cluster_sectors)
+            .await
+            .map_err(Error::Io)?;
 
         // Count the references window by window and store them.
         w.skip_refcount_structures = true;

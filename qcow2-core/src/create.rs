@@ -1,7 +1,6 @@
 //! Creating a new, empty image.
 
 use crate::cache::Slot;
-use crate::device::write_zeros;
 use crate::format::header::{V2_LENGTH, V3_LENGTH};
 use crate::format::{
     compatible, refcount, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
@@ -139,7 +138,7 @@ where
                 .await
                 .map_err(|_| Error::NoSpace)?;
         }
-        write_zeros(&mut dev, 0, old.min(total_sectors))
+        dev.write_zeros(0, old.min(total_sectors))
             .await
             .map_err(Error::Io)?;
 

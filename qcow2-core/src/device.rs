@@ -33,6 +33,22 @@ pub trait BlockDevice {
     /// an error, which images report as [`crate::Error::NoSpace`].
     async fn set_sector_count(&mut self, n: u64) -> Result<(), Self::Error>;
 
+    /// Writes `count` zero sectors from sector `first`.
+    ///
+    /// The default writes from a static buffer of zeros. Devices that can do
+    /// better (a file past its physical end, where holes read as zeros)
+    /// override it; the result must read as zeros either way.
+    async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(ZEROS.len() as u64);
+            self.write(first + done, ZEROS.get(..n as usize).unwrap_or(&[]))
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Hints that `count` sectors from `first` are no longer needed.
     ///
     /// The default does nothing; the data then stays readable.
@@ -44,19 +60,3 @@ pub trait BlockDevice {
 
 /// Zeros to write from; a static so no stack or heap buffer is needed.
 static ZEROS: [Sector; 16] = [[0; SECTOR]; 16];
-
-/// Writes `count` zero sectors from sector `first`.
-pub(crate) async fn write_zeros<D: BlockDevice>(
-    dev: &mut D,
-    first: u64,
-    count: u64,
-) -> Result<(), D::Error> {
-    let mut done = 0;
-    while done < count {
-        let n = (count - done).min(ZEROS.len() as u64);
-        dev.write(first + done, ZEROS.get(..n as usize).unwrap_or(&[]))
-            .await?;
-        done += n;
-    }
-    Ok(())
-}

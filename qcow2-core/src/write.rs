@@ -1,7 +1,6 @@
 //! The write path: in-place overwrites and allocating writes.
 
 use crate::cache::{Kind, Slot};
-use crate::device::write_zeros;
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
@@ -56,14 +55,16 @@ where
         // The whole new cluster is written: the guest reads zeros around `data`.
         let first = host / SECTOR as u64;
         let tail = cluster_sectors - within - data.len() as u64;
-        write_zeros(&mut self.dev, first, within)
+        self.dev
+            .write_zeros(first, within)
             .await
             .map_err(Error::Io)?;
         self.dev
             .write(first + within, data)
             .await
             .map_err(Error::Io)?;
-        write_zeros(&mut self.dev, first + within + data.len() as u64, tail)
+        self.dev
+            .write_zeros(first + within + data.len() as u64, tail)
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
@@ -92,7 +93,8 @@ where
         let at = self.l1_entry_offset(guest)?;
         let table = self.alloc_cluster().await?;
         let sectors = self.geo.cluster_size / SECTOR as u64;
-        write_zeros(&mut self.dev, table / SECTOR as u64, sectors)
+        self.dev
+            .write_zeros(table / SECTOR as u64, sectors)
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();

@@ -102,6 +102,23 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    /// Past the physical end of the file nothing is written: the range is
+    /// a hole, which reads as zeros (and stays so across a crash).
+    async fn write_zeros(&mut self, first: u64, count: u64) -> io::Result<()> {
+        const CHUNK: usize = 64;
+        let zeros = [[0u8; SECTOR]; CHUNK];
+        let start = first * SECTOR as u64;
+        let end = start + count * SECTOR as u64;
+        let mut at = start;
+        while at < end.min(self.physical) {
+            let n = ((end.min(self.physical) - at) as usize).min(CHUNK * SECTOR);
+            self.file.write_all_at(&zeros.as_flattened()[..n], at)?;
+            at += n as u64;
+        }
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
     async fn flush(&mut self) -> io::Result<()> {
         if self.writable {
             if self.physical < self.len {
