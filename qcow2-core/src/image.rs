@@ -348,26 +348,11 @@ where
             // Durable before the first metadata write that may skip ordering.
             self.set_incompatible(incompatible::DIRTY).await?;
         }
-        let result = self.write_clusters(first, buf).await;
+        let result = self.write_batched(first, buf).await;
         if let Err(Error::Corrupt { .. }) = result {
             self.mark_corrupt().await;
         }
         result
-    }
-
-    async fn write_clusters(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = (self.geo.cluster_size / SECTOR as u64) as usize;
-        let mut sector = first;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let within = (sector % cluster_sectors as u64) as usize;
-            let n = rest.len().min(cluster_sectors - within);
-            let (now, later) = rest.split_at(n);
-            self.write_in_cluster(sector, now).await?;
-            sector += n as u64;
-            rest = later;
-        }
-        Ok(())
     }
 
     /// Makes every earlier write durable, metadata in crash-safe order.

@@ -4,40 +4,89 @@ use crate::cache::{Kind, Slot};
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
+/// Clusters resolved before their data is written.
+const BATCH: usize = 16;
+
+/// Where one guest cluster of a write goes.
+#[derive(Clone, Copy)]
+struct Placement {
+    /// Host byte offset of the cluster.
+    host: u64,
+    /// Host byte offset of its L2 entry.
+    entry_at: u64,
+    /// Newly allocated (or a preallocated zero cluster): needs zero fill
+    /// around the data and an L2 entry once the data is written.
+    fresh: bool,
+}
+
+impl Placement {
+    const EMPTY: Self = Placement {
+        host: 0,
+        entry_at: 0,
+        fresh: false,
+    };
+}
+
 impl<D, S, const K: usize> Qcow2<D, S, K>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
 {
-    /// Writes `data`, which lies within one guest cluster, at guest `sector`.
-    pub(crate) async fn write_in_cluster(
+    /// Writes `buf` at guest sector `first` in batches of clusters: first
+    /// every cluster of the batch gets its host location (allocating where
+    /// needed), then the data goes out in one device write per physically
+    /// contiguous run, and only then do new L2 entries point at it.
+    pub(crate) async fn write_batched(
         &mut self,
-        sector: u64,
-        data: &[Sector],
+        first: u64,
+        buf: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = self.geo.cluster_size / SECTOR as u64;
-        let guest = sector / cluster_sectors;
-        let within = sector % cluster_sectors;
+        let cluster_sectors = (self.geo.cluster_size / SECTOR as u64) as usize;
+        let mut sector = first;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let within = (sector % cluster_sectors as u64) as usize;
+            let span = (within + rest.len()).div_ceil(cluster_sectors).min(BATCH);
+            let n = (span * cluster_sectors - within).min(rest.len());
+            let (now, later) = rest.split_at(n);
+            let mut plan = [Placement::EMPTY; BATCH];
+            let guest = sector / cluster_sectors as u64;
+            for (i, p) in plan.iter_mut().enumerate().take(span) {
+                *p = self.place(guest + i as u64).await?;
+            }
+            let plan = plan.get(..span).unwrap_or(&[]);
+            self.write_planned(plan, sector, now).await?;
+            for p in plan.iter().filter(|p| p.fresh) {
+                // Durable only after the data and the refcount: the cache
+                // flushes the device before writing any L2 slice.
+                self.cache
+                    .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
+                    .await?;
+            }
+            sector += n as u64;
+            rest = later;
+        }
+        Ok(())
+    }
+
+    /// Where guest cluster `guest` is written: its current cluster when
+    /// owned, or a newly allocated (or preallocated zero) one.
+    async fn place(&mut self, guest: u64) -> Result<Placement, Error<D::Error>> {
         let mut l2 = self.l2_table(guest).await?;
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }
-        let (entry, at) = self.l2_entry(l2, guest).await?;
-        let host = match entry {
+        let (entry, entry_at) = self.l2_entry(l2, guest).await?;
+        let (host, fresh) = match entry {
             L2Entry::Data {
                 offset,
                 copied: true,
             } => {
                 self.check_not_metadata(offset).await?;
-                self.dev
-                    .write(offset / SECTOR as u64 + within, data)
-                    .await
-                    .map_err(Error::Io)?;
-                self.cache.note_device_write();
-                return Ok(());
+                (offset, false)
             }
             L2Entry::Data { copied: false, .. } => {
-                return Err(Error::corrupt("L2 entry without COPIED flag", at))
+                return Err(Error::corrupt("L2 entry without COPIED flag", entry_at))
             }
             L2Entry::Compressed { .. } => {
                 return Err(Error::Unsupported("writing over compressed clusters"))
@@ -48,30 +97,81 @@ where
                 copied: true,
             } if offset != 0 => {
                 self.check_not_metadata(offset).await?;
-                offset
+                (offset, true)
             }
-            L2Entry::Zero { .. } | L2Entry::Unallocated => self.alloc_cluster().await?,
+            L2Entry::Zero { .. } | L2Entry::Unallocated => (self.alloc_cluster().await?, true),
         };
-        // The whole new cluster is written: the guest reads zeros around `data`.
-        let first = host / SECTOR as u64;
-        let tail = cluster_sectors - within - data.len() as u64;
-        self.dev
-            .write_zeros(first, within)
-            .await
-            .map_err(Error::Io)?;
-        self.dev
-            .write(first + within, data)
-            .await
-            .map_err(Error::Io)?;
-        self.dev
-            .write_zeros(first + within + data.len() as u64, tail)
-            .await
-            .map_err(Error::Io)?;
+        Ok(Placement {
+            host,
+            entry_at,
+            fresh,
+        })
+    }
+
+    /// Writes `data` (guest sectors from `first`) to the planned clusters,
+    /// zero-filling the uncovered parts of fresh clusters, one device write
+    /// per run of physically contiguous clusters.
+    async fn write_planned(
+        &mut self,
+        plan: &[Placement],
+        first: u64,
+        data: &[Sector],
+    ) -> Result<(), Error<D::Error>> {
+        let cluster_sectors = self.geo.cluster_size / SECTOR as u64;
+        // Allocations for later clusters of the batch may have put a table
+        // on a cluster planned for an in-place write (zeroed refcounts).
+        for p in plan.iter().filter(|p| !p.fresh) {
+            self.check_not_metadata(p.host).await?;
+        }
+        let within = first % cluster_sectors;
+        let last = plan.len().saturating_sub(1);
+        let tail =
+            (cluster_sectors - (within + data.len() as u64) % cluster_sectors) % cluster_sectors;
+        // Pending run: host sector where it starts, and data index range.
+        let (mut run_host, mut run_from, mut run_to) = (0u64, 0usize, 0usize);
+        for (i, p) in plan.iter().enumerate() {
+            let skip = if i == 0 { within } else { 0 };
+            let host_sector = p.host / SECTOR as u64 + skip;
+            let from = if i == 0 {
+                0
+            } else {
+                (i as u64 * cluster_sectors - within) as usize
+            };
+            let to = (((i + 1) as u64 * cluster_sectors - within) as usize).min(data.len());
+            if p.fresh && skip > 0 {
+                self.dev
+                    .write_zeros(p.host / SECTOR as u64, skip)
+                    .await
+                    .map_err(Error::Io)?;
+            }
+            if run_to > run_from && run_host + (run_to - run_from) as u64 == host_sector {
+                run_to = to;
+            } else {
+                self.write_run(run_host, data.get(run_from..run_to)).await?;
+                (run_host, run_from, run_to) = (host_sector, from, to);
+            }
+            if p.fresh && i == last && tail > 0 {
+                // The run must reach the disk before the zeros that follow it.
+                self.write_run(run_host, data.get(run_from..run_to)).await?;
+                run_from = run_to;
+                let end = host_sector + (to - from) as u64;
+                self.dev.write_zeros(end, tail).await.map_err(Error::Io)?;
+            }
+        }
+        self.write_run(run_host, data.get(run_from..run_to)).await?;
         self.cache.note_device_write();
-        // The cache writes this entry only after the data and refcount are durable.
-        self.cache
-            .write_u64(&mut self.dev, at, Kind::L2, L2Entry::data(host))
-            .await
+        Ok(())
+    }
+
+    async fn write_run(
+        &mut self,
+        host_sector: u64,
+        data: Option<&[Sector]>,
+    ) -> Result<(), Error<D::Error>> {
+        match data {
+            Some(d) if !d.is_empty() => self.dev.write(host_sector, d).await.map_err(Error::Io),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses guest writes into a cluster that is visibly metadata: held
