@@ -591,47 +591,45 @@ where
 
     /// Sets COPIED on active L1/L2 entries exactly where the refcount is 1.
     async fn fix_copied_flags(&mut self) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
         for i in 0..self.geo.l1_entries {
             let at = self.geo.l1_offset + i * 8;
             let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
-            let entry = L1Entry(raw);
-            let l2 = entry.l2_offset();
+            let l2 = L1Entry(raw).l2_offset();
             if l2 == 0 {
                 continue;
             }
-            let want = self.refcount(l2 / cs).await? == 1;
-            if entry.copied() != want {
-                let fixed = if want {
-                    raw | crate::format::entry::COPIED
-                } else {
-                    raw & !crate::format::entry::COPIED
-                };
-                self.cache
-                    .write_u64(&mut self.dev, at, Kind::L1, fixed)
-                    .await?;
-            }
+            self.set_copied(at, Kind::L1, raw, l2).await?;
             for j in 0..self.geo.l2_entries {
                 let at = l2 + j * 8;
                 let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
-                let (host, copied) = match L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3)
-                {
-                    L2Entry::Data { offset, copied } => (offset, copied),
-                    L2Entry::Zero { offset, copied } if offset != 0 => (offset, copied),
-                    _ => continue,
-                };
-                let want = self.refcount(host / cs).await? == 1;
-                if copied != want {
-                    let fixed = if want {
-                        raw | crate::format::entry::COPIED
-                    } else {
-                        raw & !crate::format::entry::COPIED
-                    };
-                    self.cache
-                        .write_u64(&mut self.dev, at, Kind::L2, fixed)
-                        .await?;
+                match L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3) {
+                    L2Entry::Data { offset, .. } => {
+                        self.set_copied(at, Kind::L2, raw, offset).await?
+                    }
+                    L2Entry::Zero { offset, .. } if offset != 0 => {
+                        self.set_copied(at, Kind::L2, raw, offset).await?
+                    }
+                    _ => {}
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the table entry `raw` at `at` (pointing at `host`) so that
+    /// its COPIED flag says whether the refcount of `host` is exactly 1.
+    async fn set_copied(
+        &mut self,
+        at: u64,
+        kind: Kind,
+        raw: u64,
+        host: u64,
+    ) -> Result<(), Error<D::Error>> {
+        use crate::format::entry::COPIED;
+        let want = self.refcount(host >> self.geo.cluster_bits).await? == 1;
+        let fixed = if want { raw | COPIED } else { raw & !COPIED };
+        if fixed != raw {
+            self.cache.write_u64(&mut self.dev, at, kind, fixed).await?;
         }
         Ok(())
     }
