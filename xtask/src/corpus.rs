@@ -125,6 +125,8 @@ const CASES: &[(&str, &str, Mutation)] = &[
     // Not detectable cheaply: the write lands on the uncached L2 table and the
     // damage is caught at the next lookup; `check` (and verified opens) see it.
     ("l2-entry-on-other-l2", "write: corrupt image: reserved bits set in an L2 entry (at host offset 0x1000)", |i, l| { let l2b = be64(i, l.l1 + 8) & 0x00ff_ffff_ffff_fe00; put64(i, l.l2, (1 << 63) | l2b) }),
+    ("l2-entry-copied-cleared", "write: corrupt image: L2 entry without COPIED flag (at host offset 0x800)", |i, l| i[l.l2] &= 0x7f),
+    ("l1-entry-copied-cleared", "write: corrupt image: L1 entry without COPIED flag (at host offset 0x600)", |i, l| i[l.l1] &= 0x7f),
     ("l2-entry-compressed", "read: unsupported feature: reading compressed clusters", |i, l| put64(i, l.l2, (1 << 62) | l.data as u64)),
     ("reftable-entry-unaligned", "write: corrupt image: reserved bits set in a refcount table entry (at host offset 0x200)", |i, l| put64(i, l.reftable, l.refblock as u64 + 256)),
     ("reftable-entry-on-l2", "write: corrupt image: metadata cluster used as two kinds of table (at host offset 0x800)", |i, l| put64(i, l.reftable, l.l2 as u64)),
