@@ -244,6 +244,10 @@ where
     }
 
     fn count_range(&self, w: &mut Walk<'_>, host: u64, len: u64) {
+        if len == 0 {
+            // An empty table (l1_size 0) occupies nothing, wherever it points.
+            return;
+        }
         let cs = self.geo.cluster_size;
         let mut c = host / cs;
         let end = (host + len).div_ceil(cs);
