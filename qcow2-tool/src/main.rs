@@ -1,7 +1,7 @@
 //! `qcow2-tool`: a small `qemu-img` / `qemu-io` work-alike built on
 //! `qcow2-core`.
 //!
-//! Subcommands: `create`, `info`, `check`, `convert` and `io`. Failures print one
+//! Subcommands: `create`, `info`, `check`, `convert`, `io` and `bench`. Failures print one
 //! line, `qcow2-tool: <message>`, on stderr and exit with status 1.
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ macro_rules! errln {
     }};
 }
 
+mod bench;
 mod check;
 mod convert;
 mod create;
@@ -66,6 +67,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Run read/write/flush commands on an image (like `qemu-io`).
     Io(io_cmd::IoArgs),
+    /// Time a run of read or write requests (like `qemu-img bench`).
+    Bench(bench::BenchArgs),
 }
 
 /// Prints `message` as the tool's one-line error.
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args).map(|()| true),
         Command::Convert(args) => convert::run(args).map(|()| true),
         Command::Io(args) => io_cmd::run(args),
+        Command::Bench(args) => bench::run(args).map(|()| true),
         Command::Check(args) => {
             return match check::run(args) {
                 Ok(status) => ExitCode::from(status),

@@ -9,8 +9,10 @@
 //!   named ones) for N seconds each (default 60), installing cargo-fuzz
 //!   when missing; nightly when present, else stable without sanitizers.
 //! - `miri`: the core's unit tests under miri (nightly with miri).
-//! - `bench`: not implemented yet; it fails with a message.
+//! - `bench [--runs N] [--quick]`: qcow2-tool against qemu-img / qemu-io and
+//!   raw pread/pwrite; writes BENCHMARKS.md (see `bench.rs`).
 
+mod bench;
 mod corpus;
 
 use std::process::{exit, Command};
@@ -30,11 +32,9 @@ fn main() {
             .and_then(|()| corpus::fuzz_seeds(std::path::Path::new("fuzz"))),
         Some("fuzz") => fuzz(&args[1..]),
         Some("miri") => miri(),
-        Some("bench") => {
-            Err("benchmarks are not implemented yet (tracked by the performance issue)".into())
-        }
+        Some("bench") => bench::run(&args[1..]),
         _ => Err(
-            "usage: cargo xtask ci | interop | size | corpus | fuzz [--secs N] [TARGET...] | miri | bench"
+            "usage: cargo xtask ci | interop | size | corpus | fuzz [--secs N] [TARGET...] | miri | bench [--runs N] [--quick]"
                 .into(),
         ),
     };
@@ -159,6 +159,10 @@ fn fuzz(args: &[String]) -> Result<(), String> {
             cmd.args(["--sanitizer", "none"]);
         }
         cmd.args([target, &corpus, "--", &max_time, "-print_final_stats=1"]);
+        if target == "ops" {
+            // Long inputs make long operation sequences.
+            cmd.arg("-max_len=4096");
+        }
         cmd.current_dir("fuzz");
         eprintln!(
             "xtask: fuzzing {target} for {secs} s ({})",
