@@ -29,6 +29,15 @@ impl Kind {
     const fn is_refcount(self) -> bool {
         matches!(self, Kind::RefTable | Kind::RefBlock)
     }
+
+    const fn index(self) -> usize {
+        match self {
+            Kind::L1 => 0,
+            Kind::L2 => 1,
+            Kind::RefTable => 2,
+            Kind::RefBlock => 3,
+        }
+    }
 }
 
 /// One cache entry: a metadata slice of up to `K` sectors plus its tag.
@@ -72,6 +81,11 @@ pub(crate) struct Cache<S, const K: usize> {
     slots: S,
     /// Bytes per slice: `K * 512`, or the cluster size when that is smaller.
     slice_bytes: u64,
+    /// log2 of `slice_bytes`.
+    slice_shift: u32,
+    /// The slot last used for each kind: lookups of the same slice again
+    /// (the common case) skip the hash. Checked against the slot's tag.
+    recent: [(u64, u32); 4],
     hand: u32,
     dirty_refcount: u32,
     dirty_mapping: u32,
@@ -109,9 +123,12 @@ where
             slot.dirty = false;
             slot.referenced = false;
         }
+        let slice_bytes = ((K * SECTOR) as u64).min(cluster_size);
         Ok(Cache {
             slots,
-            slice_bytes: ((K * SECTOR) as u64).min(cluster_size),
+            slice_bytes,
+            slice_shift: slice_bytes.trailing_zeros(),
+            recent: [(EMPTY, 0); 4],
             hand: 0,
             dirty_refcount: 0,
             dirty_mapping: 0,
@@ -141,9 +158,10 @@ where
     }
 
     fn bucket(&self, tag: u64) -> u32 {
-        let key = tag / self.slice_bytes;
+        let key = tag >> self.slice_shift;
+        // Multiplicative hash, then a multiply-shift onto 0..len (no division).
         let h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-        (h % u64::from(self.len())) as u32
+        ((h * u64::from(self.len())) >> 32) as u32
     }
 
     fn slot<E>(&self, i: u32) -> Result<&Slot<K>, Error<E>> {
@@ -342,7 +360,31 @@ where
         offset: u64,
         kind: Kind,
     ) -> Result<u32, Error<D::Error>> {
-        let tag = offset - offset % self.slice_bytes;
+        let tag = offset & !(self.slice_bytes - 1);
+        if let Some(&(recent, i)) = self.recent.get(kind.index()) {
+            if recent == tag {
+                if let Some(s) = self.slots.as_mut().get_mut(i as usize) {
+                    if s.tag == tag && s.kind == kind {
+                        s.referenced = true;
+                        return Ok(i);
+                    }
+                }
+            }
+        }
+        let i = self.find_or_load(dev, tag, kind).await?;
+        if let Some(r) = self.recent.get_mut(kind.index()) {
+            *r = (tag, i);
+        }
+        Ok(i)
+    }
+
+    /// [`Cache::load`] without the recent-slot shortcut.
+    async fn find_or_load<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        tag: u64,
+        kind: Kind,
+    ) -> Result<u32, Error<D::Error>> {
         if let Some(i) = self.find(tag) {
             let s = self.slot_mut::<D::Error>(i)?;
             if s.kind != kind {
@@ -414,7 +456,7 @@ where
         offset: u64,
         kind: Kind,
     ) -> Result<u64, Error<D::Error>> {
-        let at = (offset % self.slice_bytes) as usize;
+        let at = (offset & (self.slice_bytes - 1)) as usize;
         let bytes = self.get(dev, offset, kind).await?;
         let raw = bytes.get(at..at + 8).ok_or(broken())?;
         let mut be = [0u8; 8];
@@ -430,7 +472,7 @@ where
         kind: Kind,
         value: u64,
     ) -> Result<(), Error<D::Error>> {
-        let at = (offset % self.slice_bytes) as usize;
+        let at = (offset & (self.slice_bytes - 1)) as usize;
         let bytes = self.get_mut(dev, offset, kind).await?;
         bytes
             .get_mut(at..at + 8)
@@ -442,7 +484,7 @@ where
     /// Whether any slice inside `[offset, offset + len)` is cached: a cluster
     /// about to be allocated must not be, or it is live metadata.
     pub(crate) fn holds_any(&self, offset: u64, len: u64) -> bool {
-        let mut tag = offset - offset % self.slice_bytes;
+        let mut tag = offset & !(self.slice_bytes - 1);
         let end = offset.saturating_add(len);
         if (end - tag) / self.slice_bytes > u64::from(self.len()) {
             return self
@@ -475,7 +517,7 @@ where
     /// Forgets every cached slice inside `[offset, offset + len)`, dirty or
     /// not: used when that host range stops being metadata.
     pub(crate) fn forget_range<E>(&mut self, offset: u64, len: u64) -> Result<(), Error<E>> {
-        let mut tag = offset - offset % self.slice_bytes;
+        let mut tag = offset & !(self.slice_bytes - 1);
         let end = offset.saturating_add(len);
         // Few slices per cluster, or a scan when the range is larger than the cache.
         if (end - tag) / self.slice_bytes > u64::from(self.len()) {
