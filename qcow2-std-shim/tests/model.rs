@@ -317,3 +317,45 @@ fn host_offsets_beyond_4_gib_round_trip_through_qemu() {
     assert!(io.status.success() && !out.contains("failed"), "{out}");
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn an_image_inside_an_image() {
+    // The outer image is a fixed-size BlockDevice; the inner one lives on it.
+    let outer_opts = options(4 << 20, 12, 4, Version::V3);
+    let outer: Tiny<1> = block_on(Qcow2::create(
+        RamDevice::new(),
+        [const { Slot::<1>::EMPTY }; 3],
+        &outer_opts,
+    ))
+    .unwrap();
+    let inner_opts = options(2 << 20, 9, 4, Version::V3);
+    let mut inner = block_on(Qcow2::create(
+        outer,
+        [const { Slot::<1>::EMPTY }; 3],
+        &inner_opts,
+    ))
+    .unwrap();
+    let data: Vec<Sector> = (0..700u32).map(|s| [(s % 199) as u8 + 1; SECTOR]).collect();
+    block_on(inner.write(1000, &data)).unwrap();
+    let (outer, _) = block_on(inner.close()).unwrap();
+    let (ram, _) = block_on(outer.close()).unwrap();
+    // Both layers pass qemu-img: the outer directly, the inner via its raw contents.
+    let mut model = vec![0u8; 4 << 20];
+    let outer_img: Tiny<1> = block_on(Qcow2::open(
+        ram.clone(),
+        [const { Slot::<1>::EMPTY }; 3],
+        &OpenOptions::read_only(),
+    ))
+    .unwrap();
+    let mut inner_bytes = vec![[0u8; SECTOR]; (4 << 20) / SECTOR];
+    let mut outer_img = outer_img;
+    block_on(outer_img.read(0, &mut inner_bytes)).unwrap();
+    model.copy_from_slice(inner_bytes.as_flattened());
+    qemu_agrees(&ram, &model, "outer");
+    let inner_model = {
+        let mut m = vec![0u8; 2 << 20];
+        m[1000 * SECTOR..1700 * SECTOR].copy_from_slice(data.as_flattened());
+        m
+    };
+    qemu_agrees(&RamDevice::from_bytes(&model), &inner_model, "inner");
+}
