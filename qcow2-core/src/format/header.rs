@@ -253,6 +253,9 @@ impl Header {
         }
         if self.l1_size > 0 {
             check_table(self.l1_table_offset, l1_bytes, cluster, L1_PLACEMENT)?;
+        } else if !self.l1_table_offset.is_multiple_of(cluster) {
+            // QEMU insists on an aligned offset even for an empty table.
+            return Err(Error::corrupt(L1_PLACEMENT[0], self.l1_table_offset));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cluster;
         if self.refcount_table_clusters == 0 {
@@ -331,9 +334,10 @@ fn check_table<E>(
     }
 }
 
-/// Whether byte ranges `[a, a+alen)` and `[b, b+blen)` intersect.
+/// Whether byte ranges `[a, a+alen)` and `[b, b+blen)` intersect (an
+/// empty range intersects nothing).
 pub const fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
-    a < b.saturating_add(blen) && b < a.saturating_add(alen)
+    alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
 /// Known header extension types.
@@ -565,6 +569,14 @@ mod tests {
             h.incompatible_features = incompatible::COMPRESSION_TYPE
         })
         .is_ok());
+    }
+
+    #[test]
+    fn empty_ranges_overlap_nothing() {
+        assert!(!overlaps(0x600, 512, 0x670, 0));
+        assert!(!overlaps(0x670, 0, 0x600, 512));
+        assert!(overlaps(0x600, 512, 0x670, 1));
+        assert!(!overlaps(0, 512, 512, 512));
     }
 
     #[test]
