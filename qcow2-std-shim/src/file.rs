@@ -6,6 +6,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+/// Zeros for [`BlockDevice::write_zeros`] inside the file.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 /// A file used as a block device. Writes grow the file; `flush` is
 /// `fdatasync`. A file whose length is not a multiple of 512 reads as if
 /// zero-padded to the next sector.
@@ -105,14 +108,12 @@ impl BlockDevice for FileDevice {
     /// Past the physical end of the file nothing is written: the range is
     /// a hole, which reads as zeros (and stays so across a crash).
     async fn write_zeros(&mut self, first: u64, count: u64) -> io::Result<()> {
-        const CHUNK: usize = 64;
-        let zeros = [[0u8; SECTOR]; CHUNK];
         let start = first * SECTOR as u64;
         let end = start + count * SECTOR as u64;
         let mut at = start;
         while at < end.min(self.physical) {
-            let n = ((end.min(self.physical) - at) as usize).min(CHUNK * SECTOR);
-            self.file.write_all_at(&zeros.as_flattened()[..n], at)?;
+            let n = ((end.min(self.physical) - at) as usize).min(ZEROS.len());
+            self.file.write_all_at(&ZEROS[..n], at)?;
             at += n as u64;
         }
         self.len = self.len.max(end);
