@@ -234,13 +234,34 @@ where
     }
 
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
-    /// the device.
+    /// the device and clear of the header, L1 table and refcount table.
     fn valid_clusters(&self, host: u64, len: u64) -> bool {
         host.is_multiple_of(self.geo.cluster_size)
             && host != 0
             && host
                 .checked_add(len)
                 .is_some_and(|end| end <= self.dev_clusters * self.geo.cluster_size)
+            && !self.geo.hits_fixed_metadata(host, len)
+    }
+
+    /// The stored refcount of `cluster`, or `None` when the refcount
+    /// structures cannot say (a bad refcount table entry or block).
+    async fn stored_refcount(&mut self, cluster: u64) -> Result<Option<u64>, Error<D::Error>> {
+        match self.refcount(cluster).await {
+            Ok(n) => Ok(Some(n)),
+            Err(Error::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a table entry for the walk; `None` when the cluster cannot be
+    /// read as that kind of table (it is already cached as another kind).
+    async fn walk_read(&mut self, at: u64, kind: Kind) -> Result<Option<u64>, Error<D::Error>> {
+        match self.cache.read_u64(&mut self.dev, at, kind).await {
+            Ok(raw) => Ok(Some(raw)),
+            Err(Error::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn count_range(&self, w: &mut Walk<'_>, host: u64, len: u64) {
@@ -390,7 +411,11 @@ where
         let cs = self.geo.cluster_size;
         for i in 0..entries {
             let at = l1 + i * 8;
-            let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
+            let Some(raw) = self.walk_read(at, Kind::L1).await? else {
+                // A snapshot's L1 table that is also another table.
+                w.corrupt();
+                return Ok(());
+            };
             if raw == 0 {
                 continue;
             }
@@ -404,25 +429,38 @@ where
                 continue;
             }
             w.count(l2 / cs);
-            if active && w.audit && entry.copied() != (self.refcount(l2 / cs).await? == 1) {
+            if active
+                && w.audit
+                && Some(entry.copied()) != self.stored_refcount(l2 / cs).await?.map(|n| n == 1)
+            {
                 w.corrupt();
             }
-            self.walk_l2(w, l2, active).await?;
+            if !self.walk_l2(w, l2, active).await? {
+                // The cluster is some other table as well: not a usable L2 table.
+                w.corrupt();
+                if w.fix {
+                    self.cache.write_u64(&mut self.dev, at, Kind::L1, 0).await?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Counts the clusters one L2 table references.
+    ///
+    /// Returns false when the cluster cannot be read as an L2 table.
     async fn walk_l2(
         &mut self,
         w: &mut Walk<'_>,
         l2: u64,
         active: bool,
-    ) -> Result<(), Error<D::Error>> {
+    ) -> Result<bool, Error<D::Error>> {
         let cs = self.geo.cluster_size;
         for j in 0..self.geo.l2_entries {
             let at = l2 + j * 8;
-            let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
+            let Some(raw) = self.walk_read(at, Kind::L2).await? else {
+                return Ok(false);
+            };
             if raw == 0 {
                 continue;
             }
@@ -461,12 +499,12 @@ where
             }
             w.previous_data = host;
             if let Some(copied) = copied {
-                if copied != (self.refcount(host / cs).await? == 1) {
+                if Some(copied) != self.stored_refcount(host / cs).await?.map(|n| n == 1) {
                     w.corrupt();
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes a complete new set of refcount structures computed from the
