@@ -7,10 +7,12 @@ use crate::{BlockDevice, Error, Sector, SECTOR};
 /// Upper bound on extensions walked, so a hostile header cannot loop long.
 const MAX_EXTENSIONS: usize = 1024;
 
-/// Reads the 8 bytes at byte `at` (8-aligned) using `scratch`.
+/// Reads the 8 bytes at byte `at` (8-aligned) using `scratch`, which holds
+/// sector `*loaded` (if any) and is only re-read for another sector.
 async fn read8<D: BlockDevice>(
     dev: &mut D,
     scratch: &mut Sector,
+    loaded: &mut Option<u64>,
     at: u64,
 ) -> Result<[u8; 8], Error<D::Error>> {
     let sector = at / SECTOR as u64;
@@ -20,9 +22,12 @@ async fn read8<D: BlockDevice>(
             at,
         ));
     }
-    dev.read(sector, core::slice::from_mut(scratch))
-        .await
-        .map_err(Error::Io)?;
+    if *loaded != Some(sector) {
+        dev.read(sector, core::slice::from_mut(scratch))
+            .await
+            .map_err(Error::Io)?;
+        *loaded = Some(sector);
+    }
     let i = (at % SECTOR as u64) as usize;
     let mut out = [0u8; 8];
     out.copy_from_slice(
@@ -38,11 +43,14 @@ async fn read8<D: BlockDevice>(
 ///
 /// Returns the bitmaps extension, if any, for `check` to account for the
 /// clusters it owns.
+///
+/// `scratch` must hold sector 0 (as it does right after the header read).
 pub(crate) async fn check_extensions<D: BlockDevice>(
     dev: &mut D,
     scratch: &mut Sector,
     header: &Header,
 ) -> Result<Option<Extension>, Error<D::Error>> {
+    let mut loaded = Some(0);
     let cluster = header.cluster_size();
     let mut at = header.extensions_offset();
     let mut bitmaps = None;
@@ -51,7 +59,7 @@ pub(crate) async fn check_extensions<D: BlockDevice>(
             // No end marker before the end of the cluster: tolerated, as QEMU does.
             return Ok(bitmaps);
         }
-        let ext = Extension::decode(read8(dev, scratch, at).await?, at, cluster)?;
+        let ext = Extension::decode(read8(dev, scratch, &mut loaded, at).await?, at, cluster)?;
         match ext.kind {
             ExtensionKind::End => return Ok(bitmaps),
             ExtensionKind::Bitmaps => bitmaps = Some(ext),
