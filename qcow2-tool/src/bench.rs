@@ -24,7 +24,7 @@
 
 use crate::disk::{probe, round_to_sector, Disk, Format};
 use crate::error::{core_error, core_message, errno_text, io_error, CliResult, CoreError};
-use crate::size::{parse_size, SizeError};
+use crate::size::{parse_c_unsigned, parse_size, SizeError};
 use qcow2_core::{BlockDevice, Error, OpenOptions, Sector, SECTOR};
 use qcow2_std_shim::{block_on, Image};
 use std::fs::File;
@@ -231,38 +231,12 @@ fn range_error(name: &str, min: u64, max: u64) -> String {
 /// `0x` hexadecimal or `0` octal, after optional blanks and sign) and
 /// bounds it like `cvtnum_full`.
 fn parse_number(name: &str, text: &str, min: u64, max: u64) -> CliResult<u64> {
-    let invalid = || format!("Invalid {name} specified: '{text}'.");
-    let s = text.trim_start_matches(|c: char| c.is_ascii_whitespace());
-    let (negative, s) = match s.as_bytes().first() {
-        Some(b'-') => (true, &s[1..]),
-        Some(b'+') => (false, &s[1..]),
-        _ => (false, s),
-    };
-    let hex = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_hexdigit()));
-    let (digits, radix) = match hex {
-        Some(rest) => (rest, 16),
-        None if s.starts_with('0') => (s, 8),
-        None => (s, 10),
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(invalid().into());
-    }
-    match u64::from_str_radix(digits, radix) {
-        Ok(0) => Ok(0),
-        Ok(n) if !negative => Ok(n),
-        // Negative or too large: out of range.
+    match parse_c_unsigned(text) {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{text}'.").into()),
+        // Negative, too large, or outside the bounds.
         _ => Err(range_error(name, min, max).into()),
     }
-    .and_then(|n| {
-        if (min..=max).contains(&n) {
-            Ok(n)
-        } else {
-            Err(range_error(name, min, max).into())
-        }
-    })
 }
 
 /// Parses a byte count like `qemu_strtosz` and bounds it like

@@ -23,6 +23,36 @@ impl fmt::Display for SizeError {
 
 /// The multiplier of a unit suffix: `B`, `K`, `M`, `G`, `T`, `P`, `E` in
 /// either case, powers of 1024.
+/// Parses a whole string as an unsigned integer the way C's `strtoull`
+/// with base 0 does (decimal, `0x` hexadecimal or `0` octal, after optional
+/// blanks and sign), as qemu-io and qemu-img do for counts and patterns.
+/// `-0` is 0; any other negative value or overflow is a range error.
+pub fn parse_c_unsigned(text: &str) -> Result<u64, SizeError> {
+    let s = text.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let (negative, s) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_hexdigit()));
+    let (digits, radix) = match hex {
+        Some(rest) => (rest, 16),
+        None if s.starts_with('0') => (s, 8),
+        None => (s, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(SizeError::Invalid);
+    }
+    match u64::from_str_radix(digits, radix) {
+        Ok(0) => Ok(0),
+        Ok(n) if !negative => Ok(n),
+        _ => Err(SizeError::Range),
+    }
+}
+
 fn suffix_mul(c: Option<u8>) -> Option<u64> {
     let shift = match c?.to_ascii_uppercase() {
         b'B' => 0,
@@ -192,6 +222,22 @@ pub fn size_to_str(val: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn c_unsigned_follows_strtoull_base_0() {
+        assert_eq!(parse_c_unsigned("0x1f"), Ok(31));
+        assert_eq!(parse_c_unsigned(" 017"), Ok(15));
+        assert_eq!(parse_c_unsigned("+42"), Ok(42));
+        assert_eq!(parse_c_unsigned("-0"), Ok(0));
+        assert_eq!(parse_c_unsigned("-1"), Err(SizeError::Range));
+        assert_eq!(
+            parse_c_unsigned("99999999999999999999"),
+            Err(SizeError::Range)
+        );
+        assert_eq!(parse_c_unsigned("09"), Err(SizeError::Invalid));
+        assert_eq!(parse_c_unsigned("1k"), Err(SizeError::Invalid));
+        assert_eq!(parse_c_unsigned(""), Err(SizeError::Invalid));
+    }
 
     #[test]
     fn parses_like_qemu() {

@@ -160,33 +160,13 @@ fn cvtnum(arg: &str) -> Option<u64> {
 /// Parses a pattern byte like qemu-io (C `strtol` with base 0: decimal,
 /// `0x` hex, `0` octal); prints qemu-io's message on failure.
 fn parse_pattern(arg: &str) -> Option<u8> {
-    let s = arg.trim_start_matches(|c: char| c.is_ascii_whitespace());
-    let (negative, s) = match s.as_bytes().first() {
-        Some(b'-') => (true, &s[1..]),
-        Some(b'+') => (false, &s[1..]),
-        _ => (false, s),
-    };
-    let hex = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_hexdigit()));
-    let (digits, radix) = match hex {
-        Some(rest) => (rest, 16),
-        None if s.starts_with('0') => (s, 8),
-        None => (s, 10),
-    };
-    let value = (!digits.is_empty() && digits.chars().all(|c| c.is_digit(radix)))
-        .then(|| u64::from_str_radix(digits, radix).ok())
-        .flatten();
-    match value {
-        Some(0) => Some(0),
-        Some(v) if !negative => u8::try_from(v).ok(),
-        _ => None,
-    }
-    .or_else(|| {
+    let value = crate::size::parse_c_unsigned(arg)
+        .ok()
+        .and_then(|v| u8::try_from(v).ok());
+    if value.is_none() {
         outln!("{arg} is not a valid pattern byte");
-        None
-    })
+    }
+    value
 }
 
 /// Checks that a length is within qemu-io's request limit; prints its
