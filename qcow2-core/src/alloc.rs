@@ -71,7 +71,7 @@ where
         Ok(())
     }
 
-    fn check_host_limit(&self, clusters: u64) -> Result<(), Error<D::Error>> {
+    pub(crate) fn check_host_limit(&self, clusters: u64) -> Result<(), Error<D::Error>> {
         match clusters.checked_mul(self.geo.cluster_size) {
             Some(end) if end <= MAX_HOST_OFFSET => Ok(()),
             _ => Err(Error::NoSpace),

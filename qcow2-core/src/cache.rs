@@ -93,6 +93,10 @@ pub(crate) struct Cache<S, const K: usize> {
     device_unflushed: bool,
     /// Lazy refcounts: L1/L2 slices need not wait for refcount slices.
     lazy_refcounts: bool,
+    /// A clean slice may be read as another kind of table than it was
+    /// loaded as (for `check`, which must read what a hostile image claims
+    /// both ways); otherwise such a clash is an error.
+    relaxed: bool,
 }
 
 impl<S, const K: usize> Cache<S, K>
@@ -134,7 +138,13 @@ where
             dirty_mapping: 0,
             device_unflushed: false,
             lazy_refcounts,
+            relaxed: false,
         })
+    }
+
+    /// Allows or forbids reading a clean slice as another kind of table.
+    pub(crate) fn set_relaxed(&mut self, relaxed: bool) {
+        self.relaxed = relaxed;
     }
 
     /// Gives the slot storage back.
@@ -386,13 +396,18 @@ where
         kind: Kind,
     ) -> Result<u32, Error<D::Error>> {
         if let Some(i) = self.find(tag) {
+            let relaxed = self.relaxed;
             let s = self.slot_mut::<D::Error>(i)?;
             if s.kind != kind {
-                // One cluster cannot be, say, an L2 table and a refcount block.
-                return Err(Error::corrupt(
-                    "metadata cluster used as two kinds of table",
-                    tag,
-                ));
+                if !relaxed || s.dirty {
+                    // One cluster cannot be, say, an L2 table and a refcount block.
+                    return Err(Error::corrupt(
+                        "metadata cluster used as two kinds of table",
+                        tag,
+                    ));
+                }
+                // `check` reads a cluster claimed by two tables both ways.
+                s.kind = kind;
             }
             s.referenced = true;
             return Ok(i);

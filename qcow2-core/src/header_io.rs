@@ -6,6 +6,10 @@ use crate::{BlockDevice, Error, Sector, SECTOR};
 
 /// Upper bound on extensions walked, so a hostile header cannot loop long.
 const MAX_EXTENSIONS: usize = 1024;
+/// Length of the bitmaps extension's data (QEMU accepts no other).
+const BITMAPS_EXTENSION_LEN: u32 = 24;
+/// QEMU keeps the backing format name in 16 bytes with its terminator.
+const MAX_BACKING_FORMAT_LEN: u32 = 16;
 
 /// Reads the 8 bytes at byte `at` (8-aligned) using `scratch`, which holds
 /// sector `*loaded` (if any) and is only re-read for another sector.
@@ -62,6 +66,13 @@ pub(crate) async fn check_extensions<D: BlockDevice>(
         let ext = Extension::decode(read8(dev, scratch, &mut loaded, at).await?, at, cluster)?;
         match ext.kind {
             ExtensionKind::End => return Ok(bitmaps),
+            // QEMU refuses both at open, whatever the feature bits say.
+            ExtensionKind::Bitmaps if ext.len != BITMAPS_EXTENSION_LEN => {
+                return Err(Error::corrupt("bitmaps extension of invalid length", at))
+            }
+            ExtensionKind::BackingFormat if ext.len >= MAX_BACKING_FORMAT_LEN => {
+                return Err(Error::corrupt("backing format name too long", at))
+            }
             ExtensionKind::Bitmaps => bitmaps = Some(ext),
             ExtensionKind::FullDiskEncryption => return Err(Error::Unsupported("encryption")),
             ExtensionKind::ExternalDataFile => {

@@ -104,7 +104,7 @@ pub(crate) struct Geometry {
     /// Entries in the refcount table.
     pub reftable_entries: u64,
     pub v3: bool,
-    /// Virtual size in sectors (rounded up).
+    /// Virtual size in whole sectors.
     pub sectors: u64,
 }
 
@@ -122,7 +122,9 @@ impl Geometry {
             reftable_offset: h.refcount_table_offset,
             reftable_entries: u64::from(h.refcount_table_clusters) * cluster_size / 8,
             v3: h.version == Version::V3,
-            sectors: h.size.div_ceil(SECTOR as u64),
+            // As QEMU: a size that is not a whole number of sectors is
+            // rounded down (the header field itself is left alone).
+            sectors: h.size / SECTOR as u64,
         }
     }
 
@@ -207,13 +209,18 @@ where
                 geo.l1_offset,
             ));
         }
-        if geo.reftable_offset + geo.reftable_bytes() > dev_bytes {
-            return Err(Error::corrupt(
-                "refcount table beyond the end of the image",
-                geo.reftable_offset,
-            ));
-        }
         let read_only = options.read_only;
+        if !read_only && !options.for_repair {
+            // Reads never use the refcount table, and a repair rebuilds it;
+            // anything else that writes must be able to trust it.
+            if geo.reftable_offset + geo.reftable_bytes() > dev_bytes {
+                return Err(Error::corrupt(
+                    "refcount table beyond the end of the image",
+                    geo.reftable_offset,
+                ));
+            }
+            header.check_tables_apart()?;
+        }
         if !read_only {
             if header.incompatible_features & incompatible::CORRUPT != 0 && !options.for_repair {
                 return Err(Error::corrupt(
@@ -270,7 +277,7 @@ where
     pub fn info(&self) -> ImageInfo {
         let h = &self.header;
         ImageInfo {
-            virtual_size: h.size,
+            virtual_size: self.virtual_size(),
             cluster_size: h.cluster_size(),
             version: h.version,
             refcount_bits: 1 << h.refcount_order,
@@ -288,9 +295,10 @@ where
         &self.header
     }
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes: the header's size rounded down to a
+    /// whole sector, as QEMU presents it.
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.geo.sectors * SECTOR as u64
     }
 
     /// The underlying device.

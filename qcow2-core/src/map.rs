@@ -1,6 +1,7 @@
 //! Guest offset to host mapping through the L1 and L2 tables.
 
 use crate::cache::{Kind, Slot};
+use crate::format::entry::{COMPRESSED, ZERO};
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
@@ -63,17 +64,26 @@ where
     /// Host offset of the L2 table covering guest cluster `guest`, 0 if none.
     pub(crate) async fn l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
         let at = self.l1_entry_offset(guest)?;
+        // Reserved bits are ignored, as QEMU does; `check` reports them.
         let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
-        if entry.has_reserved_bits() {
-            return Err(Error::corrupt("reserved bits set in an L1 entry", at));
-        }
         let l2 = entry.l2_offset();
         if l2 == 0 {
             return Ok(0);
         }
         self.check_cluster(l2, L2_TABLE)?;
-        if !self.read_only && !entry.copied() {
-            return Err(Error::corrupt("L1 entry without COPIED flag", at));
+        Ok(l2)
+    }
+
+    /// [`Self::l2_table`] for a write: the table must be this image's alone
+    /// (COPIED set), as shared tables would need copy-on-write.
+    pub(crate) async fn l2_table_for_write(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
+        let l2 = self.l2_table(guest).await?;
+        if l2 != 0 {
+            let at = self.l1_entry_offset(guest)?;
+            let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
+            if !entry.copied() {
+                return Err(Error::corrupt("L1 entry without COPIED flag", at));
+            }
         }
         Ok(l2)
     }
@@ -108,9 +118,11 @@ where
     ) -> Result<(L2Entry, u64), Error<D::Error>> {
         let at = l2 + (guest % self.geo.l2_entries) * 8;
         let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
-        if L2Entry::has_reserved_bits(raw, self.geo.v3) {
-            return Err(Error::corrupt("reserved bits set in an L2 entry", at));
+        if !self.geo.v3 && raw & ZERO != 0 && raw & COMPRESSED == 0 {
+            // QEMU refuses the zero flag in a v2 image the same way.
+            return Err(Error::corrupt("zero cluster entry in a v2 image", at));
         }
+        // Other reserved bits are ignored, as QEMU does; `check` reports them.
         let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
         match entry {
             L2Entry::Data { offset, .. } => self.check_cluster(offset, DATA_CLUSTER)?,

@@ -35,6 +35,11 @@ where
             return Ok(0);
         }
         let at = self.geo.reftable_offset + index * 8;
+        if at >= self.dev_clusters << self.geo.cluster_bits {
+            // A refcount table past the end of the device (only a read-only
+            // or repair open gets here) reads as zeros, as it would in QEMU.
+            return Ok(0);
+        }
         let raw = self
             .cache
             .read_u64(&mut self.dev, at, Kind::RefTable)

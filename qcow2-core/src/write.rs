@@ -72,7 +72,7 @@ where
     /// Where guest cluster `guest` is written: its current cluster when
     /// owned, or a newly allocated (or preallocated zero) one.
     async fn place(&mut self, guest: u64) -> Result<Placement, Error<D::Error>> {
-        let mut l2 = self.l2_table(guest).await?;
+        let mut l2 = self.l2_table_for_write(guest).await?;
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }

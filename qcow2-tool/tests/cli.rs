@@ -716,11 +716,18 @@ fn check_and_repair_agree_with_qemu_img() {
         let io = run("qemu-io", &["-r", "-c", "read -P 0x5a 0 64k", image]);
         assert!(!stdout(&io).contains("failed"), "{image}: {}", stdout(&io));
     }
-    // Leaks only cannot fix a corruption; the exit code says so.
+    // A refcount of 0 under a reference needs a rebuild, which a leaks-only
+    // repair refuses without writing: the check fails (exit 1), as qemu-img's.
     let corrupt2 = s.path("corrupt2.qcow2");
     std::fs::copy(&base, &corrupt2).expect("copy");
     poke(&corrupt2, refblock + 2 * 5, 0, 2);
-    assert_eq!(check_json("ours", &["-r", "leaks"], &corrupt2).1, Some(2));
+    let before = std::fs::read(&corrupt2).expect("read");
+    let ours = tool(&["check", "-r", "leaks", &corrupt2]);
+    assert_eq!(ours.status.code(), Some(1), "{}", stderr(&ours));
+    assert!(stderr(&ours).contains("rebuild"), "{}", stderr(&ours));
+    assert_eq!(std::fs::read(&corrupt2).expect("read"), before);
+    let theirs = qemu_img(&["check", "-r", "leaks", &corrupt2]);
+    assert_eq!(theirs.status.code(), Some(1));
     // Not a qcow2 image: exit 1 with one line.
     let raw = s.path("plain.raw");
     std::fs::write(&raw, vec![0u8; 4096]).expect("write raw");

@@ -33,9 +33,14 @@ impl L1Entry {
         self.0 & COPIED != 0
     }
 
-    /// Whether reserved bits are set.
+    /// Whether reserved bits (0..=8, 56..=62) are set.
     pub const fn has_reserved_bits(self) -> bool {
         self.0 & L1_RESERVED != 0
+    }
+
+    /// The entry without its reserved bits.
+    pub const fn without_reserved_bits(self) -> Self {
+        L1Entry(self.0 & !L1_RESERVED)
     }
 }
 
@@ -96,17 +101,21 @@ impl L2Entry {
         (offset & OFFSET_MASK) | COPIED
     }
 
-    /// Whether bits reserved in a standard entry are set in `raw`.
-    pub const fn has_reserved_bits(raw: u64, v3: bool) -> bool {
+    /// Whether bits reserved in a standard entry (bits 1..=8 and 56..=61)
+    /// are set in `raw`. Compressed entries have no reserved bits. Bit 0
+    /// is the zero flag in both versions as far as `check` is concerned
+    /// (QEMU refuses it in a v2 image only when reading).
+    pub const fn has_reserved_bits(raw: u64) -> bool {
+        raw & COMPRESSED == 0 && raw & L2_STANDARD_RESERVED != 0
+    }
+
+    /// `raw` without its reserved bits (compressed entries unchanged).
+    pub const fn without_reserved_bits(raw: u64) -> u64 {
         if raw & COMPRESSED != 0 {
-            return false;
-        }
-        let reserved = if v3 {
-            L2_STANDARD_RESERVED
+            raw
         } else {
-            L2_STANDARD_RESERVED | ZERO
-        };
-        raw & reserved != 0
+            raw & !L2_STANDARD_RESERVED
+        }
     }
 }
 
@@ -121,6 +130,11 @@ mod tests {
         assert!(e.copied());
         assert!(!e.has_reserved_bits());
         assert!(L1Entry(0x1234_0001).has_reserved_bits());
+        assert!(L1Entry(1 << 62).has_reserved_bits());
+        assert_eq!(
+            L1Entry(0x1234_0002 | 1 << 56).without_reserved_bits(),
+            L1Entry(0x1234_0000)
+        );
         assert_eq!(L1Entry(0).l2_offset(), 0);
     }
 
@@ -142,11 +156,16 @@ mod tests {
                 copied: false
             }
         );
-        // v2 has no zero flag: bit 0 is reserved there.
+        // v2 has no zero flag.
         assert_eq!(L2Entry::decode(ZERO, 16, false), L2Entry::Unallocated);
-        assert!(L2Entry::has_reserved_bits(ZERO, false));
-        assert!(!L2Entry::has_reserved_bits(ZERO, true));
-        assert!(L2Entry::has_reserved_bits(1 << 60, true));
+        assert!(!L2Entry::has_reserved_bits(ZERO));
+        for bit in (1..=8).chain(56..=61) {
+            assert!(L2Entry::has_reserved_bits(1 << bit), "bit {bit}");
+            assert_eq!(L2Entry::without_reserved_bits(raw | 1 << bit), raw);
+        }
+        for bit in (0..1).chain(9..=55).chain(62..=63) {
+            assert!(!L2Entry::has_reserved_bits(1 << bit), "bit {bit}");
+        }
     }
 
     #[test]

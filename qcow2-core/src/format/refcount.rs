@@ -62,6 +62,34 @@ pub const fn entries_in(bytes: u64, order: u32) -> u64 {
     (bytes * 8) >> order
 }
 
+/// Sizes a complete set of refcount structures placed at cluster `start`:
+/// `(blocks, table_clusters)` such that the blocks cover every cluster
+/// below `covered` and the structures themselves (blocks then table,
+/// contiguous from `start`). `per_block` is the number of entries in a
+/// block, `cluster_size` the cluster size in bytes.
+///
+/// Returns `None` when the sizes do not settle (impossible for sane
+/// inputs: each round only grows them, by less each time).
+pub fn self_covering_layout(
+    per_block: u64,
+    cluster_size: u64,
+    covered: u64,
+    start: u64,
+) -> Option<(u64, u64)> {
+    let (mut blocks, mut table) = (1u64, 1u64);
+    for _ in 0..64 {
+        let end = covered.max(start.checked_add(blocks)?.checked_add(table)?);
+        let need_blocks = end.div_ceil(per_block);
+        let need_table = need_blocks.checked_mul(8)?.div_ceil(cluster_size);
+        if need_blocks <= blocks && need_table <= table {
+            return Some((blocks, table));
+        }
+        blocks = blocks.max(need_blocks);
+        table = table.max(need_table);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +150,20 @@ mod tests {
         assert_eq!(max_value(0), 1);
         assert_eq!(max_value(4), 0xffff);
         assert_eq!(max_value(6), u64::MAX);
+    }
+
+    #[test]
+    fn self_covering_layout_covers_itself() {
+        // 512-byte clusters, 16-bit refcounts: 256 entries a block.
+        for (covered, start) in [(10, 10), (10, 2), (255, 255), (256, 300), (70_000, 70_000)] {
+            let (blocks, table) = self_covering_layout(256, 512, covered, start).unwrap();
+            let end = covered.max(start + blocks + table);
+            assert!(blocks * 256 >= end, "{covered} {start}");
+            assert!(table * 512 >= blocks * 8, "{covered} {start}");
+            // Minimal: one block fewer would not cover.
+            assert!((blocks - 1) * 256 < end, "{covered} {start}");
+        }
+        assert_eq!(self_covering_layout(256, 512, 10, 2), Some((1, 1)));
+        assert_eq!(self_covering_layout(256, 512, 10, u64::MAX), None);
     }
 }

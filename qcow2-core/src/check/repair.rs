@@ -1,0 +1,172 @@
+//! The repair steps that follow an audit: table entries, refcounts in
+//! place, COPIED flags and header bits.
+
+use super::{Fix, Walk};
+use crate::cache::{Kind, Slot};
+use crate::check::CheckReport;
+use crate::format::{incompatible, L1Entry, L2Entry};
+use crate::{header_io, BlockDevice, Error, Qcow2};
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// The `Repair::All` steps after the audit: entries, refcounts, COPIED
+    /// flags, header bits.
+    pub(super) async fn repair_all(
+        &mut self,
+        w: &mut Walk<'_>,
+        mut report: CheckReport,
+    ) -> Result<CheckReport, Error<D::Error>> {
+        if report.corruptions > 0 || report.leaks > 0 {
+            if w.tally.entries > 0 && !self.mapping_shared(w).await? {
+                w.fix_entries = true;
+                w.reset(0);
+                self.walk(w).await?;
+                w.fix_entries = false;
+                self.flush().await?;
+            }
+            if !w.rebuild {
+                self.fix_refcounts_in_place(
+                    w,
+                    Fix {
+                        leaks: true,
+                        errors: true,
+                    },
+                )
+                .await?;
+            }
+            if w.rebuild {
+                self.rebuild_refcounts(w).await?;
+                w.leaks_fixed = report.leaks;
+                w.refcounts_fixed = w.tally.refcounts;
+            }
+            let copied_fixed = self.fix_copied_flags().await?;
+            report.leaks_fixed = w.leaks_fixed;
+            report.corruptions_fixed = w.refcounts_fixed + w.entries_fixed + copied_fixed;
+        }
+        // The refcounts are consistent now: the dirty bit can go. The corrupt
+        // bit goes only when nothing is left unrepaired.
+        let mut clear = incompatible::DIRTY;
+        if w.entries_fixed == w.tally.entries {
+            clear |= incompatible::CORRUPT;
+        }
+        self.clear_incompatible(clear).await?;
+        self.flush().await?;
+        Ok(report)
+    }
+
+    /// Whether some cluster is referenced twice by tables or data (the
+    /// refcount structures left out: a repair moves them if they clash).
+    /// With no snapshots that means two structures claim it, and a table
+    /// that may also be someone's data is not rewritten.
+    pub(super) async fn mapping_shared(
+        &mut self,
+        w: &mut Walk<'_>,
+    ) -> Result<bool, Error<D::Error>> {
+        w.skip_refcount_structures = true;
+        let mut first = 0;
+        let mut shared = false;
+        while !shared {
+            w.reset(first);
+            self.walk(w).await?;
+            let stop = (first + w.len).min(w.end);
+            shared = (first..stop).any(|c| w.refs(c) > 1);
+            first += w.len;
+            if first >= w.end {
+                break;
+            }
+        }
+        w.skip_refcount_structures = false;
+        Ok(shared)
+    }
+
+    /// Recounts and sets every refcount that differs (as `fix` allows) in
+    /// place, through refcount blocks the audit found trustworthy.
+    pub(super) async fn fix_refcounts_in_place(
+        &mut self,
+        w: &mut Walk<'_>,
+        fix: Fix,
+    ) -> Result<(), Error<D::Error>> {
+        let saved = w.report;
+        let mut start = 0;
+        loop {
+            w.reset(start);
+            self.walk(w).await?;
+            let end = w.end.max(self.dev_clusters);
+            self.compare(w, end, fix).await?;
+            start += w.len;
+            if start >= end {
+                break;
+            }
+        }
+        w.report = saved;
+        Ok(())
+    }
+
+    /// Sets COPIED on active L1/L2 entries exactly where the refcount is 1;
+    /// returns how many entries changed. Entries pointing nowhere valid are
+    /// left alone.
+    pub(super) async fn fix_copied_flags(&mut self) -> Result<u64, Error<D::Error>> {
+        let cs = self.geo.cluster_size;
+        let mut fixed = 0;
+        for i in 0..self.geo.l1_entries {
+            let at = self.geo.l1_offset + i * 8;
+            let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
+            let l2 = L1Entry(raw).l2_offset();
+            if l2 == 0 || !self.valid_clusters(l2, cs) {
+                continue;
+            }
+            fixed += self.set_copied(at, Kind::L1, raw, l2).await?;
+            if self.refcount(l2 / cs).await? != 1 {
+                // The table is also something else (data, perhaps): leave it.
+                continue;
+            }
+            for j in 0..self.geo.l2_entries {
+                let at = l2 + j * 8;
+                let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
+                let host = match L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3) {
+                    L2Entry::Data { offset, .. } => offset,
+                    L2Entry::Zero { offset, .. } if offset != 0 => offset,
+                    _ => continue,
+                };
+                if self.valid_clusters(host, cs) {
+                    fixed += self.set_copied(at, Kind::L2, raw, host).await?;
+                }
+            }
+        }
+        Ok(fixed)
+    }
+
+    /// Rewrites the table entry `raw` at `at` (pointing at `host`) so that
+    /// its COPIED flag says whether the refcount of `host` is exactly 1;
+    /// returns 1 when it changed.
+    pub(super) async fn set_copied(
+        &mut self,
+        at: u64,
+        kind: Kind,
+        raw: u64,
+        host: u64,
+    ) -> Result<u64, Error<D::Error>> {
+        use crate::format::entry::COPIED;
+        let want = self.refcount(host >> self.geo.cluster_bits).await? == 1;
+        let fixed = if want { raw | COPIED } else { raw & !COPIED };
+        if fixed == raw {
+            return Ok(0);
+        }
+        self.cache.write_u64(&mut self.dev, at, kind, fixed).await?;
+        Ok(1)
+    }
+
+    /// Clears incompatible feature bits in the header, durably.
+    pub(crate) async fn clear_incompatible(&mut self, bits: u64) -> Result<(), Error<D::Error>> {
+        if self.header.incompatible_features & bits == 0 {
+            return Ok(());
+        }
+        self.flush().await?;
+        self.header.incompatible_features &= !bits;
+        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
+        self.cache.flush_device(&mut self.dev).await
+    }
+}

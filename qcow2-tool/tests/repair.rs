@@ -1,0 +1,426 @@
+//! `check` and `check -r` against `qemu-img check` on damaged images: the
+//! same findings, and repairs that keep every byte of guest data that QEMU
+//! reads before the repair (compared with QEMU's own repair of a copy).
+//!
+//! Each damaged image is made by `qemu-img`/`qemu-io` and then a few bytes
+//! are poked into it, as a hostile or crashed image would have them.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A scratch directory, removed with its contents when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "qcow2-repair-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create scratch directory");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("UTF-8 path").to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn tool(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_qcow2-tool"), args)
+}
+
+fn must(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn peek64(path: &str, at: u64) -> u64 {
+    let bytes = std::fs::read(path).expect("read image");
+    let at = at as usize;
+    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn poke(path: &str, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    file.write_all_at(bytes, at).expect("poke");
+}
+
+fn poke64(path: &str, at: u64, value: u64) {
+    poke(path, at, &value.to_be_bytes());
+}
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// Host offset of the L1 entry and of the L2 entry of guest byte `guest`.
+fn entries(path: &str, guest: u64) -> (u64, u64) {
+    let cluster_bits = peek64(path, 16) & 0xffff_ffff;
+    let cs = 1u64 << cluster_bits;
+    let l1 = peek64(path, 40) + guest / (cs * (cs / 8)) * 8;
+    let l2 = (peek64(path, l1) & OFFSET_MASK) + (guest / cs % (cs / 8)) * 8;
+    (l1, l2)
+}
+
+/// Host offset of the data cluster of guest byte `guest`.
+fn data_cluster(path: &str, guest: u64) -> u64 {
+    peek64(path, entries(path, guest).1) & OFFSET_MASK
+}
+
+/// Makes an image with `qemu-img create -o options` and `qemu-io` writes.
+fn qemu_image(dir: &Scratch, name: &str, options: &str, size: &str, writes: &[&str]) -> String {
+    let path = dir.path(name);
+    must(
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", options, &path, size],
+        ),
+        "qemu-img create",
+    );
+    for w in writes {
+        must(run("qemu-io", &["-c", w, &path]), w);
+    }
+    path
+}
+
+/// Guest contents as QEMU reads them.
+fn guest(dir: &Scratch, image: &str) -> Vec<u8> {
+    let raw = dir.path("guest.raw");
+    must(
+        run("qemu-img", &["convert", "-O", "raw", image, &raw]),
+        "qemu-img convert",
+    );
+    std::fs::read(&raw).expect("read raw")
+}
+
+/// `check --output=json` of `program` ("qemu-img" or our tool) and its exit code.
+fn check_json(program: &str, image: &str) -> (Value, i32) {
+    let args = ["check", "--output=json", image];
+    let out = if program == "qemu-img" {
+        run("qemu-img", &args)
+    } else {
+        tool(&args)
+    };
+    let code = out.status.code().unwrap_or(-1);
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{program} check of {image}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (value, code)
+}
+
+/// The counts both checks report, and the exit code.
+fn findings(program: &str, image: &str) -> (Vec<(String, u64)>, i32) {
+    let (json, code) = check_json(program, image);
+    let fields = [
+        "corruptions",
+        "leaks",
+        "allocated-clusters",
+        "fragmented-clusters",
+        "compressed-clusters",
+        "total-clusters",
+    ];
+    let counts = fields
+        .iter()
+        .map(|f| (f.to_string(), json[f].as_u64().unwrap_or(0)))
+        .collect();
+    (counts, code)
+}
+
+/// What repairing `image` must give.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Expect {
+    /// Our check reports exactly what qemu-img check reports.
+    SameFindings,
+    /// Both find corruption (the counts differ: QEMU's walk reads the
+    /// overlapping tables differently).
+    BothCorrupt,
+}
+
+/// Checks `image` with both tools, repairs it with ours and a copy with
+/// qemu-img, and compares: guest data equal to what QEMU read before,
+/// our result clean in qemu-img's eyes.
+fn repair_case(dir: &Scratch, case: &str, image: &str, expect: Expect) {
+    let before = guest(dir, image);
+    let (ours, our_code) = findings("tool", image);
+    let (qemu, qemu_code) = findings("qemu-img", image);
+    match expect {
+        Expect::SameFindings => {
+            assert_eq!((&ours, our_code), (&qemu, qemu_code), "{case}: check");
+        }
+        Expect::BothCorrupt => {
+            assert_eq!((our_code, qemu_code), (2, 2), "{case}: {ours:?} {qemu:?}");
+        }
+    }
+    let copy = dir.path(&format!("{case}-qemu.qcow2"));
+    std::fs::copy(image, &copy).expect("copy");
+    let qemu_repair = run("qemu-img", &["check", "-r", "all", &copy]);
+    let ours = tool(&["check", "-r", "all", image]);
+    assert_eq!(
+        ours.status.code(),
+        Some(0),
+        "{case}: our repair: {}{}",
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    assert!(
+        guest(dir, image) == before,
+        "{case}: our repair changed guest data"
+    );
+    if qemu_repair.status.code() != Some(1) {
+        assert!(
+            guest(dir, &copy) == before,
+            "{case}: QEMU's repair changed guest data"
+        );
+    }
+    let (after, code) = check_json("qemu-img", image);
+    assert_eq!(code, 0, "{case}: qemu-img check after our repair: {after}");
+}
+
+#[test]
+fn refcount_block_on_guest_data_is_rebuilt_elsewhere() {
+    let dir = Scratch::new("refblock-on-data");
+    for bits in [1, 16, 64] {
+        let case = format!("refblock-on-data-{bits}");
+        let image = qemu_image(
+            &dir,
+            &format!("{case}.qcow2"),
+            &format!("cluster_size=512,refcount_bits={bits}"),
+            "1M",
+            &["write -P 0x55 0 3k", "write -P 0x01 1047552 1k"],
+        );
+        let reftable = peek64(&image, 48);
+        poke64(&image, reftable, data_cluster(&image, 1047552));
+        repair_case(&dir, &case, &image, Expect::SameFindings);
+        must(
+            run("qemu-io", &["-c", "read -P 0x01 1047552 1k", &image]),
+            "read back",
+        );
+    }
+}
+
+/// A default image (64 KiB clusters) with two data clusters.
+fn two_clusters(dir: &Scratch, name: &str) -> String {
+    qemu_image(
+        dir,
+        name,
+        "cluster_size=65536",
+        "1M",
+        &["write -P 0xab 0 64k", "write -P 0xcd 64k 64k"],
+    )
+}
+
+#[test]
+fn reserved_bits_are_reported_and_cleared_keeping_the_mapping() {
+    let dir = Scratch::new("reserved");
+    let image = two_clusters(&dir, "l2-bit-1.qcow2");
+    let (_, l2) = entries(&image, 0);
+    poke64(&image, l2, peek64(&image, l2) | 2);
+    repair_case(&dir, "l2-bit-1", &image, Expect::SameFindings);
+
+    let image = two_clusters(&dir, "l1-bit-1.qcow2");
+    let (l1, _) = entries(&image, 0);
+    poke64(&image, l1, peek64(&image, l1) | 2);
+    repair_case(&dir, "l1-bit-1", &image, Expect::SameFindings);
+
+    for value in [0x2, 0x3, 0xff, 0x100, 0x1fe, 1 << 56] {
+        let case = format!("unallocated-{value:x}");
+        let image = two_clusters(&dir, &format!("{case}.qcow2"));
+        let (_, l2) = entries(&image, 2 << 16);
+        poke64(&image, l2, value);
+        repair_case(&dir, &case, &image, Expect::SameFindings);
+    }
+}
+
+#[test]
+fn dirty_lazy_image_keeps_entries_with_reserved_bits() {
+    let dir = Scratch::new("dirty-reserved");
+    let image = qemu_image(
+        &dir,
+        "dirty.qcow2",
+        "lazy_refcounts=on",
+        "16M",
+        &["write -P 0x42 0 12k"],
+    );
+    let (_, l2) = entries(&image, 0);
+    poke64(&image, l2, peek64(&image, l2) | 2);
+    // The dirty bit, as a crash with lazy refcounts leaves it.
+    poke64(&image, 72, peek64(&image, 72) | 1);
+    must(
+        tool(&["io", "-c", "write -P 0x77 6M 4k", &image]),
+        "write to the dirty image",
+    );
+    must(
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "read -P 0x42 0 12k",
+                "-c",
+                "read -P 0x77 6M 4k",
+                &image,
+            ],
+        ),
+        "data after the rebuild at open",
+    );
+    assert_eq!(check_json("qemu-img", &image).1, 0);
+}
+
+#[test]
+fn refcount_tables_qemu_repairs_are_repaired() {
+    let dir = Scratch::new("reftable");
+    // The refcount table stretched over the refcount block and the L1 table.
+    let image = two_clusters(&dir, "reftable-over-l1.qcow2");
+    poke(&image, 56, &3u32.to_be_bytes());
+    repair_case(&dir, "reftable-over-l1", &image, Expect::BothCorrupt);
+    // The refcount table far past the end of the file, and absurdly far.
+    for (case, offset) in [
+        ("reftable-past-end", 1u64 << 24),
+        ("reftable-2-55", 1 << 55),
+    ] {
+        let image = two_clusters(&dir, &format!("{case}.qcow2"));
+        poke64(&image, 48, offset);
+        repair_case(&dir, case, &image, Expect::BothCorrupt);
+    }
+}
+
+#[test]
+fn fragmentation_counts_as_qemu_img() {
+    let dir = Scratch::new("fragmented");
+    let image = qemu_image(
+        &dir,
+        "across-tables.qcow2",
+        "cluster_size=4096",
+        "8M",
+        &[
+            "write 0 4k",
+            "write 2M 4k",
+            "write 2044k 4k",
+            "write -z 8k 4k",
+        ],
+    );
+    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    let image = qemu_image(
+        &dir,
+        "compressed.qcow2",
+        "cluster_size=4096",
+        "8M",
+        &[
+            "write 0 8k",
+            "write -c 64k 4k",
+            "write -c 128k 4k",
+            "write 12k 4k",
+        ],
+    );
+    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+}
+
+#[test]
+fn v2_zero_flag_is_not_a_check_finding() {
+    let dir = Scratch::new("v2-zero");
+    let image = qemu_image(&dir, "v2.qcow2", "compat=0.10", "1M", &["write 0 64k"]);
+    let (_, l2) = entries(&image, 0);
+    poke64(&image, l2, peek64(&image, l2) | 1);
+    poke64(&image, l2 + 8, 1);
+    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+}
+
+#[test]
+fn headers_qemu_refuses_are_refused() {
+    let dir = Scratch::new("refused");
+    type Damage = (&'static str, fn(&str));
+    let cases: [Damage; 4] = [
+        ("bitmaps-extension-empty", |p| {
+            poke(p, 112, &[0x23, 0x85, 0x28, 0x75, 0, 0, 0, 0])
+        }),
+        ("backing-format-16", |p| {
+            poke(p, 112, &[0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 16]);
+            poke(p, 120, b"qcow2qcow2qcow2q\0\0\0\0\0\0\0\0");
+        }),
+        ("snapshot-offset-unaligned", |p| poke64(p, 64, 3)),
+        ("data-file-raw-alone", |p| poke64(p, 88, 2)),
+    ];
+    for (case, damage) in cases {
+        let image = qemu_image(
+            &dir,
+            &format!("{case}.qcow2"),
+            "cluster_size=65536",
+            "1M",
+            &[],
+        );
+        damage(&image);
+        let qemu = run("qemu-img", &["check", &image]);
+        let ours = tool(&["check", &image]);
+        assert_eq!(qemu.status.code(), Some(1), "{case}: qemu-img check");
+        assert_eq!(ours.status.code(), Some(1), "{case}: our check");
+        let qemu = run("qemu-io", &["-c", "write 0 512", &image]);
+        let ours = tool(&["io", "-c", "write 0 512", &image]);
+        assert!(!qemu.status.success(), "{case}: qemu-io write");
+        assert!(!ours.status.success(), "{case}: our write");
+    }
+}
+
+#[test]
+fn unaligned_virtual_size_is_rounded_down_everywhere() {
+    let dir = Scratch::new("unaligned-size");
+    let image = qemu_image(&dir, "size.qcow2", "cluster_size=65536", "1M", &[]);
+    poke64(&image, 24, 1000);
+    let size = |out: Output| -> u64 {
+        let v: Value = serde_json::from_slice(&must(out, "info").stdout).expect("json");
+        v["virtual-size"].as_u64().expect("virtual-size")
+    };
+    let theirs = size(run("qemu-img", &["info", "--output=json", &image]));
+    let ours = size(tool(&["info", "--output=json", &image]));
+    assert_eq!((ours, theirs), (512, 512));
+    let raw = dir.path("ours.raw");
+    must(tool(&["convert", "-O", "raw", &image, &raw]), "convert");
+    assert_eq!(std::fs::metadata(&raw).expect("raw").len(), 512);
+    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    for cmd in ["read 0 1000", "write 512 512"] {
+        // Past the rounded-down size both refuse, as qemu-io does.
+        let theirs = run("qemu-io", &["-c", cmd, &image]);
+        let ours = tool(&["io", "-c", cmd, &image]);
+        let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(text(&theirs).contains("failed"), "qemu-io {cmd}");
+        assert!(
+            text(&ours).contains("failed"),
+            "ours {cmd}: {}",
+            text(&ours)
+        );
+        assert_eq!(ours.status.code(), theirs.status.code(), "{cmd}");
+    }
+    must(tool(&["io", "-c", "write -P 0x11 0 512", &image]), "write");
+    must(
+        run("qemu-io", &["-c", "read -P 0x11 0 512", &image]),
+        "read back",
+    );
+    assert_eq!(peek64(&image, 24), 1000, "the header keeps its size");
+}
