@@ -1,5 +1,7 @@
-//! A [`BlockDevice`] over a host file, with positional I/O.
+//! A [`BlockDevice`] over a host file, with positional I/O and QEMU's image
+//! locks.
 
+use crate::lock::{ImageLock, LockMode};
 use qcow2_core::{BlockDevice, Sector, SECTOR};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +19,36 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// length (reads past the physical end return zeros, writes extend the
 /// file), and `flush` sets the physical length if writes fell short of it.
 /// That saves a system call for every cluster an image allocates.
+///
+/// # Locking
+///
+/// `qcow2-core` does not lock anything: it only sees a [`BlockDevice`].
+/// This device can: opened with [`FileDevice::open_locked`] or
+/// [`FileDevice::create_locked`] it takes the advisory locks QEMU takes on
+/// an image (see [`crate::lock`]), so QEMU processes (`qemu-img`,
+/// `qemu-io`, `qemu-nbd`, VMs) and users of this device refuse each other
+/// as two QEMU processes do. They are shared open-file-description locks
+/// (`F_OFD_SETLK`) on single bytes: a read-only qcow2 open
+/// ([`LockMode::READ`]) holds bytes 100 (uses consistent read), 201 and
+/// 203 (does not share write, resize); a read-write one
+/// ([`LockMode::WRITE`]) also holds 101 (uses write) and 103 (uses
+/// resize). Opening fails when another open (in any process, this one
+/// included) does not share a permission this one uses, or uses one this
+/// one does not share; the [`io::Error`] then carries a
+/// [`LockError`](crate::LockError) with QEMU's message.
+///
+/// The locks live as long as the open file: they are released when the
+/// device (with every handle cloned from its file) is dropped. They are
+/// advisory: they keep out only programs that follow the same protocol.
+/// Where the kernel has no OFD locks nothing is locked, as in QEMU.
+///
+/// [`FileDevice::open`], [`FileDevice::create`] and
+/// [`FileDevice::from_file`] take no locks. Locks belong to the open file,
+/// and a child process shares the parent's open files from `fork` until
+/// `exec` closes them: in a process whose threads spawn programs, a file
+/// just closed can look locked for a moment, so a program that opens the
+/// same image again and again while other threads spawn processes (a test
+/// suite running `qemu-img`) is better off without locks.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
@@ -25,16 +57,29 @@ pub struct FileDevice {
     /// Physical length as far as this device knows.
     physical: u64,
     writable: bool,
+    /// The QEMU-compatible locks held on `file`.
+    lock: ImageLock,
 }
 
 impl FileDevice {
-    /// Opens an existing file, read-only or read-write.
+    /// Opens an existing file, read-only or read-write, taking no locks.
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(writable).open(path)?;
         Self::from_file(file, writable)
     }
 
-    /// Creates (or truncates) a file for a new image.
+    /// Opens an existing file, read-only or read-write, and takes the locks
+    /// of `mode`: [`LockMode::qcow2`]`(writable)` for what QEMU takes on a
+    /// qcow2 image, `LockMode::READ.force_share()` for what it takes with
+    /// `-U`, [`LockMode::NONE`] for none. Fails with a
+    /// [`LockError`](crate::LockError) inside the [`io::Error`] when
+    /// another open conflicts.
+    pub fn open_locked(path: impl AsRef<Path>, writable: bool, mode: LockMode) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Self::from_file_locked(file, writable, mode)
+    }
+
+    /// Creates (or truncates) a file for a new image, taking no locks.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -45,7 +90,26 @@ impl FileDevice {
         Self::from_file(file, true)
     }
 
-    /// Wraps an open file.
+    /// Creates (or truncates) a file for a new qcow2 image as QEMU does: it
+    /// locks the file for creation ([`LockMode::CREATE`]) before truncating
+    /// it, so an image in use elsewhere is refused and left intact, then
+    /// moves to the locks of a read-write qcow2 image ([`LockMode::WRITE`]).
+    pub fn create_locked(path: impl AsRef<Path>) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut device = Self::from_file_locked(file, true, LockMode::CREATE)?;
+        device.file.set_len(0)?;
+        device.len = 0;
+        device.physical = 0;
+        device.set_lock_mode(LockMode::WRITE)?;
+        Ok(device)
+    }
+
+    /// Wraps an open file, taking no locks (any the file holds stay).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
         let len = file.metadata()?.len();
         Ok(FileDevice {
@@ -53,7 +117,31 @@ impl FileDevice {
             len,
             physical: len,
             writable,
+            lock: ImageLock::new(),
         })
+    }
+
+    /// Wraps an open file that holds no locks yet and takes the locks of
+    /// `mode` on it, as [`FileDevice::open_locked`] does.
+    pub fn from_file_locked(file: File, writable: bool, mode: LockMode) -> io::Result<Self> {
+        let lock = ImageLock::acquire(&file, mode)?;
+        Ok(FileDevice {
+            lock,
+            ..Self::from_file(file, writable)?
+        })
+    }
+
+    /// The mode of the locks held on the file.
+    pub fn lock_mode(&self) -> LockMode {
+        self.lock.mode()
+    }
+
+    /// Moves the file's locks to `mode` (for example to share everything
+    /// once writing is done). On a conflict the old locks stay and the
+    /// error carries a [`LockError`](crate::LockError).
+    pub fn set_lock_mode(&mut self, mode: LockMode) -> io::Result<()> {
+        self.lock.change(&self.file, mode)?;
+        Ok(())
     }
 
     /// The file's length in bytes.

@@ -1,6 +1,6 @@
 //! Host adapters for `qcow2-core`: file and RAM devices, a fault-injecting
-//! device for crash tests, a blocking, byte-addressed image API, and cache
-//! defaults sized for a host.
+//! device for crash tests, a blocking, byte-addressed image API, cache
+//! defaults sized for a host, and image locking compatible with QEMU's.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -8,6 +8,7 @@ mod blocking;
 mod fault;
 mod file;
 pub mod fuzzing;
+pub mod lock;
 mod ram;
 
 pub use blocking::{
@@ -16,6 +17,7 @@ pub use blocking::{
 };
 pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;
+pub use lock::{ImageLock, LockError, LockMode, Permission, Permissions};
 pub use qcow2_core;
 pub use ram::{RamDevice, RamError};
 

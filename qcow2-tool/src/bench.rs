@@ -22,11 +22,11 @@
 //! last of those (nothing left to send) is issued after the clock stops,
 //! because qemu-img stops its clock without waiting for that flush.
 
-use crate::disk::{probe, round_to_sector, Disk, Format};
-use crate::error::{core_error, core_message, errno_text, io_error, CliResult, CoreError};
+use crate::disk::{probe, round_to_sector, Access, Disk, Format, OpenError};
+use crate::error::{core_error, core_message, errno_text, CliResult, CoreError};
 use crate::size::{parse_c_unsigned, parse_size, SizeError};
 use qcow2_core::{BlockDevice, Error, OpenOptions, Sector, SECTOR};
-use qcow2_std_shim::{block_on, Image};
+use qcow2_std_shim::{block_on, Image, ImageLock, LockMode};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -145,7 +145,8 @@ pub struct BenchArgs {
     /// writethrough), unsafe (skip flushes).
     #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
-    /// Accepted for read tests (there is no image locking).
+    /// Open the image in shared mode: let other processes write it during
+    /// the run (read tests only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Write instead of read.
@@ -220,6 +221,7 @@ struct Settings {
     pattern: u8,
     flush_interval: u64,
     cache: Cache,
+    force_share: bool,
 }
 
 /// The `Invalid NAME specified. Must be between MIN and MAX.` error.
@@ -322,6 +324,7 @@ impl Settings {
             pattern: u8::try_from(pattern).unwrap_or(u8::MAX),
             flush_interval,
             cache,
+            force_share: args.force_share,
         };
         Ok((settings, file))
     }
@@ -409,11 +412,13 @@ struct DirectDevice {
     physical: u64,
     writable: bool,
     bounce: AlignedBuf,
+    /// The QEMU-compatible locks on `file`, held until it is closed.
+    _lock: ImageLock,
 }
 
 impl DirectDevice {
-    /// Opens `path` with `O_DIRECT`.
-    fn open(path: &Path, writable: bool) -> io::Result<DirectDevice> {
+    /// Opens `path` with `O_DIRECT` and takes the locks of `lock`.
+    fn open(path: &Path, writable: bool, lock: LockMode) -> io::Result<DirectDevice> {
         let flag = O_DIRECT.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -426,12 +431,14 @@ impl DirectDevice {
             .custom_flags(flag)
             .open(path)?;
         let len = file.metadata()?.len();
+        let lock = ImageLock::acquire(&file, lock)?;
         Ok(DirectDevice {
             file,
             len,
             physical: len,
             writable,
             bounce: AlignedBuf::new(BOUNCE_BYTES, 0)?,
+            _lock: lock,
         })
     }
 
@@ -634,14 +641,28 @@ impl Target for DirectRaw {
     }
 }
 
-/// Opens `path` as `format` for the cache mode.
-fn open(path: &Path, format: Format, cache: Cache, writable: bool) -> CliResult<Box<dyn Target>> {
-    if !cache.direct() {
-        return Ok(Box::new(Disk::open(path, Some(format), writable)?));
-    }
+/// Opens `path` as `format` for the cache mode, with the locks `qemu-img
+/// bench` takes (shared with `force_share`).
+fn open(
+    path: &Path,
+    format: Format,
+    cache: Cache,
+    writable: bool,
+    force_share: bool,
+) -> CliResult<Box<dyn Target>> {
     let shown = path.display().to_string();
-    let dev = DirectDevice::open(path, writable)
-        .map_err(|e| io_error(&format!("Could not open '{shown}'"), &e))?;
+    let access = if writable {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    if !cache.direct() {
+        let disk =
+            Disk::open(path, Some(format), access, force_share).map_err(|e| e.img(&shown))?;
+        return Ok(Box::new(disk));
+    }
+    let dev = DirectDevice::open(path, writable, access.lock_mode(format, force_share))
+        .map_err(|e| OpenError::from_io(&shown, &e).img(&shown))?;
     match format {
         Format::Raw => {
             let size = round_to_sector(dev.len);
@@ -757,7 +778,13 @@ pub fn run(args: &BenchArgs) -> CliResult<()> {
     if settings.cache.direct() && format == Format::Raw {
         check_direct_raw(&settings)?;
     }
-    let target = open(path, format, settings.cache, settings.write)?;
+    let target = open(
+        path,
+        format,
+        settings.cache,
+        settings.write,
+        settings.force_share,
+    )?;
     bench(target, &settings)
 }
 
@@ -828,6 +855,7 @@ mod tests {
             pattern: 0,
             flush_interval: 4,
             cache: Cache::Writeback,
+            force_share: false,
         };
         let after: Vec<u64> = (1..=10).filter(|&d| settings.flush_after(d)).collect();
         assert_eq!(after, [2, 6, 10]);

@@ -3,11 +3,12 @@
 //! Exit codes as qemu-img's: 0 consistent, 1 the check itself failed,
 //! 2 corruptions remain, 3 only leaks remain.
 
-use crate::error::{core_error, io_error, CliResult};
+use crate::disk::{open_qcow2_file, Access};
+use crate::error::{core_error, CliResult};
 use crate::json::Json;
 use qcow2_core::format::MAGIC;
 use qcow2_core::{CheckReport, Error, OpenOptions, Repair};
-use qcow2_std_shim::{FileDevice, Image};
+use qcow2_std_shim::Image;
 use std::path::PathBuf;
 
 /// Output styles of `check`.
@@ -43,6 +44,10 @@ pub struct CheckArgs {
     /// Print nothing (human output only).
     #[arg(short = 'q')]
     quiet: bool,
+    /// Open the image in shared mode: let other processes write it during
+    /// the check (like `qemu-img check -U`; not with `-r`).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image file.
     file: PathBuf,
 }
@@ -62,8 +67,12 @@ fn status(report: &CheckReport) -> u8 {
 pub fn run(args: &CheckArgs) -> CliResult<u8> {
     let shown = args.file.display().to_string();
     let writable = args.repair.is_some();
-    let dev = FileDevice::open(&args.file, writable)
-        .map_err(|e| io_error(&format!("Could not open '{shown}'"), &e))?;
+    let access = if writable {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    let dev = open_qcow2_file(&args.file, access, args.force_share).map_err(|e| e.img(&shown))?;
     let options = if writable {
         OpenOptions::repair()
     } else {

@@ -1,7 +1,7 @@
 //! `convert`: copy the guest contents of an image into a new image,
 //! leaving zero regions unallocated (sparse).
 
-use crate::disk::{round_to_sector, Disk, Extent, Format};
+use crate::disk::{round_to_sector, Access, Disk, Extent, Format};
 use crate::error::{core_error, CliResult, CoreError};
 use crate::options::{self, QCOW2_KEYS};
 use std::os::unix::fs::MetadataExt;
@@ -26,6 +26,10 @@ pub struct ConvertArgs {
     /// lazy_refcounts, compat.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
+    /// Open the source in shared mode: let other processes write it during
+    /// the copy (like `qemu-img convert -U`).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The source image.
     source: PathBuf,
     /// The target image (created or overwritten).
@@ -56,14 +60,21 @@ pub fn run(args: &ConvertArgs) -> CliResult<()> {
     if same_file(&args.source, &args.target) {
         return Err(format!("'{src_name}' and '{dst_name}' are the same file").into());
     }
-    let mut src = Disk::open(&args.source, args.format, false)?;
+    let mut src = Disk::open(
+        &args.source,
+        args.format,
+        Access::CopySource,
+        args.force_share,
+    )
+    .map_err(|e| e.img(&src_name))?;
     let size = round_to_sector(src.size());
     let create = opts.to_create(size)?;
     let granule = match args.output_format {
         Format::Qcow2 => 1usize << create.cluster_bits,
         Format::Raw => RAW_GRANULE,
     };
-    let mut dst = Disk::create(&args.target, args.output_format, size, &create)?;
+    let mut dst = Disk::create(&args.target, args.output_format, size, &create)
+        .map_err(|e| e.convert_target(&dst_name, args.output_format))?;
     copy(&mut src, &mut dst, granule, &src_name, &dst_name)
         .and_then(|()| dst.close().map_err(|e| core_error(&dst_name, &e)))
         .inspect_err(|_| {

@@ -91,7 +91,8 @@ pub fn run(args: &CreateArgs) -> CliResult<()> {
         Format::Qcow2 => opts.to_create(size).map_err(|e| format!("{shown}: {e}"))?,
         Format::Raw => CreateOptions::new(size),
     };
-    let disk = Disk::create(&args.file, args.format, size, &create)?;
+    let disk =
+        Disk::create(&args.file, args.format, size, &create).map_err(|e| e.create(&shown))?;
     disk.close().map_err(|e| {
         // Do not leave a half-written image behind.
         let _ = std::fs::remove_file(&args.file);

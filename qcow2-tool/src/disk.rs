@@ -1,9 +1,9 @@
 //! Raw files and qcow2 images behind one byte-addressed interface.
 
-use crate::error::{core_error, io_error, CliResult, CoreError};
+use crate::error::{core_error, io_error, CliError, CliResult, CoreError};
 use qcow2_core::format::MAGIC;
 use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
-use qcow2_std_shim::{FileDevice, Image};
+use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -50,9 +50,163 @@ pub fn probe(path: &Path) -> CliResult<Format> {
     })
 }
 
+/// What a verb does with an image. It decides whether the image is opened
+/// for writing and which of QEMU's locks the open takes (see
+/// [`Access::lock_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Header and metadata only, no guest I/O (`qemu-img info`).
+    Metadata,
+    /// Guest reads (`qemu-img check`, `qemu-img bench`, `qemu-io -r`).
+    Read,
+    /// Guest reads of a conversion source, which must not change under the
+    /// copy (`qemu-img convert`): others may not write, even to raw files.
+    CopySource,
+    /// Guest reads and writes (`qemu-io`, `qemu-img check -r`,
+    /// `qemu-img bench -w`, a conversion target).
+    Write,
+}
+
+impl Access {
+    /// Whether the image is opened for writing.
+    pub fn writable(self) -> bool {
+        self == Access::Write
+    }
+
+    /// The locks QEMU 10 takes for this access to a `format` image (seen in
+    /// `/proc/locks`): qcow2 never shares writes and resizes, as its
+    /// metadata would change underneath; a raw file shares what its user
+    /// shares, which is everything except for a conversion source.
+    /// `force_share` (`-U`) shares everything.
+    pub fn lock_mode(self, format: Format, force_share: bool) -> LockMode {
+        let mode = match (self, format) {
+            (Access::Metadata, Format::Qcow2) => LockMode::METADATA,
+            (Access::Metadata, Format::Raw) => LockMode::NONE,
+            (Access::Read | Access::CopySource, Format::Qcow2)
+            | (Access::CopySource, Format::Raw) => LockMode::READ,
+            (Access::Read, Format::Raw) => {
+                LockMode::new(Permissions::CONSISTENT_READ, Permissions::ALL)
+            }
+            (Access::Write, Format::Qcow2) => LockMode::WRITE,
+            (Access::Write, Format::Raw) => LockMode::new(
+                Permissions::CONSISTENT_READ | Permissions::WRITE,
+                Permissions::ALL,
+            ),
+        };
+        if force_share {
+            mode.force_share()
+        } else {
+            mode
+        }
+    }
+}
+
+/// Why an image could not be opened or created.
+#[derive(Debug)]
+pub enum OpenError {
+    /// A refusal QEMU words after its command's own context (`qemu-img`:
+    /// `Could not open '<file>': `, `qemu-io`: `can't open device <file>: `):
+    /// a lock conflict, or `-U` on a writable open. `hint` is the second
+    /// line QEMU prints, if any.
+    Refused {
+        /// The message.
+        message: String,
+        /// QEMU's hint line (`Is another process using the image [...]?`).
+        hint: Option<String>,
+    },
+    /// Any other failure, worded in full.
+    Failed(CliError),
+}
+
+impl From<CliError> for OpenError {
+    fn from(e: CliError) -> Self {
+        OpenError::Failed(e)
+    }
+}
+
+impl OpenError {
+    /// The refusal for a `-U` open that would write.
+    pub fn force_share_writable() -> OpenError {
+        OpenError::Refused {
+            message: "force-share=on can only be used with read-only images".into(),
+            hint: None,
+        }
+    }
+
+    /// The error for an I/O failure while opening `shown`: a lock conflict
+    /// as a refusal, anything else as `Could not open '<file>': <reason>`.
+    pub fn from_io(shown: &str, e: &io::Error) -> OpenError {
+        match LockError::from_io(e) {
+            Some(lock) => OpenError::Refused {
+                message: lock.to_string(),
+                hint: lock.hint(shown),
+            },
+            None => OpenError::Failed(io_error(&format!("Could not open '{shown}'"), e)),
+        }
+    }
+
+    /// The error with `context` before a refusal, and the hint after it.
+    fn with_context(self, context: &str) -> CliError {
+        match self {
+            OpenError::Refused { message, hint } => {
+                let hint = hint.map(|h| format!("\n{h}")).unwrap_or_default();
+                CliError(format!("{context}{message}{hint}"))
+            }
+            OpenError::Failed(e) => e,
+        }
+    }
+
+    /// As `qemu-img` reports a failed open of `shown`.
+    pub fn img(self, shown: &str) -> CliError {
+        self.with_context(&format!("Could not open '{shown}': "))
+    }
+
+    /// As `qemu-io` reports a failed open of `shown`.
+    pub fn io(self, shown: &str) -> CliError {
+        match self {
+            OpenError::Failed(e) => CliError(format!("can't open device {shown}: {e}")),
+            refused => refused.with_context(&format!("can't open device {shown}: ")),
+        }
+    }
+
+    /// As `qemu-img create` reports a failed creation of `shown`.
+    pub fn create(self, shown: &str) -> CliError {
+        self.with_context(&format!("{shown}: "))
+    }
+
+    /// As `qemu-img convert` reports a failed creation of its target
+    /// `shown` in `format`.
+    pub fn convert_target(self, shown: &str, format: Format) -> CliError {
+        self.with_context(&format!(
+            "{shown}: error while converting {}: ",
+            format.name()
+        ))
+    }
+}
+
 /// The message for a file that could not be opened, as `qemu-img` words it.
 fn open_error(shown: &str, e: &io::Error) -> crate::error::CliError {
     io_error(&format!("Could not open '{shown}'"), e)
+}
+
+/// Opens the qcow2 image file `path` for `access` with QEMU's locks.
+pub fn open_qcow2_file(
+    path: &Path,
+    access: Access,
+    force_share: bool,
+) -> Result<FileDevice, OpenError> {
+    if force_share && access.writable() {
+        return Err(OpenError::force_share_writable());
+    }
+    let shown = path.display().to_string();
+    let mode = access.lock_mode(Format::Qcow2, force_share);
+    FileDevice::open_locked(path, access.writable(), mode)
+        .map_err(|e| OpenError::from_io(&shown, &e))
+}
+
+/// Takes the locks of `mode` on `file`, the image `shown`.
+fn lock_file(file: &File, mode: LockMode, shown: &str) -> Result<ImageLock, OpenError> {
+    ImageLock::acquire(file, mode).map_err(|e| OpenError::from_io(shown, &e.into()))
 }
 
 /// Rounds `n` up to a whole sector, as QEMU sizes every block device.
@@ -67,6 +221,8 @@ pub struct RawDisk {
     file: File,
     size: u64,
     writable: bool,
+    /// The QEMU-compatible locks on `file`, held until it is closed.
+    _lock: ImageLock,
 }
 
 impl RawDisk {
@@ -126,13 +282,25 @@ pub enum Disk {
 }
 
 impl Disk {
-    /// Opens `path` as `format`, or as the probed format when `None`.
-    pub fn open(path: &Path, format: Option<Format>, writable: bool) -> CliResult<Disk> {
+    /// Opens `path` as `format`, or as the probed format when `None`, for
+    /// `access`, taking the locks QEMU takes ([`Access::lock_mode`]; all
+    /// permissions shared with `force_share`, which writable opens refuse).
+    /// The locks are held until the disk is closed.
+    pub fn open(
+        path: &Path,
+        format: Option<Format>,
+        access: Access,
+        force_share: bool,
+    ) -> Result<Disk, OpenError> {
+        if force_share && access.writable() {
+            return Err(OpenError::force_share_writable());
+        }
         let format = match format {
             Some(f) => f,
             None => probe(path)?,
         };
         let shown = path.display().to_string();
+        let writable = access.writable();
         match format {
             Format::Raw => {
                 let file = std::fs::OpenOptions::new()
@@ -140,6 +308,7 @@ impl Disk {
                     .write(writable)
                     .open(path)
                     .map_err(|e| open_error(&shown, &e))?;
+                let lock = lock_file(&file, access.lock_mode(format, force_share), &shown)?;
                 let len = file
                     .metadata()
                     .map_err(|e| io_error(&format!("Could not stat '{shown}'"), &e))?
@@ -148,19 +317,20 @@ impl Disk {
                     file,
                     size: round_to_sector(len),
                     writable,
+                    _lock: lock,
                 }))
             }
             Format::Qcow2 => {
-                let dev = FileDevice::open(path, writable).map_err(|e| open_error(&shown, &e))?;
+                let dev = open_qcow2_file(path, access, force_share)?;
                 let options = if writable {
                     OpenOptions::read_write()
                 } else {
                     OpenOptions::read_only()
                 };
                 let image = Image::open(dev, &options).map_err(|e| match e {
-                    Error::NotQcow2 => {
-                        format!("Could not open '{shown}': Image is not in qcow2 format").into()
-                    }
+                    Error::NotQcow2 => CliError::from(format!(
+                        "Could not open '{shown}': Image is not in qcow2 format"
+                    )),
                     e => core_error(&format!("Could not open '{shown}'"), &e),
                 })?;
                 Ok(Disk::Qcow2(Box::new(image)))
@@ -170,29 +340,50 @@ impl Disk {
 
     /// Creates (or truncates) `path` as an empty image of `size` bytes.
     /// `options` applies to qcow2 only; its size is replaced by `size`.
+    ///
+    /// Like QEMU, the file is locked for creation before it is truncated:
+    /// an image another process uses is refused ([`OpenError::Refused`])
+    /// and left as it was. The new image stays locked for writing until
+    /// it is closed.
     pub fn create(
         path: &Path,
         format: Format,
         size: u64,
         options: &CreateOptions,
-    ) -> CliResult<Disk> {
+    ) -> Result<Disk, OpenError> {
         let shown = path.display().to_string();
         let context = format!("Could not create '{shown}'");
+        let created = |e: io::Error| match LockError::from_io(&e) {
+            Some(_) => OpenError::from_io(&shown, &e),
+            None => OpenError::Failed(io_error(&context, &e)),
+        };
         match format {
             Format::Raw => {
-                let file = File::create(path).map_err(|e| io_error(&context, &e))?;
-                file.set_len(size).map_err(|e| {
-                    let _ = std::fs::remove_file(path);
-                    io_error(&context, &e)
-                })?;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(created)?;
+                let mut lock = lock_file(&file, LockMode::CREATE, &shown)?;
+                file.set_len(0)
+                    .and_then(|()| file.set_len(size))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(path);
+                        created(e)
+                    })?;
+                lock.change(&file, Access::Write.lock_mode(format, false))
+                    .map_err(|e| created(e.into()))?;
                 Ok(Disk::Raw(RawDisk {
                     file,
                     size,
                     writable: true,
+                    _lock: lock,
                 }))
             }
             Format::Qcow2 => {
-                let dev = FileDevice::create(path).map_err(|e| io_error(&context, &e))?;
+                let dev = FileDevice::create_locked(path).map_err(created)?;
                 let options = CreateOptions { size, ..*options };
                 let image = Image::create(dev, &options).map_err(|e| {
                     // The file is ours and holds no valid image: remove it.

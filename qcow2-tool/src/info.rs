@@ -1,6 +1,6 @@
 //! `info`: describe an image like `qemu-img info`.
 
-use crate::disk::{probe, round_to_sector, Disk, Format};
+use crate::disk::{probe, round_to_sector, Access, Disk, Format};
 use crate::error::{io_error, CliResult};
 use crate::json::Json;
 use crate::size::size_to_str;
@@ -27,6 +27,11 @@ pub struct InfoArgs {
     /// Output style.
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
+    /// Open the image in shared mode: take no locks, so that an image
+    /// another process is writing can be inspected (like `qemu-img info
+    /// -U`; what is read may then be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image file.
     file: PathBuf,
 }
@@ -73,7 +78,8 @@ fn summarize(args: &InfoArgs) -> CliResult<Summary> {
         Some(f) => f,
         None => probe(&args.file)?,
     };
-    let disk = Disk::open(&args.file, Some(format), false)?;
+    let disk = Disk::open(&args.file, Some(format), Access::Metadata, args.force_share)
+        .map_err(|e| e.img(&filename))?;
     let meta = std::fs::metadata(&args.file)
         .map_err(|e| io_error(&format!("Could not stat '{filename}'"), &e))?;
     let mut summary = Summary {

@@ -2,7 +2,13 @@
 //! `qcow2-core`.
 //!
 //! Subcommands: `create`, `info`, `check`, `convert`, `io` and `bench`. Failures print one
-//! line, `qcow2-tool: <message>`, on stderr and exit with status 1.
+//! line, `qcow2-tool: <message>`, on stderr and exit with status 1; where QEMU adds a hint
+//! line (`Is another process using the image [<file>]?` after a lock conflict), so do we.
+//!
+//! Every subcommand locks the images it opens as its `qemu-img` / `qemu-io` counterpart
+//! does (see `qcow2_std_shim::lock`), for as long as it has them open, so it and QEMU
+//! refuse each other as two QEMU processes do; `-U` / `--force-share` opens read-only
+//! images in shared mode where `qemu-img` and `qemu-io` accept it.
 #![forbid(unsafe_code)]
 
 /// `println!` that ignores a closed stdout instead of panicking.

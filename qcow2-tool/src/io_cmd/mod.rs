@@ -7,7 +7,7 @@
 mod getopt;
 mod report;
 
-use crate::disk::{Disk, Extent, Format};
+use crate::disk::{Access, Disk, Extent, Format};
 use crate::error::{core_message, errno_text, CliResult, CoreError};
 use crate::size::{parse_size, SizeError};
 use getopt::{getopt, Opt};
@@ -30,6 +30,10 @@ pub struct IoArgs {
     /// Image format.
     #[arg(short = 'f', value_enum, default_value = "qcow2")]
     format: Format,
+    /// Open the image in shared mode: let other processes write it
+    /// meanwhile (like `qemu-io -U`; only with `-r`).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// A command to run: `read [-Cqv] [-P pattern [-s off] [-l len]] off len`,
     /// `write [-Cfqu] [-P pattern | -z] off len`, `flush`, `quit`. Repeat
     /// for several; without any, commands are read from standard input.
@@ -97,8 +101,15 @@ const COMMANDS: [&CommandInfo; 4] = [&READ, &WRITE, &FLUSH, &QUIT];
 /// Runs `io`; returns whether every command succeeded.
 pub fn run(args: &IoArgs) -> CliResult<bool> {
     let shown = args.file.display().to_string();
-    let mut disk = Disk::open(&args.file, Some(args.format), !args.read_only)
-        .map_err(|e| format!("can't open device {shown}: {e}"))?;
+    let access = if args.read_only {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    // The image stays open, and locked, until every command has run (for
+    // commands from standard input: until it ends or says `quit`).
+    let mut disk = Disk::open(&args.file, Some(args.format), access, args.force_share)
+        .map_err(|e| e.io(&shown))?;
     let mut session = Session {
         disk: &mut disk,
         read_only: args.read_only,
