@@ -63,29 +63,31 @@ where
 
     /// Host offset of the L2 table covering guest cluster `guest`, 0 if none.
     pub(crate) async fn l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
-        let at = self.l1_entry_offset(guest)?;
-        // Reserved bits are ignored, as QEMU does; `check` reports them.
-        let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
-        let l2 = entry.l2_offset();
-        if l2 == 0 {
-            return Ok(0);
-        }
-        self.check_cluster(l2, L2_TABLE)?;
-        Ok(l2)
+        Ok(self.l1_lookup(guest).await?.0)
     }
 
     /// [`Self::l2_table`] for a write: the table must be this image's alone
     /// (COPIED set), as shared tables would need copy-on-write.
     pub(crate) async fn l2_table_for_write(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
-        let l2 = self.l2_table(guest).await?;
-        if l2 != 0 {
+        let (l2, copied) = self.l1_lookup(guest).await?;
+        if l2 != 0 && !copied {
             let at = self.l1_entry_offset(guest)?;
-            let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
-            if !entry.copied() {
-                return Err(Error::corrupt("L1 entry without COPIED flag", at));
-            }
+            return Err(Error::corrupt("L1 entry without COPIED flag", at));
         }
         Ok(l2)
+    }
+
+    /// The L2 table offset (0 if none) and COPIED flag of guest cluster
+    /// `guest`'s L1 entry. Reserved bits are ignored, as QEMU does; `check`
+    /// reports them.
+    async fn l1_lookup(&mut self, guest: u64) -> Result<(u64, bool), Error<D::Error>> {
+        let at = self.l1_entry_offset(guest)?;
+        let entry = L1Entry(self.cache.read_u64(&mut self.dev, at, Kind::L1).await?);
+        let l2 = entry.l2_offset();
+        if l2 != 0 {
+            self.check_cluster(l2, L2_TABLE)?;
+        }
+        Ok((l2, entry.copied()))
     }
 
     /// Checks that a cluster read from metadata is aligned, inside the
