@@ -36,7 +36,7 @@ where
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::corrupt("cluster allocation does not converge", 0))
+        Err(Error::Internal("cluster allocation does not converge"))
     }
 
     /// One attempt: allocates the first free cluster from the hint if its
@@ -143,7 +143,7 @@ where
             let end = to.min(sector_start + per_sector);
             for c in cluster..end {
                 refcount::set(&mut self.scratch, order, (c - sector_start) as usize, 1)
-                    .ok_or(Error::corrupt("refcount block layout", host))?;
+                    .ok_or(Error::Internal("refcount block layout"))?;
             }
             self.dev
                 .write(first + sector, core::slice::from_ref(&self.scratch))
@@ -221,7 +221,7 @@ where
             let bytes = (start + j) * cs;
             self.scratch
                 .get_mut(i..i + 8)
-                .ok_or(Error::corrupt("refcount table layout", table))?
+                .ok_or(Error::Internal("refcount table layout"))?
                 .copy_from_slice(&bytes.to_be_bytes());
             self.dev
                 .write(sector, core::slice::from_ref(&self.scratch))

@@ -9,13 +9,31 @@
 
 use crate::{BlockDevice, Error, Sector, SECTOR};
 
-const EMPTY: u64 = u64::MAX;
-const NONE: u32 = u32::MAX;
+/// No slice: the `recent` shortcut's empty value (slice tags are aligned).
+const NO_TAG: u64 = u64::MAX;
+
+/// A slot index in a hash chain, stored plus one so that zero bytes (an
+/// empty slot, a static cache in `.bss`) mean "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link(u32);
+
+impl Link {
+    const NONE: Link = Link(0);
+
+    /// A link to slot `i` (`i < u32::MAX`, bounded in [`Cache::new`]).
+    const fn to(i: u32) -> Link {
+        Link(i.wrapping_add(1))
+    }
+
+    const fn get(self) -> Option<u32> {
+        self.0.checked_sub(1)
+    }
+}
 
 /// What a cached slice holds; decides write-back order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// Part of the L1 table.
+    /// Part of the L1 table (first: an empty slot's zero bytes).
     L1,
     /// Part of an L2 table.
     L2,
@@ -43,12 +61,17 @@ impl Kind {
 /// One cache entry: a metadata slice of up to `K` sectors plus its tag.
 ///
 /// Callers only allocate these (`[const { Slot::EMPTY }; N]` or a boxed
-/// slice); the image manages their contents.
+/// slice); the image manages their contents. An empty slot is all zero
+/// bytes, so a `static` cache costs no flash (it goes to `.bss`).
 #[derive(Clone)]
 pub struct Slot<const K: usize> {
+    /// Host byte offset of the cached slice; meaningful when `used`.
     tag: u64,
-    next: u32,
-    head: u32,
+    /// Next slot in this slot's hash chain.
+    next: Link,
+    /// First slot of the hash chain whose bucket is this slot's index.
+    head: Link,
+    used: bool,
     kind: Kind,
     dirty: bool,
     referenced: bool,
@@ -58,10 +81,11 @@ pub struct Slot<const K: usize> {
 impl<const K: usize> Slot<K> {
     /// An unused slot, for building cache arrays.
     pub const EMPTY: Self = Slot {
-        tag: EMPTY,
-        next: NONE,
-        head: NONE,
-        kind: Kind::L2,
+        tag: 0,
+        next: Link::NONE,
+        head: Link::NONE,
+        used: false,
+        kind: Kind::L1,
         dirty: false,
         referenced: false,
         data: [[0; SECTOR]; K],
@@ -70,10 +94,7 @@ impl<const K: usize> Slot<K> {
 
 /// Internal invariant broken: reported rather than panicking.
 const fn broken<E>() -> Error<E> {
-    Error::Corrupt {
-        what: "metadata cache index out of range",
-        offset: 0,
-    }
+    Error::Internal("metadata cache index out of range")
 }
 
 /// The cache proper, over caller-owned slot storage `S`.
@@ -103,27 +124,30 @@ impl<S, const K: usize> Cache<S, K>
 where
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
 {
-    /// Takes over `slots`, clearing them, for an image of `cluster_size`.
+    /// Takes over `slots`, clearing them, for an image of `cluster_size`;
+    /// gives them back with the error when they cannot serve as a cache.
     pub(crate) fn new<E>(
         mut slots: S,
         cluster_size: u64,
         lazy_refcounts: bool,
-    ) -> Result<Self, Error<E>> {
+    ) -> Result<Self, (Error<E>, S)> {
         let n = slots.as_ref().len();
-        if n == 0 || n >= NONE as usize {
-            return Err(Error::InvalidArgument(
-                "cache needs between 1 and 2^32-1 slots",
+        if n == 0 || n >= u32::MAX as usize {
+            return Err((
+                Error::InvalidArgument("cache needs between 1 and 2^32-2 slots"),
+                slots,
             ));
         }
         if K == 0 || !K.is_power_of_two() {
-            return Err(Error::InvalidArgument(
-                "cache slice size must be a power of two sectors",
+            return Err((
+                Error::InvalidArgument("cache slice size must be a power of two sectors"),
+                slots,
             ));
         }
         for slot in slots.as_mut() {
-            slot.tag = EMPTY;
-            slot.next = NONE;
-            slot.head = NONE;
+            slot.used = false;
+            slot.next = Link::NONE;
+            slot.head = Link::NONE;
             slot.dirty = false;
             slot.referenced = false;
         }
@@ -132,7 +156,7 @@ where
             slots,
             slice_bytes,
             slice_shift: slice_bytes.trailing_zeros(),
-            recent: [(EMPTY, 0); 4],
+            recent: [(NO_TAG, 0); 4],
             hand: 0,
             dirty_refcount: 0,
             dirty_mapping: 0,
@@ -184,14 +208,15 @@ where
 
     fn find(&self, tag: u64) -> Option<u32> {
         let slots = self.slots.as_ref();
-        let mut i = slots.get(self.bucket(tag) as usize)?.head;
+        let mut link = slots.get(self.bucket(tag) as usize)?.head;
         // A chain never holds more than every slot once.
         for _ in 0..slots.len() {
+            let i = link.get()?;
             let s = slots.get(i as usize)?;
             if s.tag == tag {
                 return Some(i);
             }
-            i = s.next;
+            link = s.next;
         }
         None
     }
@@ -201,10 +226,11 @@ where
         let head = self.slot::<E>(b)?.head;
         let s = self.slot_mut(i)?;
         s.tag = tag;
+        s.used = true;
         s.kind = kind;
         s.next = head;
         s.referenced = true;
-        self.slot_mut(b)?.head = i;
+        self.slot_mut(b)?.head = Link::to(i);
         Ok(())
     }
 
@@ -212,29 +238,30 @@ where
     fn unlink<E>(&mut self, i: u32) -> Result<(), Error<E>> {
         let s = self.slot::<E>(i)?;
         let (tag, next) = (s.tag, s.next);
-        if tag == EMPTY {
+        if !s.used {
             return Ok(());
         }
         if s.dirty {
             self.clear_dirty(i)?;
         }
         let b = self.bucket(tag);
+        let me = Link::to(i);
         let mut cur = self.slot::<E>(b)?.head;
-        if cur == i {
+        if cur == me {
             self.slot_mut(b)?.head = next;
         } else {
             for _ in 0..self.len() {
-                let c = self.slot::<E>(cur)?;
-                if c.next == i {
-                    self.slot_mut(cur)?.next = next;
+                let Some(c) = cur.get() else { break };
+                if self.slot::<E>(c)?.next == me {
+                    self.slot_mut(c)?.next = next;
                     break;
                 }
-                cur = c.next;
+                cur = self.slot::<E>(c)?.next;
             }
         }
         let s = self.slot_mut(i)?;
-        s.tag = EMPTY;
-        s.next = NONE;
+        s.used = false;
+        s.next = Link::NONE;
         Ok(())
     }
 
@@ -269,9 +296,10 @@ where
         let n = self.len();
         for _ in 0..=2 * n {
             let i = self.hand;
-            self.hand = (self.hand + 1) % n;
+            // Wrap without a division (n > 0, bounded in `new`).
+            self.hand = if self.hand + 1 >= n { 0 } else { self.hand + 1 };
             let s = self.slot_mut::<E>(i)?;
-            if s.tag == EMPTY || !s.referenced {
+            if !s.used || !s.referenced {
                 return Ok(i);
             }
             s.referenced = false;
@@ -374,7 +402,7 @@ where
         if let Some(&(recent, i)) = self.recent.get(kind.index()) {
             if recent == tag {
                 if let Some(s) = self.slots.as_mut().get_mut(i as usize) {
-                    if s.tag == tag && s.kind == kind {
+                    if s.used && s.tag == tag && s.kind == kind {
                         s.referenced = true;
                         return Ok(i);
                     }
@@ -506,7 +534,7 @@ where
                 .slots
                 .as_ref()
                 .iter()
-                .any(|s| s.tag != EMPTY && s.tag >= tag && s.tag < end);
+                .any(|s| s.used && s.tag >= tag && s.tag < end);
         }
         while tag < end {
             if self.find(tag).is_some() {
@@ -522,7 +550,7 @@ where
     pub(crate) fn forget_refcounts<E>(&mut self) -> Result<(), Error<E>> {
         for i in 0..self.len() {
             let s = self.slot::<E>(i)?;
-            if s.tag != EMPTY && s.kind.is_refcount() {
+            if s.used && s.kind.is_refcount() {
                 self.unlink(i)?;
             }
         }
@@ -537,8 +565,8 @@ where
         // Few slices per cluster, or a scan when the range is larger than the cache.
         if (end - tag) / self.slice_bytes > u64::from(self.len()) {
             for i in 0..self.len() {
-                let t = self.slot::<E>(i)?.tag;
-                if t != EMPTY && t >= tag && t < end {
+                let s = self.slot::<E>(i)?;
+                if s.used && s.tag >= tag && s.tag < end {
                     self.unlink(i)?;
                 }
             }
@@ -613,8 +641,9 @@ mod tests {
     fn hits_misses_and_eviction_keep_contents() {
         block_on(async {
             let mut dev = ram();
-            let mut cache =
-                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 3], 512, false).unwrap();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 3], 512, false)
+                .ok()
+                .unwrap();
             for round in 0..3 {
                 for sector in 0..10u64 {
                     let b = cache
@@ -647,8 +676,9 @@ mod tests {
     fn mapping_writeback_waits_for_refcounts_and_a_flush() {
         block_on(async {
             let mut dev = ram();
-            let mut cache =
-                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false).unwrap();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false)
+                .ok()
+                .unwrap();
             cache
                 .write_u64(&mut dev, 512 * 2, Kind::L2, 1)
                 .await
@@ -670,8 +700,9 @@ mod tests {
     fn forget_drops_dirty_slices() {
         block_on(async {
             let mut dev = ram();
-            let mut cache =
-                Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false).unwrap();
+            let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 4], 512, false)
+                .ok()
+                .unwrap();
             cache
                 .write_u64(&mut dev, 512 * 2, Kind::L2, 7)
                 .await
@@ -688,10 +719,13 @@ mod tests {
 
     #[test]
     fn slices_never_exceed_a_cluster() {
-        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 512, false).unwrap();
+        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 512, false)
+            .ok()
+            .unwrap();
         assert_eq!(cache.slice_bytes(), 512);
-        let cache =
-            Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536, false).unwrap();
+        let cache = Cache::<_, 8>::new::<()>([const { Slot::<8>::EMPTY }; 2], 65536, false)
+            .ok()
+            .unwrap();
         assert_eq!(cache.slice_bytes(), 4096);
         assert!(Cache::<_, 1>::new::<()>([Slot::<1>::EMPTY; 0], 512, false).is_err());
     }

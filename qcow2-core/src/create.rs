@@ -6,7 +6,7 @@ use crate::format::{
     compatible, refcount, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
     MIN_CLUSTER_BITS,
 };
-use crate::{BlockDevice, Error, OpenOptions, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
 /// Parameters of a new image, with `qemu-img create`'s defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,105 +119,125 @@ where
     /// Formats `dev` as a new empty image and opens it read-write.
     ///
     /// A device that grows (a file) is grown to the metadata's size; a fixed
-    /// one must be large enough, and its first clusters are overwritten.
+    /// one must be large enough, and its first clusters are overwritten. On
+    /// failure the device and cache come back in the [`OpenError`].
+    /// Cancelled, it leaves a device that may not open as an image.
     pub async fn create(
         mut dev: D,
         cache: S,
-        options: &CreateOptions,
-    ) -> Result<Self, Error<D::Error>> {
-        options.validate()?;
-        let layout = Layout::plan(options)?;
-        let cs = 1u64 << options.cluster_bits;
-        let cluster_sectors = cs / SECTOR as u64;
-        let total_sectors = layout.total * cluster_sectors;
-
-        // Old contents of the metadata area must read as zeros.
-        let old = dev.sector_count();
-        if old < total_sectors {
-            dev.set_sector_count(total_sectors)
-                .await
-                .map_err(|_| Error::NoSpace)?;
-        }
-        dev.write_zeros(0, old.min(total_sectors))
-            .await
-            .map_err(Error::Io)?;
-
-        let v3 = options.version == Version::V3;
-        let header = Header {
-            version: options.version,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: options.cluster_bits,
-            size: options.size,
-            crypt_method: 0,
-            l1_size: layout.l1_entries as u32,
-            l1_table_offset: layout.l1 * cs,
-            refcount_table_offset: layout.reftable * cs,
-            refcount_table_clusters: layout.reftable_clusters as u32,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: if options.lazy_refcounts {
-                compatible::LAZY_REFCOUNTS
-            } else {
-                0
-            },
-            autoclear_features: 0,
-            refcount_order: options.refcount_order,
-            header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
-            compression_type: 0,
+        options: CreateOptions,
+    ) -> Result<Self, OpenError<D, S>> {
+        let total = match format(&mut dev, &options).await {
+            Ok(total) => total,
+            Err(error) => {
+                return Err(OpenError {
+                    error,
+                    device: dev,
+                    cache,
+                })
+            }
         };
-        let mut sector: Sector = [0; SECTOR];
-        header
-            .encode(&mut sector)
-            .ok_or(Error::InvalidArgument("header"))?;
-        dev.write(0, core::slice::from_ref(&sector))
-            .await
-            .map_err(Error::Io)?;
-
-        // Refcount table entries, a sector at a time.
-        let per_sector = (SECTOR / 8) as u64;
-        let mut j = 0;
-        while j < layout.refblock_count {
-            sector = [0; SECTOR];
-            let first = j;
-            while j < layout.refblock_count && j - first < per_sector {
-                let at = ((j - first) * 8) as usize;
-                let host = (layout.refblocks + j) * cs;
-                sector
-                    .get_mut(at..at + 8)
-                    .ok_or(Error::InvalidArgument("refcount table"))?
-                    .copy_from_slice(&host.to_be_bytes());
-                j += 1;
-            }
-            let at = layout.reftable * cluster_sectors + first / per_sector;
-            dev.write(at, core::slice::from_ref(&sector))
-                .await
-                .map_err(Error::Io)?;
-        }
-
-        // Refcount 1 for every cluster the metadata occupies.
-        let order = options.refcount_order;
-        let per_sector = refcount::entries_in(SECTOR as u64, order);
-        let mut cluster = 0;
-        while cluster < layout.total {
-            sector = [0; SECTOR];
-            let first = cluster;
-            while cluster < layout.total && cluster - first < per_sector {
-                refcount::set(&mut sector, order, (cluster - first) as usize, 1)
-                    .ok_or(Error::InvalidArgument("refcount block"))?;
-                cluster += 1;
-            }
-            // Blocks are contiguous, so entry n lives at sector n / per_sector.
-            let at = layout.refblocks * cluster_sectors + first / per_sector;
-            dev.write(at, core::slice::from_ref(&sector))
-                .await
-                .map_err(Error::Io)?;
-        }
-        dev.flush().await.map_err(Error::Io)?;
-        let mut image = Qcow2::open(dev, cache, &OpenOptions::read_write()).await?;
+        let mut image = Qcow2::open(dev, cache, OpenOptions::read_write()).await?;
         // On a fixed device larger than the metadata, data starts right after it.
-        image.free_hint = layout.total;
+        image.free_hint = total;
         Ok(image)
     }
+}
+
+/// Writes an empty image's metadata to `dev`; returns its size in clusters.
+async fn format<D: BlockDevice>(
+    dev: &mut D,
+    options: &CreateOptions,
+) -> Result<u64, Error<D::Error>> {
+    options.validate()?;
+    let layout = Layout::plan(options)?;
+    let cs = 1u64 << options.cluster_bits;
+    let cluster_sectors = cs / SECTOR as u64;
+    let total_sectors = layout.total * cluster_sectors;
+
+    // Old contents of the metadata area must read as zeros.
+    let old = dev.sector_count();
+    if old < total_sectors {
+        dev.set_sector_count(total_sectors)
+            .await
+            .map_err(|_| Error::NoSpace)?;
+    }
+    dev.write_zeros(0, old.min(total_sectors))
+        .await
+        .map_err(Error::Io)?;
+
+    let v3 = options.version == Version::V3;
+    let header = Header {
+        version: options.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: options.cluster_bits,
+        size: options.size,
+        crypt_method: 0,
+        l1_size: layout.l1_entries as u32,
+        l1_table_offset: layout.l1 * cs,
+        refcount_table_offset: layout.reftable * cs,
+        refcount_table_clusters: layout.reftable_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: if options.lazy_refcounts {
+            compatible::LAZY_REFCOUNTS
+        } else {
+            0
+        },
+        autoclear_features: 0,
+        refcount_order: options.refcount_order,
+        header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
+        compression_type: 0,
+    };
+    let mut sector: Sector = [0; SECTOR];
+    header
+        .encode(&mut sector)
+        .ok_or(Error::Internal("header does not fit a sector"))?;
+    dev.write(0, core::slice::from_ref(&sector))
+        .await
+        .map_err(Error::Io)?;
+
+    // Refcount table entries, a sector at a time.
+    let per_sector = (SECTOR / 8) as u64;
+    let mut j = 0;
+    while j < layout.refblock_count {
+        sector = [0; SECTOR];
+        let first = j;
+        while j < layout.refblock_count && j - first < per_sector {
+            let at = ((j - first) * 8) as usize;
+            let host = (layout.refblocks + j) * cs;
+            sector
+                .get_mut(at..at + 8)
+                .ok_or(Error::Internal("refcount table layout"))?
+                .copy_from_slice(&host.to_be_bytes());
+            j += 1;
+        }
+        let at = layout.reftable * cluster_sectors + first / per_sector;
+        dev.write(at, core::slice::from_ref(&sector))
+            .await
+            .map_err(Error::Io)?;
+    }
+
+    // Refcount 1 for every cluster the metadata occupies.
+    let order = options.refcount_order;
+    let per_sector = refcount::entries_in(SECTOR as u64, order);
+    let mut cluster = 0;
+    while cluster < layout.total {
+        sector = [0; SECTOR];
+        let first = cluster;
+        while cluster < layout.total && cluster - first < per_sector {
+            refcount::set(&mut sector, order, (cluster - first) as usize, 1)
+                .ok_or(Error::Internal("refcount block layout"))?;
+            cluster += 1;
+        }
+        // Blocks are contiguous, so entry n lives at sector n / per_sector.
+        let at = layout.refblocks * cluster_sectors + first / per_sector;
+        dev.write(at, core::slice::from_ref(&sector))
+            .await
+            .map_err(Error::Io)?;
+    }
+    dev.flush().await.map_err(Error::Io)?;
+    Ok(layout.total)
 }

@@ -35,16 +35,15 @@ pub trait BlockDevice {
 
     /// Writes `count` zero sectors from sector `first`.
     ///
-    /// The default writes from a static buffer of zeros. Devices that can do
-    /// better (a file past its physical end, where holes read as zeros)
-    /// override it; the result must read as zeros either way.
+    /// The default writes one sector of zeros at a time from a buffer on
+    /// the stack (no static of zeros: a DMA engine may reach only RAM).
+    /// Devices that can do better (a file past its physical end, where holes
+    /// read as zeros, or a device with a write-zeroes command) override it;
+    /// the result must read as zeros either way.
     async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
-        let mut done = 0;
-        while done < count {
-            let n = (count - done).min(ZEROS.len() as u64);
-            self.write(first + done, ZEROS.get(..n as usize).unwrap_or(&[]))
-                .await?;
-            done += n;
+        let zero: Sector = [0; SECTOR];
+        for sector in first..first.saturating_add(count) {
+            self.write(sector, core::slice::from_ref(&zero)).await?;
         }
         Ok(())
     }
@@ -58,5 +57,36 @@ pub trait BlockDevice {
     }
 }
 
-/// Zeros to write from; a static so no stack or heap buffer is needed.
-static ZEROS: [Sector; 16] = [[0; SECTOR]; 16];
+/// A mutable borrow of a device is a device: an image can sit on a device
+/// the caller keeps (and gets back by dropping the image).
+impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
+    type Error = T::Error;
+
+    async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Self::Error> {
+        (**self).read(first, buf).await
+    }
+
+    async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Self::Error> {
+        (**self).write(first, buf).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        (**self).flush().await
+    }
+
+    fn sector_count(&self) -> u64 {
+        (**self).sector_count()
+    }
+
+    async fn set_sector_count(&mut self, n: u64) -> Result<(), Self::Error> {
+        (**self).set_sector_count(n).await
+    }
+
+    async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
+        (**self).write_zeros(first, count).await
+    }
+
+    async fn discard(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
+        (**self).discard(first, count).await
+    }
+}

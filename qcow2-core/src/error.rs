@@ -1,11 +1,15 @@
-//! The single error type of the core.
+//! The single error type of the core, and the error of a failed open.
 
 use core::fmt;
 
 /// Everything that can go wrong with an image.
 ///
-/// `E` is the error type of the underlying [`crate::BlockDevice`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `E` is the error type of the underlying [`crate::BlockDevice`]. Every
+/// payload is small and `Copy` (static strings and offsets), so errors are
+/// cheap to return through async layers. New variants may be added:
+/// match with a wildcard, or map through [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Error<E> {
     /// The underlying device failed.
     Io(E),
@@ -13,7 +17,8 @@ pub enum Error<E> {
     NotQcow2,
     /// The image uses a feature this library does not implement (named).
     Unsupported(&'static str),
-    /// On-disk metadata is inconsistent: `what` went wrong at host byte `offset`.
+    /// On-disk metadata is inconsistent: `what` went wrong at host byte
+    /// `offset`. When found while writing, the image is marked corrupt.
     Corrupt {
         /// What is wrong.
         what: &'static str,
@@ -28,12 +33,49 @@ pub enum Error<E> {
     OutOfRange,
     /// The device could not grow, or a format limit on host offsets was hit.
     NoSpace,
+    /// An internal invariant of this library broke (a bug, not a property of
+    /// the image): the operation stopped before it could do harm. Never sets
+    /// the image's corrupt bit.
+    Internal(&'static str),
 }
 
 impl<E> Error<E> {
     /// Shorthand for a [`Error::Corrupt`] value.
     pub(crate) const fn corrupt(what: &'static str, offset: u64) -> Self {
         Error::Corrupt { what, offset }
+    }
+
+    /// The broad class of the error, in `embedded-io`'s terms, for callers
+    /// that only need to decide what to do next.
+    pub fn kind(&self) -> embedded_io::ErrorKind
+    where
+        E: embedded_io::Error,
+    {
+        use embedded_io::ErrorKind;
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::NotQcow2 | Error::Corrupt { .. } => ErrorKind::InvalidData,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::InvalidArgument(_) | Error::OutOfRange => ErrorKind::InvalidInput,
+            Error::ReadOnly => ErrorKind::PermissionDenied,
+            // embedded-io has no "storage full" kind.
+            Error::NoSpace | Error::Internal(_) => ErrorKind::Other,
+        }
+    }
+
+    /// Replaces the device error with `f(e)`, keeping every other variant.
+    pub fn map_io<F>(self, f: impl FnOnce(E) -> F) -> Error<F> {
+        match self {
+            Error::Io(e) => Error::Io(f(e)),
+            Error::NotQcow2 => Error::NotQcow2,
+            Error::Unsupported(w) => Error::Unsupported(w),
+            Error::Corrupt { what, offset } => Error::Corrupt { what, offset },
+            Error::InvalidArgument(w) => Error::InvalidArgument(w),
+            Error::ReadOnly => Error::ReadOnly,
+            Error::OutOfRange => Error::OutOfRange,
+            Error::NoSpace => Error::NoSpace,
+            Error::Internal(w) => Error::Internal(w),
+        }
     }
 }
 
@@ -50,8 +92,49 @@ impl<E: fmt::Debug> fmt::Display for Error<E> {
             Error::ReadOnly => f.write_str("image is read-only"),
             Error::OutOfRange => f.write_str("request beyond the end of the virtual disk"),
             Error::NoSpace => f.write_str("no space left: device cannot grow"),
+            Error::Internal(what) => write!(f, "internal error (a bug): {what}"),
         }
     }
 }
 
 impl<E: fmt::Debug> core::error::Error for Error<E> {}
+
+impl<E: embedded_io::Error> embedded_io::Error for Error<E> {
+    fn kind(&self) -> embedded_io::ErrorKind {
+        Error::kind(self)
+    }
+}
+
+/// A failed [`crate::Qcow2::open`] or [`crate::Qcow2::create`]: the error,
+/// with the device and cache storage given back so the caller can retry,
+/// repair or fall back. `?` converts it into its [`Error`].
+pub struct OpenError<D: crate::BlockDevice, S> {
+    /// What went wrong.
+    pub error: Error<D::Error>,
+    /// The device, as the failed call left it.
+    pub device: D,
+    /// The cache storage (contents unspecified).
+    pub cache: S,
+}
+
+impl<D: crate::BlockDevice, S> fmt::Debug for OpenError<D, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: crate::BlockDevice, S> fmt::Display for OpenError<D, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<D: crate::BlockDevice, S> core::error::Error for OpenError<D, S> {}
+
+impl<D: crate::BlockDevice, S> From<OpenError<D, S>> for Error<D::Error> {
+    fn from(e: OpenError<D, S>) -> Self {
+        e.error
+    }
+}

@@ -96,7 +96,7 @@ pub(crate) async fn write_header<D: BlockDevice>(
         .map_err(Error::Io)?;
     header
         .encode(scratch)
-        .ok_or(Error::corrupt("header does not fit its sector", 0))?;
+        .ok_or(Error::Internal("header does not fit its sector"))?;
     dev.write(0, core::slice::from_ref(scratch))
         .await
         .map_err(Error::Io)
@@ -123,9 +123,9 @@ pub(crate) async fn read_bytes<D: BlockDevice>(
         let n = (SECTOR - skip).min(out.len() - done);
         let src = scratch
             .get(skip..skip + n)
-            .ok_or(Error::corrupt("read_bytes", pos))?;
+            .ok_or(Error::Internal("header_io::read_bytes range"))?;
         out.get_mut(done..done + n)
-            .ok_or(Error::corrupt("read_bytes", pos))?
+            .ok_or(Error::Internal("header_io::read_bytes range"))?
             .copy_from_slice(src);
         done += n;
     }

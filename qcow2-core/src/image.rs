@@ -4,7 +4,7 @@ use crate::cache::{Cache, Slot};
 use crate::check::Repair;
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
-use crate::{header_io, BlockDevice, Error, Sector, SECTOR};
+use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
 
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,7 +176,12 @@ where
     /// a read-write open of a dirty image (lazy refcounts after a crash),
     /// whose refcounts are rebuilt first; this uses a small internal scratch
     /// buffer and may take many passes: see [`Qcow2::open_with_scratch`].
-    pub async fn open(dev: D, cache: S, options: &OpenOptions) -> Result<Self, Error<D::Error>> {
+    ///
+    /// On failure the device and cache come back in the [`OpenError`].
+    /// Cancelled (dropped before completion), it leaves the image as a
+    /// crash at that point would: at most leaked clusters, which a later
+    /// read-write open or repair reclaims.
+    pub async fn open(dev: D, cache: S, options: OpenOptions) -> Result<Self, OpenError<D, S>> {
         let mut scratch = [0u8; 1024];
         Self::open_with_scratch(dev, cache, options, &mut scratch).await
     }
@@ -187,19 +192,79 @@ where
     pub async fn open_with_scratch(
         mut dev: D,
         cache: S,
-        options: &OpenOptions,
+        options: OpenOptions,
         rebuild_scratch: &mut [u8],
-    ) -> Result<Self, Error<D::Error>> {
+    ) -> Result<Self, OpenError<D, S>> {
         let mut scratch = [0u8; SECTOR];
+        let header = match Self::read_header(&mut dev, &mut scratch, options).await {
+            Ok(header) => header,
+            Err(error) => {
+                return Err(OpenError {
+                    error,
+                    device: dev,
+                    cache,
+                })
+            }
+        };
+        let (header, bitmaps) = header;
+        let geo = Geometry::new(&header);
+        let lazy = !options.read_only
+            && geo.v3
+            && header.compatible_features & compatible::LAZY_REFCOUNTS != 0;
+        let cache = match Cache::new(cache, geo.cluster_size, lazy) {
+            Ok(cache) => cache,
+            Err((error, cache)) => {
+                return Err(OpenError {
+                    error,
+                    device: dev,
+                    cache,
+                })
+            }
+        };
+        let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
+        let dev_clusters = dev_bytes.div_ceil(geo.cluster_size);
+        let mut image = Qcow2 {
+            dev,
+            cache,
+            geo,
+            header,
+            read_only: options.read_only,
+            lazy,
+            corrupt_detected: false,
+            // Valid only while the autoclear bit says so.
+            bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
+            free_hint: dev_clusters,
+            dev_clusters,
+            scratch,
+        };
+        if let Err(error) = image.settle(options, rebuild_scratch).await {
+            let (device, cache) = image.abandon();
+            return Err(OpenError {
+                error,
+                device,
+                cache,
+            });
+        }
+        Ok(image)
+    }
+
+    /// Reads and validates the header and its extensions, refusing what
+    /// `options` cannot open; declares unknown autoclear features stale
+    /// (on disk) for a read-write open.
+    async fn read_header(
+        dev: &mut D,
+        scratch: &mut Sector,
+        options: OpenOptions,
+    ) -> Result<(Header, Option<crate::format::Extension>), Error<D::Error>> {
         if dev.sector_count() == 0 {
             return Err(Error::NotQcow2);
         }
-        dev.read(0, core::slice::from_mut(&mut scratch))
+        dev.read(0, core::slice::from_mut(scratch))
             .await
             .map_err(Error::Io)?;
-        let mut header = Header::decode(&scratch)?;
+        let mut header = Header::decode(scratch)?;
         header.validate()?;
-        let bitmaps = header_io::check_extensions(&mut dev, &mut scratch, &header).await?;
+        let bitmaps = header_io::check_extensions(dev, scratch, &header).await?;
 
         let geo = Geometry::new(&header);
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
@@ -209,8 +274,10 @@ where
                 geo.l1_offset,
             ));
         }
-        let read_only = options.read_only;
-        if !read_only && !options.for_repair {
+        if options.read_only {
+            return Ok((header, bitmaps));
+        }
+        if !options.for_repair {
             // Reads never use the refcount table, and a repair rebuilds it;
             // anything else that writes must be able to trust it.
             if geo.reftable_offset + geo.reftable_bytes() > dev_bytes {
@@ -221,56 +288,50 @@ where
             }
             header.check_tables_apart()?;
         }
-        if !read_only {
-            if header.incompatible_features & incompatible::CORRUPT != 0 && !options.for_repair {
-                return Err(Error::corrupt(
-                    "image is marked corrupt; open it read-only",
-                    0,
-                ));
-            }
-            if header.nb_snapshots > 0 {
-                return Err(Error::Unsupported("writing images with internal snapshots"));
-            }
-            if header.autoclear_features & autoclear::BITMAPS != 0 {
-                // Clearing the bit would strand the bitmaps' clusters as leaks.
-                return Err(Error::Unsupported("writing images with persistent bitmaps"));
-            }
-            if header.autoclear_features != 0 {
-                // We maintain none of the autoclear features: declare them stale.
-                header.autoclear_features = 0;
-                header_io::write_header(&mut dev, &mut scratch, &header).await?;
-                dev.flush().await.map_err(Error::Io)?;
-            }
+        if header.incompatible_features & incompatible::CORRUPT != 0 && !options.for_repair {
+            return Err(Error::corrupt(
+                "image is marked corrupt; open it read-only",
+                0,
+            ));
         }
-        let dev_clusters = dev_bytes.div_ceil(geo.cluster_size);
-        let lazy =
-            !read_only && geo.v3 && header.compatible_features & compatible::LAZY_REFCOUNTS != 0;
-        let mut image = Qcow2 {
-            dev,
-            cache: Cache::new(cache, geo.cluster_size, lazy)?,
-            geo,
-            header,
-            read_only,
-            lazy,
-            corrupt_detected: false,
-            // Valid only while the autoclear bit says so.
-            bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
-            free_hint: dev_clusters,
-            dev_clusters,
-            scratch,
-        };
-        let dirty = image.header.incompatible_features & incompatible::DIRTY != 0;
-        if !read_only && !options.for_repair && dirty {
+        if header.nb_snapshots > 0 {
+            return Err(Error::Unsupported("writing images with internal snapshots"));
+        }
+        if header.autoclear_features & autoclear::BITMAPS != 0 {
+            // Clearing the bit would strand the bitmaps' clusters as leaks.
+            return Err(Error::Unsupported("writing images with persistent bitmaps"));
+        }
+        if header.autoclear_features != 0 {
+            // We maintain none of the autoclear features: declare them stale.
+            header.autoclear_features = 0;
+            header_io::write_header(dev, scratch, &header).await?;
+            dev.flush().await.map_err(Error::Io)?;
+        }
+        Ok((header, bitmaps))
+    }
+
+    /// The last steps of a read-write open: rebuild a dirty image's
+    /// refcounts, verify when asked.
+    async fn settle(
+        &mut self,
+        options: OpenOptions,
+        rebuild_scratch: &mut [u8],
+    ) -> Result<(), Error<D::Error>> {
+        if options.read_only {
+            return Ok(());
+        }
+        let dirty = self.header.incompatible_features & incompatible::DIRTY != 0;
+        if !options.for_repair && dirty {
             // Refcounts may be stale: rebuild them before any allocation.
-            image.repair(rebuild_scratch, Repair::All).await?;
+            self.repair(rebuild_scratch, Repair::All).await?;
         }
-        if !read_only && options.verify && image.check(rebuild_scratch).await?.corruptions > 0 {
+        if options.verify && self.check(rebuild_scratch).await?.corruptions > 0 {
             return Err(Error::corrupt(
                 "check found corruption; open read-only or repair first",
                 0,
             ));
         }
-        Ok(image)
+        Ok(())
     }
 
     /// A summary of the image.
@@ -304,6 +365,12 @@ where
     /// The underlying device.
     pub fn device(&self) -> &D {
         &self.dev
+    }
+
+    /// The underlying device, mutably: for device-specific controls (power,
+    /// statistics). Writing to it behind the image's back corrupts the image.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.dev
     }
 
     fn check_range(&self, first: u64, count: usize) -> Result<(), Error<D::Error>> {

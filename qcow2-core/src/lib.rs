@@ -7,8 +7,8 @@
 //! ```no_run
 //! # async fn demo<D: qcow2_core::BlockDevice>(dev: D) -> Result<(), qcow2_core::Error<D::Error>> {
 //! use qcow2_core::{CreateOptions, Qcow2, Slot, Sector};
-//! let cache = [const { Slot::<1>::EMPTY }; 8];
-//! let mut image = Qcow2::create(dev, cache, &CreateOptions::new(1 << 30)).await?;
+//! let mut cache = [const { Slot::<1>::EMPTY }; 8];
+//! let mut image = Qcow2::create(dev, &mut cache, CreateOptions::new(1 << 30)).await?;
 //! let data = [[0xaa_u8; 512]; 8];
 //! image.write(0, &data).await?;
 //! let mut back: [Sector; 8] = [[0; 512]; 8];
@@ -39,12 +39,15 @@ pub use cache::Slot;
 pub use check::{CheckReport, Repair};
 pub use create::CreateOptions;
 pub use device::{BlockDevice, Sector, SECTOR};
-pub use error::Error;
+pub use error::{Error, OpenError};
 pub use format::Version;
 pub use image::{ImageInfo, OpenOptions, Qcow2};
 pub use map::Mapping;
 
 /// The cache configuration recommended for firmware: 8 slices of 512 bytes.
 pub type FirmwareCache = [Slot<1>; 8];
-/// An image with the default firmware cache configuration.
-pub type FirmwareQcow2<D> = Qcow2<D, FirmwareCache, 1>;
+/// An image with the default firmware cache configuration, borrowing its
+/// cache (a `static` or a long-lived local) so that the image and every
+/// future over it stay small: moving a 4 KiB cache through async state
+/// machines multiplies stack use.
+pub type FirmwareQcow2<'c, D> = Qcow2<D, &'c mut FirmwareCache, 1>;

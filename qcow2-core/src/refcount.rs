@@ -95,7 +95,8 @@ where
             .cache
             .get(&mut self.dev, loc.slice, Kind::RefBlock)
             .await?;
-        refcount::get(bytes, order, loc.index).ok_or(Error::corrupt("refcount index", loc.slice))
+        refcount::get(bytes, order, loc.index)
+            .ok_or(Error::Internal("refcount index out of its slice"))
     }
 
     /// Sets the refcount of `cluster`, whose refcount block must exist.

@@ -37,7 +37,7 @@ impl<D: BlockDevice> Image<D> {
     /// Formats `dev` as a new image.
     pub fn create(dev: D, options: &CreateOptions) -> Result<Self, D> {
         Ok(Image {
-            inner: block_on(Qcow2::create(dev, host_cache(), options))?,
+            inner: block_on(Qcow2::create(dev, host_cache(), *options))?,
         })
     }
 
@@ -45,7 +45,7 @@ impl<D: BlockDevice> Image<D> {
     /// refcounts rebuilt with a [`HOST_SCRATCH_BYTES`] scratch buffer.
     pub fn open(dev: D, options: &OpenOptions) -> Result<Self, D> {
         let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
-        let open = Qcow2::open_with_scratch(dev, host_cache(), options, &mut scratch);
+        let open = Qcow2::open_with_scratch(dev, host_cache(), *options, &mut scratch);
         Ok(Image {
             inner: block_on(open)?,
         })

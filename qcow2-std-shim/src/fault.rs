@@ -162,6 +162,19 @@ impl BlockDevice for FaultDevice {
         Ok(())
     }
 
+    /// Zeros in writes of up to 16 sectors, each a crash point like any write.
+    async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), FaultError> {
+        const CHUNK: u64 = 16;
+        let zeros = [[0u8; SECTOR]; CHUNK as usize];
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(CHUNK) as usize;
+            self.write(first + done, &zeros[..n]).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), FaultError> {
         self.alive()?;
         self.durable.clone_from(&self.current);

@@ -31,7 +31,7 @@ pub fn header(data: &[u8]) {
 /// (bounded), and checking: no panic, no hang.
 pub fn open_read(data: &[u8]) {
     let dev = RamDevice::from_bytes(data);
-    let Ok(mut img) = block_on(Small::open(dev, cache(), &OpenOptions::read_only())) else {
+    let Ok(mut img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
     };
     let size = img.virtual_size();
@@ -72,7 +72,7 @@ fn readable<D: qcow2_core::BlockDevice>(img: &mut Small<D>) -> Vec<Option<Sector
 /// succeeds leaves no leaks, and a second repair finds nothing more to fix.
 pub fn check_repair(data: &[u8]) {
     let dev = RamDevice::from_bytes(data);
-    let Ok(mut img) = block_on(Small::open(dev, cache(), &OpenOptions::repair())) else {
+    let Ok(mut img) = block_on(Small::open(dev, cache(), OpenOptions::repair())) else {
         return;
     };
     let before = readable(&mut img);
@@ -166,7 +166,7 @@ pub fn ops(data: &[u8]) {
         ..options
     };
     let sectors = (options.size / SECTOR as u64) as usize;
-    let mut img = block_on(Small::create(FaultDevice::new(), cache(), &options)).expect("create");
+    let mut img = block_on(Small::create(FaultDevice::new(), cache(), options)).expect("create");
     // Per sector: the flushed id and the ids written since the last flush.
     let mut durable = vec![0u64; sectors];
     let mut recent: Vec<Vec<u64>> = vec![Vec::new(); sectors];
@@ -208,7 +208,7 @@ pub fn ops(data: &[u8]) {
                 durable.clone_from(&current);
                 recent.iter_mut().for_each(Vec::clear);
                 img =
-                    block_on(Small::open(dev, slots, &OpenOptions::read_write())).expect("reopen");
+                    block_on(Small::open(dev, slots, OpenOptions::read_write())).expect("reopen");
             }
             _ => {
                 // Crash: keep some of the unflushed writes, reopen, and
@@ -222,7 +222,7 @@ pub fn ops(data: &[u8]) {
                 let survivor = dev.survivor(mode);
                 let bytes = survivor.as_bytes().to_vec();
                 let fresh = FaultDevice::from_bytes(&bytes);
-                img = block_on(Small::open(fresh, cache(), &OpenOptions::read_write()))
+                img = block_on(Small::open(fresh, cache(), OpenOptions::read_write()))
                     .expect("open after crash");
                 let mut buf = vec![[0u8; SECTOR]; sectors];
                 block_on(img.read(0, &mut buf)).expect("read after crash");
@@ -247,7 +247,7 @@ pub fn ops(data: &[u8]) {
         }
     }
     let (dev, slots) = block_on(img.close()).expect("close");
-    let mut img = block_on(Small::open(dev, slots, &OpenOptions::read_only())).expect("final open");
+    let mut img = block_on(Small::open(dev, slots, OpenOptions::read_only())).expect("final open");
     let mut scratch = [0u8; 1024];
     let report = block_on(img.check(&mut scratch)).expect("final check");
     assert!(report.is_clean(), "{report:?}");

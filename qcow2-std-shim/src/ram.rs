@@ -91,6 +91,13 @@ impl BlockDevice for RamDevice {
         Ok(())
     }
 
+    async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), RamError> {
+        let n = usize::try_from(count).map_err(|_| RamError::OutOfRange)?;
+        let r = self.range(first, n)?;
+        self.sectors[r].fill([0; SECTOR]);
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), RamError> {
         Ok(())
     }

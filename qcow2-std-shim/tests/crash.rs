@@ -106,7 +106,7 @@ fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Mod
     }
     let sectors = (w.options.size / SECTOR as u64) as usize;
     let mut model = Model::new(sectors);
-    let mut img = block_on(Image::open(dev, cache(), &OpenOptions::read_write())).unwrap();
+    let mut img = block_on(Image::open(dev, cache(), OpenOptions::read_write())).unwrap();
     for op in &w.ops {
         let result = match *op {
             Op::Write { first, len } => model.write(&mut img, first, len),
@@ -116,7 +116,7 @@ fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Mod
                 Ok(()) => {
                     model.flushed();
                     let (dev, slots) = img.abandon();
-                    img = block_on(Image::open(dev, slots, &OpenOptions::read_write())).unwrap();
+                    img = block_on(Image::open(dev, slots, OpenOptions::read_write())).unwrap();
                     Ok(())
                 }
                 Err(e) => Err(e),
@@ -179,13 +179,13 @@ fn json_field(json: &str, name: &str) -> u64 {
 /// and after the uninterrupted workload.
 fn run(w: &Workload) -> (u64, u64) {
     let dev = FaultDevice::new();
-    let img = block_on(Qcow2::create(dev, cache(), &w.options)).unwrap();
+    let img = block_on(Qcow2::create(dev, cache(), w.options)).unwrap();
     let table_before = img.header().refcount_table_offset;
     let (dev, _) = block_on(img.close()).unwrap();
     let base = dev.survivor(Survival::FlushedOnly).as_bytes().to_vec();
     let complete = replay(w, &base, None).0;
     let total = complete.writes();
-    let reopened = block_on(Qcow2::open(complete, cache(), &OpenOptions::read_only())).unwrap();
+    let reopened = block_on(Qcow2::open(complete, cache(), OpenOptions::read_only())).unwrap();
     let table_after = reopened.header().refcount_table_offset;
     let points: Vec<u64> = if total <= 2000 {
         (0..total).collect()
@@ -203,10 +203,10 @@ fn run(w: &Workload) -> (u64, u64) {
         ] {
             let what = format!("{} crash at write {n} ({survival:?})", w.name);
             let survivor = dev.survivor(survival);
-            let peek = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_only())).unwrap();
+            let peek = block_on(Qcow2::open(survivor, cache(), OpenOptions::read_only())).unwrap();
             dirty += usize::from(peek.info().dirty);
             let (survivor, _) = block_on(peek.close()).unwrap();
-            let mut img = block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_write()))
+            let mut img = block_on(Qcow2::open(survivor, cache(), OpenOptions::read_write()))
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             model.verify(&mut img, &what);
             // Small scratch buffers force multi-pass checks; large ones take one pass.
@@ -223,7 +223,7 @@ fn run(w: &Workload) -> (u64, u64) {
                 );
                 // Repairing the leaks leaves an image both checks call clean.
                 let mut img =
-                    block_on(Qcow2::open(survivor, slots, &OpenOptions::read_write())).unwrap();
+                    block_on(Qcow2::open(survivor, slots, OpenOptions::read_write())).unwrap();
                 let fixed = block_on(img.repair(&mut scratch, Repair::Leaks)).unwrap();
                 assert_eq!(fixed.leaks_fixed, leaks, "{what}");
                 assert!(
@@ -237,7 +237,7 @@ fn run(w: &Workload) -> (u64, u64) {
                     "{what}: after repair"
                 );
                 model.verify(
-                    &mut block_on(Qcow2::open(survivor, cache(), &OpenOptions::read_only()))
+                    &mut block_on(Qcow2::open(survivor, cache(), OpenOptions::read_only()))
                         .unwrap(),
                     &what,
                 );
@@ -414,7 +414,7 @@ impl Damaged {
 /// 300 sectors of data from sector 17); returns the crash points tried.
 fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
     let options = opts(256 << 10, 9, 4);
-    let mut img = block_on(Qcow2::create(FaultDevice::new(), cache(), &options)).unwrap();
+    let mut img = block_on(Qcow2::create(FaultDevice::new(), cache(), options)).unwrap();
     let data: Vec<Sector> = (0..300u64).map(sector_of).collect();
     block_on(img.write(17, &data)).unwrap();
     let (dev, _) = block_on(img.close()).unwrap();
@@ -434,7 +434,7 @@ fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
         let mut img = block_on(Image::open(
             FaultDevice::from_bytes(&bytes),
             cache(),
-            &OpenOptions::read_only(),
+            OpenOptions::read_only(),
         ))
         .unwrap();
         let mut buf = vec![[0u8; SECTOR]; 512];
@@ -449,7 +449,7 @@ fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
         if let Some(n) = crash_at {
             dev.crash_at_write(n);
         }
-        let mut img = block_on(Image::open(dev, cache(), &OpenOptions::repair())).unwrap();
+        let mut img = block_on(Image::open(dev, cache(), OpenOptions::repair())).unwrap();
         let mut scratch = [0u8; 256];
         let _ = block_on(img.repair(&mut scratch, Repair::All));
         img.abandon().0
@@ -465,7 +465,7 @@ fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
         ] {
             let what = format!("{name}: repair crash at write {n} of {total} ({survival:?})");
             let survivor = dev.survivor(survival);
-            let mut img = block_on(Qcow2::open(survivor, cache(), &OpenOptions::repair()))
+            let mut img = block_on(Qcow2::open(survivor, cache(), OpenOptions::repair()))
                 .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
             let mut buf = vec![[0u8; SECTOR]; 512];
             block_on(img.read(0, &mut buf)).unwrap();

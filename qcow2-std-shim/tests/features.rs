@@ -272,3 +272,51 @@ fn unknown_extensions_survive_and_autoclear_bits_are_cleared_on_write() {
     );
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A failed open or create gives the device and cache back untouched, so
+/// firmware can retry or fall back; `?` still yields the plain error.
+#[test]
+fn failed_open_and_create_return_device_and_cache() {
+    use qcow2_core::{OpenError, Qcow2, Slot};
+    use qcow2_std_shim::{block_on, RamDevice};
+
+    let bytes: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    let mut cache = [const { Slot::<1>::EMPTY }; 4];
+    let open = Qcow2::open(RamDevice::from_bytes(&bytes), &mut cache, OpenOptions::read_write());
+    match block_on(open) {
+        Err(OpenError {
+            error: Error::NotQcow2,
+            device,
+            cache: back,
+        }) => {
+            assert_eq!(device.as_bytes(), &bytes[..], "device unchanged");
+            assert_eq!(back.len(), 4);
+        }
+        Err(e) => panic!("expected NotQcow2, got {e}"),
+        Ok(_) => panic!("random bytes opened as qcow2"),
+    }
+
+    // Too small to hold the metadata, and unable to grow.
+    let create = Qcow2::create(RamDevice::fixed(8), &mut cache, CreateOptions::new(1 << 20));
+    let Err(failed) = block_on(create) else {
+        panic!("create on an 8-sector fixed device succeeded")
+    };
+    assert!(matches!(failed.error, Error::NoSpace), "{failed}");
+    assert_eq!(failed.device.as_bytes().len(), 8 * 512);
+
+    // The same device, once given back, takes an image on a second try.
+    let mut device = RamDevice::new();
+    let image = block_on(Qcow2::create(&mut device, &mut cache, CreateOptions::new(1 << 20)));
+    block_on(image.unwrap().close()).unwrap();
+    let image = block_on(Qcow2::open(&mut device, &mut cache, OpenOptions::read_only()));
+    assert_eq!(image.unwrap().virtual_size(), 1 << 20);
+
+    // `?` turns an OpenError into the image's Error.
+    fn via_question_mark() -> Result<(), Error<qcow2_std_shim::RamError>> {
+        let mut cache = [const { Slot::<1>::EMPTY }; 2];
+        let dev = RamDevice::new();
+        block_on(Qcow2::open(dev, &mut cache, OpenOptions::read_only()))?;
+        Ok(())
+    }
+    assert!(matches!(via_question_mark(), Err(Error::NotQcow2)));
+}

@@ -24,7 +24,7 @@ const WRITTEN_SECTORS: [u64; 4] = [0, 40, 64, 100];
 /// Whether our check finds corruption in the image (None: does not open).
 fn corrupt(bytes: &[u8]) -> Option<bool> {
     let dev = RamDevice::from_bytes(bytes);
-    let mut img = block_on(Image::open(dev, cache(), &OpenOptions::read_only())).ok()?;
+    let mut img = block_on(Image::open(dev, cache(), OpenOptions::read_only())).ok()?;
     let mut scratch = [0u8; 256];
     Some(block_on(img.check(&mut scratch)).map_or(true, |r| r.corruptions > 0))
 }
@@ -32,7 +32,7 @@ fn corrupt(bytes: &[u8]) -> Option<bool> {
 /// What happens to an image: the first error of open, read, write, or ok.
 fn outcome(bytes: &[u8]) -> (String, Option<RamDevice>) {
     let dev = RamDevice::from_bytes(bytes);
-    let mut img = match block_on(Image::open(dev, cache(), &OpenOptions::read_only())) {
+    let mut img = match block_on(Image::open(dev, cache(), OpenOptions::read_only())) {
         Ok(img) => img,
         Err(e) => return (format!("open: {e}"), None),
     };
@@ -45,7 +45,7 @@ fn outcome(bytes: &[u8]) -> (String, Option<RamDevice>) {
     let mut scratch = [0u8; 64];
     let _ = block_on(img.check(&mut scratch));
     let (dev, _) = img.abandon();
-    let mut img = match block_on(Image::open(dev, cache(), &OpenOptions::read_write())) {
+    let mut img = match block_on(Image::open(dev, cache(), OpenOptions::read_write())) {
         Ok(img) => img,
         Err(e) => return (format!("write: {e}"), None),
     };
@@ -141,7 +141,7 @@ fn every_hostile_image_gives_its_outcome_and_writes_stay_off_live_clusters() {
         if corrupt(&bytes) == Some(true) {
             // Verification refuses what check calls corrupt: nothing is written.
             let dev = RamDevice::from_bytes(&bytes);
-            let verified = block_on(Image::open(dev, cache(), &OpenOptions::verified()));
+            let verified = block_on(Image::open(dev, cache(), OpenOptions::verified()));
             assert!(
                 verified.is_err(),
                 "{file}: verified open accepted a corrupt image"

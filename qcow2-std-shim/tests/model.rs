@@ -52,7 +52,7 @@ fn run_model<const K: usize>(
     let mut model = vec![0u8; size];
     let mut rng = Rng(seed);
     let cache = || [const { Slot::<K>::EMPTY }; 3];
-    let mut img: Tiny<K> = block_on(Qcow2::create(RamDevice::new(), cache(), &options)).unwrap();
+    let mut img: Tiny<K> = block_on(Qcow2::create(RamDevice::new(), cache(), options)).unwrap();
     for op in 0..ops {
         // Lengths up to three clusters so writes straddle cluster and L2 boundaries.
         let len = 1 + rng.below(3 * cluster_sectors);
@@ -82,7 +82,7 @@ fn run_model<const K: usize>(
                 if rng.below(4) == 0 {
                     let (dev, _) = block_on(img.close()).unwrap();
                     let opts = OpenOptions::read_write();
-                    img = block_on(Qcow2::open(dev, cache(), &opts)).unwrap();
+                    img = block_on(Qcow2::open(dev, cache(), opts)).unwrap();
                 } else {
                     block_on(img.flush()).unwrap();
                 }
@@ -91,7 +91,7 @@ fn run_model<const K: usize>(
     }
     // Everything reads back after a final reopen.
     let (dev, _) = block_on(img.close()).unwrap();
-    let mut img: Tiny<K> = block_on(Qcow2::open(dev, cache(), &OpenOptions::read_only())).unwrap();
+    let mut img: Tiny<K> = block_on(Qcow2::open(dev, cache(), OpenOptions::read_only())).unwrap();
     let mut buf = vec![[0u8; SECTOR]; sectors as usize];
     block_on(img.read(0, &mut buf)).unwrap();
     assert!(
@@ -174,7 +174,7 @@ fn fixed_device_reports_no_space_and_stays_consistent() {
     let mut img: Tiny<1> = block_on(Qcow2::create(
         RamDevice::fixed(24),
         [const { Slot::<1>::EMPTY }; 3],
-        &opts,
+        opts,
     ))
     .unwrap();
     let data = [[0x5a_u8; SECTOR]; 1];
@@ -192,7 +192,7 @@ fn fixed_device_reports_no_space_and_stays_consistent() {
     let mut img: Tiny<1> = block_on(Qcow2::open(
         dev,
         [const { Slot::<1>::EMPTY }; 3],
-        &OpenOptions::read_only(),
+        OpenOptions::read_only(),
     ))
     .unwrap();
     for i in 0..written {
@@ -210,7 +210,7 @@ fn sequential_fill_moves_the_refcount_table_twice() {
     let mut img: Tiny<1> = block_on(Qcow2::create(
         RamDevice::new(),
         [const { Slot::<1>::EMPTY }; 3],
-        &opts,
+        opts,
     ))
     .unwrap();
     let sectors = (opts.size / SECTOR as u64) as usize;
@@ -244,7 +244,7 @@ fn image_on_a_fixed_partition_uses_the_space_inside_it() {
     let mut img: Tiny<1> = block_on(Qcow2::create(
         RamDevice::fixed(4096),
         [const { Slot::<1>::EMPTY }; 3],
-        &opts,
+        opts,
     ))
     .unwrap();
     let data: Vec<Sector> = (0..2048u32).map(|s| [(s % 253) as u8; SECTOR]).collect();
@@ -255,7 +255,7 @@ fn image_on_a_fixed_partition_uses_the_space_inside_it() {
     let mut img: Tiny<1> = block_on(Qcow2::open(
         dev,
         [const { Slot::<1>::EMPTY }; 3],
-        &OpenOptions::read_write(),
+        OpenOptions::read_write(),
     ))
     .unwrap();
     block_on(img.write(1024, &data[1024..])).unwrap();
@@ -325,14 +325,14 @@ fn an_image_inside_an_image() {
     let outer: Tiny<1> = block_on(Qcow2::create(
         RamDevice::new(),
         [const { Slot::<1>::EMPTY }; 3],
-        &outer_opts,
+        outer_opts,
     ))
     .unwrap();
     let inner_opts = options(2 << 20, 9, 4, Version::V3);
     let mut inner = block_on(Qcow2::create(
         outer,
         [const { Slot::<1>::EMPTY }; 3],
-        &inner_opts,
+        inner_opts,
     ))
     .unwrap();
     let data: Vec<Sector> = (0..700u32).map(|s| [(s % 199) as u8 + 1; SECTOR]).collect();
@@ -344,7 +344,7 @@ fn an_image_inside_an_image() {
     let outer_img: Tiny<1> = block_on(Qcow2::open(
         ram.clone(),
         [const { Slot::<1>::EMPTY }; 3],
-        &OpenOptions::read_only(),
+        OpenOptions::read_only(),
     ))
     .unwrap();
     let mut inner_bytes = vec![[0u8; SECTOR]; (4 << 20) / SECTOR];

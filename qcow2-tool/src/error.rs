@@ -64,11 +64,14 @@ pub fn io_error(context: &str, e: &io::Error) -> CliError {
 pub fn errno_text(e: &CoreError) -> String {
     match e {
         Error::Io(e) => io_message(e),
-        Error::OutOfRange | Error::Corrupt { .. } => "Input/output error".into(),
+        Error::OutOfRange | Error::Corrupt { .. } | Error::Internal(_) => {
+            "Input/output error".into()
+        }
         Error::ReadOnly => "Operation not permitted".into(),
         Error::Unsupported(_) => "Operation not supported".into(),
         Error::NoSpace => "No space left on device".into(),
         Error::InvalidArgument(_) | Error::NotQcow2 => "Invalid argument".into(),
+        _ => "Input/output error".into(),
     }
 }
 

@@ -214,10 +214,8 @@ where
                 loaded = sector;
             }
             let index = ((c % per_block) % per_sector) as usize;
-            refcount::set(&mut self.scratch, order, index, refs).ok_or(Error::corrupt(
-                "refcount block layout",
-                sector * SECTOR as u64,
-            ))?;
+            refcount::set(&mut self.scratch, order, index, refs)
+                .ok_or(Error::Internal("refcount block layout"))?;
         }
         self.store_scratch(loaded).await
     }
@@ -241,7 +239,7 @@ where
                 let entry = (start + j) * cs;
                 self.scratch
                     .get_mut(i..i + 8)
-                    .ok_or(Error::corrupt("refcount table layout", table_host))?
+                    .ok_or(Error::Internal("refcount table layout"))?
                     .copy_from_slice(&entry.to_be_bytes());
                 j += 1;
             }
