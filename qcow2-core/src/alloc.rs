@@ -2,7 +2,7 @@
 //! refcount table on demand.
 
 use crate::cache::{Kind, Slot};
-use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::format::{refcount, shr_ceil, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
 
 /// Each round of allocation either succeeds or creates refcount metadata;
@@ -52,7 +52,7 @@ where
             self.free_hint = cluster + 1;
             return Ok(Some(cluster << self.geo.cluster_bits));
         }
-        if cluster / self.geo.refblock_entries < self.geo.reftable_entries {
+        if cluster >> self.geo.refblock_bits < self.geo.reftable_entries {
             self.new_refblock(cluster).await?;
         } else {
             self.grow_reftable(cluster).await?;
@@ -83,7 +83,7 @@ where
         if clusters <= self.dev_clusters {
             return Ok(());
         }
-        let sectors = clusters * (self.geo.cluster_size / SECTOR as u64);
+        let sectors = clusters * self.geo.cluster_sectors();
         if sectors > self.dev.sector_count() {
             self.dev
                 .set_sector_count(sectors)
@@ -99,14 +99,9 @@ where
     async fn new_refblock(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
         self.grow_device_to(cluster + 1).await?;
         let host = cluster << self.geo.cluster_bits;
-        let index = cluster / self.geo.refblock_entries;
-        self.write_refblock(
-            host,
-            index * self.geo.refblock_entries,
-            cluster,
-            cluster + 1,
-        )
-        .await?;
+        let index = cluster >> self.geo.refblock_bits;
+        self.write_refblock(host, index << self.geo.refblock_bits, cluster, cluster + 1)
+            .await?;
         // The block must be durable before the table points at it.
         self.cache.flush_device(&mut self.dev).await?;
         let at = self.geo.reftable_offset + index * 8;
@@ -125,8 +120,10 @@ where
         used_to: u64,
     ) -> Result<(), Error<D::Error>> {
         let order = self.geo.refcount_order;
-        let per_sector = refcount::entries_in(SECTOR as u64, order);
-        let sectors = self.geo.cluster_size / SECTOR as u64;
+        // 4096 bits per sector: 2^(12 - order) entries.
+        let per_sector_bits = 12 - order;
+        let per_sector = 1u64 << per_sector_bits;
+        let sectors = self.geo.cluster_sectors();
         let first = host / SECTOR as u64;
         self.dev
             .write_zeros(first, sectors)
@@ -137,8 +134,8 @@ where
         let to = used_to.min(covers + self.geo.refblock_entries);
         let mut cluster = from;
         while cluster < to {
-            let sector = (cluster - covers) / per_sector;
-            let sector_start = covers + sector * per_sector;
+            let sector = (cluster - covers) >> per_sector_bits;
+            let sector_start = covers + (sector << per_sector_bits);
             self.scratch = [0; SECTOR];
             let end = to.min(sector_start + per_sector);
             for c in cluster..end {
@@ -162,18 +159,17 @@ where
     /// flushed, then the old table's clusters freed.
     async fn grow_reftable(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
         let cs = self.geo.cluster_size;
-        let per_block = self.geo.refblock_entries;
         let old_entries = self.geo.reftable_entries;
-        let old_clusters = self.geo.reftable_bytes() / cs;
-        let start = old_entries * per_block;
-        let wanted_entries = cluster / per_block + 1;
+        let old_clusters = self.geo.cluster_of(self.geo.reftable_bytes());
+        let start = old_entries << self.geo.refblock_bits;
+        let wanted_entries = (cluster >> self.geo.refblock_bits) + 1;
         let mut table_clusters = old_clusters + (old_clusters / 2).max(1);
         let mut blocks = 1u64;
         for _ in 0..8 {
             let end = start + blocks + table_clusters;
-            let new_blocks = end.div_ceil(per_block) - old_entries;
+            let new_blocks = shr_ceil(end, self.geo.refblock_bits) - old_entries;
             let entries = (old_entries + new_blocks).max(wanted_entries);
-            let new_table = table_clusters.max((entries * 8).div_ceil(cs));
+            let new_table = table_clusters.max(self.geo.clusters_for(entries * 8));
             if new_blocks == blocks && new_table == table_clusters {
                 break;
             }
@@ -189,14 +185,14 @@ where
         self.grow_device_to(end).await?;
 
         for j in 0..blocks {
-            let covers = (old_entries + j) * per_block;
+            let covers = (old_entries + j) << self.geo.refblock_bits;
             self.write_refblock((start + j) * cs, covers, start, end)
                 .await?;
         }
         // Copy the current table (with any cached changes) and append entries.
         self.cache.write_refcounts(&mut self.dev).await?;
         let table = (start + blocks) * cs;
-        let old_sectors = old_clusters * cs / SECTOR as u64;
+        let old_sectors = old_clusters * self.geo.cluster_sectors();
         let old_first = self.geo.reftable_offset / SECTOR as u64;
         let new_first = table / SECTOR as u64;
         for s in 0..old_sectors {
@@ -207,7 +203,7 @@ where
                 .await
                 .map_err(Error::Io)?;
         }
-        let total_sectors = table_clusters * cs / SECTOR as u64;
+        let total_sectors = table_clusters * self.geo.cluster_sectors();
         self.dev
             .write_zeros(new_first + old_sectors, total_sectors - old_sectors)
             .await
@@ -236,11 +232,11 @@ where
         header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
         self.cache.flush_device(&mut self.dev).await?;
         self.geo.reftable_offset = table;
-        self.geo.reftable_entries = table_clusters * cs / 8;
+        self.geo.reftable_entries = table_clusters << self.geo.l2_bits;
         self.cache.forget_range(old_table, old_clusters * cs)?;
 
         // Nothing points at the old table any more: free its clusters.
-        let first_old = old_table / cs;
+        let first_old = self.geo.cluster_of(old_table);
         for c in first_old..first_old + old_clusters {
             let count = self.refcount(c).await?;
             let dropped = count.checked_sub(1).ok_or(Error::corrupt(

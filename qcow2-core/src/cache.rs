@@ -177,8 +177,14 @@ where
     }
 
     /// Bytes per slice.
+    #[cfg(test)]
     pub(crate) const fn slice_bytes(&self) -> u64 {
         self.slice_bytes
+    }
+
+    /// log2 of [`Cache::slice_bytes`].
+    pub(crate) const fn slice_shift(&self) -> u32 {
+        self.slice_shift
     }
 
     /// Records a device write outside the cache (guest data, new tables).
@@ -308,7 +314,7 @@ where
     }
 
     fn sectors(&self) -> usize {
-        (self.slice_bytes / SECTOR as u64) as usize
+        (self.slice_bytes >> 9) as usize
     }
 
     /// Writes slot `i` to the device; the caller has handled ordering.
@@ -529,7 +535,7 @@ where
     pub(crate) fn holds_any(&self, offset: u64, len: u64) -> bool {
         let mut tag = offset & !(self.slice_bytes - 1);
         let end = offset.saturating_add(len);
-        if (end - tag) / self.slice_bytes > u64::from(self.len()) {
+        if (end - tag) >> self.slice_shift > u64::from(self.len()) {
             return self
                 .slots
                 .as_ref()
@@ -563,7 +569,7 @@ where
         let mut tag = offset & !(self.slice_bytes - 1);
         let end = offset.saturating_add(len);
         // Few slices per cluster, or a scan when the range is larger than the cache.
-        if (end - tag) / self.slice_bytes > u64::from(self.len()) {
+        if (end - tag) >> self.slice_shift > u64::from(self.len()) {
             for i in 0..self.len() {
                 let s = self.slot::<E>(i)?;
                 if s.used && s.tag >= tag && s.tag < end {

@@ -3,8 +3,8 @@
 use crate::cache::Slot;
 use crate::format::header::{V2_LENGTH, V3_LENGTH};
 use crate::format::{
-    compatible, refcount, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_ORDER,
-    MIN_CLUSTER_BITS,
+    compatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
+    MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
 };
 use crate::{BlockDevice, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
@@ -80,34 +80,29 @@ impl Layout {
     /// enough blocks to cover all of them.
     fn plan<E>(o: &CreateOptions) -> Result<Self, Error<E>> {
         let cs = 1u64 << o.cluster_bits;
-        let bytes_per_l1 = cs * (cs / 8);
-        let l1_entries = o.size.div_ceil(bytes_per_l1);
+        // One L1 entry maps cs / 8 clusters of cs bytes.
+        let l1_entries = shr_ceil(o.size, 2 * o.cluster_bits - 3);
         if l1_entries * 8 > MAX_L1_BYTES || l1_entries > u64::from(u32::MAX) {
             return Err(Error::InvalidArgument(
                 "size too large for this cluster size",
             ));
         }
-        let l1_clusters = (l1_entries * 8).div_ceil(cs);
+        let l1_clusters = shr_ceil(l1_entries * 8, o.cluster_bits);
         let per_block = refcount::entries_in(cs, o.refcount_order);
-        let (mut table, mut blocks) = (1u64, 1u64);
-        loop {
-            let total = 1 + table + blocks + l1_clusters;
-            let need_blocks = total.div_ceil(per_block);
-            let need_table = (need_blocks * 8).div_ceil(cs);
-            if need_blocks <= blocks && need_table <= table {
-                return Ok(Layout {
-                    reftable: 1,
-                    reftable_clusters: table,
-                    refblocks: 1 + table,
-                    refblock_count: blocks,
-                    l1: 1 + table + blocks,
-                    l1_entries,
-                    total,
-                });
-            }
-            blocks = blocks.max(need_blocks);
-            table = table.max(need_table);
-        }
+        // The refcount structures start after the header and must cover the
+        // L1 table that follows them too.
+        let (blocks, table) =
+            refcount::self_covering_layout_before(per_block, cs, 0, 1, l1_clusters)
+                .ok_or(Error::Internal("refcount layout does not settle"))?;
+        Ok(Layout {
+            reftable: 1,
+            reftable_clusters: table,
+            refblocks: 1 + table,
+            refblock_count: blocks,
+            l1: 1 + table + blocks,
+            l1_entries,
+            total: 1 + table + blocks + l1_clusters,
+        })
     }
 }
 
@@ -222,7 +217,9 @@ async fn format<D: BlockDevice>(
 
     // Refcount 1 for every cluster the metadata occupies.
     let order = options.refcount_order;
-    let per_sector = refcount::entries_in(SECTOR as u64, order);
+    // 4096 bits per sector: 2^(12 - order) entries.
+    let per_sector_bits = 12 - order;
+    let per_sector = 1u64 << per_sector_bits;
     let mut cluster = 0;
     while cluster < layout.total {
         sector = [0; SECTOR];
@@ -233,7 +230,7 @@ async fn format<D: BlockDevice>(
             cluster += 1;
         }
         // Blocks are contiguous, so entry n lives at sector n / per_sector.
-        let at = layout.refblocks * cluster_sectors + first / per_sector;
+        let at = layout.refblocks * cluster_sectors + (first >> per_sector_bits);
         dev.write(at, core::slice::from_ref(&sector))
             .await
             .map_err(Error::Io)?;

@@ -95,11 +95,15 @@ pub(crate) struct Geometry {
     pub cluster_size: u64,
     /// Entries per L2 table.
     pub l2_entries: u64,
+    /// log2 of `l2_entries`.
+    pub l2_bits: u32,
     pub l1_offset: u64,
     pub l1_entries: u64,
     pub refcount_order: u32,
     /// Refcount entries per refcount block.
     pub refblock_entries: u64,
+    /// log2 of `refblock_entries`.
+    pub refblock_bits: u32,
     pub reftable_offset: u64,
     /// Entries in the refcount table.
     pub reftable_entries: u64,
@@ -111,16 +115,21 @@ pub(crate) struct Geometry {
 impl Geometry {
     pub(crate) fn new(h: &Header) -> Self {
         let cluster_size = h.cluster_size();
+        // Validated header: 9 <= cluster_bits <= 21, refcount_order <= 6.
+        let l2_bits = h.cluster_bits - 3;
+        let refblock_bits = h.cluster_bits + 3 - h.refcount_order;
         Geometry {
             cluster_bits: h.cluster_bits,
             cluster_size,
-            l2_entries: cluster_size / 8,
+            l2_entries: 1 << l2_bits,
+            l2_bits,
             l1_offset: h.l1_table_offset,
             l1_entries: u64::from(h.l1_size),
             refcount_order: h.refcount_order,
-            refblock_entries: (cluster_size * 8) >> h.refcount_order,
+            refblock_entries: 1 << refblock_bits,
+            refblock_bits,
             reftable_offset: h.refcount_table_offset,
-            reftable_entries: u64::from(h.refcount_table_clusters) * cluster_size / 8,
+            reftable_entries: u64::from(h.refcount_table_clusters) << l2_bits,
             v3: h.version == Version::V3,
             // As QEMU: a size that is not a whole number of sectors is
             // rounded down (the header field itself is left alone).
@@ -130,6 +139,26 @@ impl Geometry {
 
     pub(crate) const fn reftable_bytes(&self) -> u64 {
         self.reftable_entries * 8
+    }
+
+    /// Sectors per cluster.
+    pub(crate) const fn cluster_sectors(&self) -> u64 {
+        1 << (self.cluster_bits - 9)
+    }
+
+    /// The cluster index of host byte `offset`.
+    pub(crate) const fn cluster_of(&self, offset: u64) -> u64 {
+        offset >> self.cluster_bits
+    }
+
+    /// Byte position of `offset` inside its cluster.
+    pub(crate) const fn within_cluster(&self, offset: u64) -> u64 {
+        offset & (self.cluster_size - 1)
+    }
+
+    /// Clusters needed to hold `bytes` bytes.
+    pub(crate) const fn clusters_for(&self, bytes: u64) -> u64 {
+        crate::format::shr_ceil(bytes, self.cluster_bits)
     }
 
     /// Whether host range `[offset, offset+len)` touches the header cluster,
@@ -222,7 +251,7 @@ where
             }
         };
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
-        let dev_clusters = dev_bytes.div_ceil(geo.cluster_size);
+        let dev_clusters = geo.clusters_for(dev_bytes);
         let mut image = Qcow2 {
             dev,
             cache,
@@ -388,7 +417,9 @@ where
         while !rest.is_empty() {
             let (mapping, run) = self.map_run(sector, rest.len() as u64).await?;
             // `run` never exceeds the requested length.
-            let (now, later) = rest.split_at_mut(run as usize);
+            let (now, later) = rest
+                .split_at_mut_checked(run as usize)
+                .ok_or(Error::Internal("mapped run longer than the request"))?;
             match mapping {
                 Mapping::Unallocated | Mapping::Zero => now.fill([0; SECTOR]),
                 Mapping::Data { host } => {

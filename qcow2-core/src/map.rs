@@ -54,7 +54,7 @@ where
 {
     /// Host byte offset of the L1 entry for guest cluster `guest`.
     pub(crate) fn l1_entry_offset(&self, guest: u64) -> Result<u64, Error<D::Error>> {
-        let index = guest / self.geo.l2_entries;
+        let index = guest >> self.geo.l2_bits;
         if index >= self.geo.l1_entries {
             return Err(Error::OutOfRange);
         }
@@ -99,10 +99,10 @@ where
     ) -> Result<(), Error<D::Error>> {
         let geo = &self.geo;
         let [unaligned, beyond_end, on_metadata] = errors;
-        if !host.is_multiple_of(geo.cluster_size) {
+        if geo.within_cluster(host) != 0 {
             return Err(Error::corrupt(unaligned, host));
         }
-        if host / geo.cluster_size >= self.dev_clusters {
+        if geo.cluster_of(host) >= self.dev_clusters {
             return Err(Error::corrupt(beyond_end, host));
         }
         if geo.hits_fixed_metadata(host, geo.cluster_size) {
@@ -118,7 +118,7 @@ where
         l2: u64,
         guest: u64,
     ) -> Result<(L2Entry, u64), Error<D::Error>> {
-        let at = l2 + (guest % self.geo.l2_entries) * 8;
+        let at = l2 + (guest & (self.geo.l2_entries - 1)) * 8;
         let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
         if !self.geo.v3 && raw & ZERO != 0 && raw & COMPRESSED == 0 {
             // QEMU refuses the zero flag in a v2 image the same way.
@@ -142,14 +142,17 @@ where
     async fn map_one(&mut self, sector: u64) -> Result<(Mapping, u64), Error<D::Error>> {
         let offset = sector * SECTOR as u64;
         let guest = offset >> self.geo.cluster_bits;
-        let cluster_sectors = self.geo.cluster_size / SECTOR as u64;
+        let cluster_sectors = self.geo.cluster_sectors();
         let l2 = self.l2_table(guest).await?;
         if l2 == 0 {
-            let table_sectors = cluster_sectors * self.geo.l2_entries;
-            return Ok((Mapping::Unallocated, table_sectors - sector % table_sectors));
+            let table_sectors = cluster_sectors << self.geo.l2_bits;
+            return Ok((
+                Mapping::Unallocated,
+                table_sectors - (sector & (table_sectors - 1)),
+            ));
         }
-        let span = cluster_sectors - sector % cluster_sectors;
-        let within = offset % self.geo.cluster_size;
+        let span = cluster_sectors - (sector & (cluster_sectors - 1));
+        let within = self.geo.within_cluster(offset);
         let mapping = match self.l2_entry(l2, guest).await?.0 {
             L2Entry::Unallocated => Mapping::Unallocated,
             L2Entry::Zero { .. } => Mapping::Zero,

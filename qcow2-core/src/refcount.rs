@@ -22,15 +22,16 @@ where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
 {
-    /// Refcount entries per cache slice.
-    pub(crate) fn refcounts_per_slice(&self) -> u64 {
-        refcount::entries_in(self.cache.slice_bytes(), self.geo.refcount_order)
+    /// log2 of the refcount entries per cache slice.
+    pub(crate) fn refcounts_per_slice_bits(&self) -> u32 {
+        // A slice holds at least 512 bytes: 4096 one-bit entries or more.
+        self.cache.slice_shift() + 3 - self.geo.refcount_order
     }
 
     /// Host offset of the refcount block for `cluster`, 0 when the refcount
     /// table has no block there (all its clusters are free).
     pub(crate) async fn refblock_of(&mut self, cluster: u64) -> Result<u64, Error<D::Error>> {
-        let index = cluster / self.geo.refblock_entries;
+        let index = cluster >> self.geo.refblock_bits;
         if index >= self.geo.reftable_entries {
             return Ok(0);
         }
@@ -69,19 +70,14 @@ where
         cluster: u64,
     ) -> Result<RefcountSlot, Error<D::Error>> {
         let block = self.refblock_of(cluster).await?;
-        let in_block = cluster % self.geo.refblock_entries;
-        let per_slice = self.refcounts_per_slice();
+        let in_block = cluster & (self.geo.refblock_entries - 1);
+        let per_slice_bits = self.refcounts_per_slice_bits();
+        let index = (in_block & ((1 << per_slice_bits) - 1)) as usize;
         if block == 0 {
-            return Ok(RefcountSlot {
-                slice: 0,
-                index: (in_block % per_slice) as usize,
-            });
+            return Ok(RefcountSlot { slice: 0, index });
         }
-        let slice = block + (in_block / per_slice) * self.cache.slice_bytes();
-        Ok(RefcountSlot {
-            slice,
-            index: (in_block % per_slice) as usize,
-        })
+        let slice = block + ((in_block >> per_slice_bits) << self.cache.slice_shift());
+        Ok(RefcountSlot { slice, index })
     }
 
     /// The refcount of `cluster` (0 where no refcount block exists).
@@ -127,7 +123,7 @@ where
     /// finite and everything past it is free.
     pub(crate) async fn first_free_from(&mut self, start: u64) -> Result<u64, Error<D::Error>> {
         let order = self.geo.refcount_order;
-        let per_slice = self.refcounts_per_slice();
+        let per_slice = 1u64 << self.refcounts_per_slice_bits();
         let mut cluster = start;
         loop {
             let loc = self.refcount_slot(cluster).await?;

@@ -1,7 +1,7 @@
 //! The write path: in-place overwrites and allocating writes.
 
 use crate::cache::{Kind, Slot};
-use crate::format::{L1Entry, L2Entry};
+use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
 /// Clusters resolved before their data is written.
@@ -41,16 +41,19 @@ where
         first: u64,
         buf: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = (self.geo.cluster_size / SECTOR as u64) as usize;
+        let sector_bits = self.geo.cluster_bits - 9;
+        let cluster_sectors = self.geo.cluster_sectors();
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
-            let within = (sector % cluster_sectors as u64) as usize;
-            let span = (within + rest.len()).div_ceil(cluster_sectors).min(BATCH);
-            let n = (span * cluster_sectors - within).min(rest.len());
-            let (now, later) = rest.split_at(n);
+            let within = sector & (cluster_sectors - 1);
+            let span = (shr_ceil(within + rest.len() as u64, sector_bits) as usize).min(BATCH);
+            let n = ((span as u64) * cluster_sectors - within).min(rest.len() as u64);
+            let (now, later) = rest
+                .split_at_checked(n as usize)
+                .ok_or(Error::Internal("write batch longer than the buffer"))?;
             let mut plan = [Placement::EMPTY; BATCH];
-            let guest = sector / cluster_sectors as u64;
+            let guest = sector >> sector_bits;
             for (i, p) in plan.iter_mut().enumerate().take(span) {
                 *p = self.place(guest + i as u64).await?;
             }
@@ -63,7 +66,7 @@ where
                     .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
                     .await?;
             }
-            sector += n as u64;
+            sector += n;
             rest = later;
         }
         Ok(())
@@ -117,16 +120,16 @@ where
         first: u64,
         data: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = self.geo.cluster_size / SECTOR as u64;
+        let cluster_sectors = self.geo.cluster_sectors();
         // Allocations for later clusters of the batch may have put a table
         // on a cluster planned for an in-place write (zeroed refcounts).
         for p in plan.iter().filter(|p| !p.fresh) {
             self.check_not_metadata(p.host).await?;
         }
-        let within = first % cluster_sectors;
+        let mask = cluster_sectors - 1;
+        let within = first & mask;
         let last = plan.len().saturating_sub(1);
-        let tail =
-            (cluster_sectors - (within + data.len() as u64) % cluster_sectors) % cluster_sectors;
+        let tail = (cluster_sectors - ((within + data.len() as u64) & mask)) & mask;
         // Pending run: host sector where it starts, and data index range.
         let (mut run_host, mut run_from, mut run_to) = (0u64, 0usize, 0usize);
         for (i, p) in plan.iter().enumerate() {
@@ -192,7 +195,7 @@ where
     async fn new_l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
         let at = self.l1_entry_offset(guest)?;
         let table = self.alloc_cluster().await?;
-        let sectors = self.geo.cluster_size / SECTOR as u64;
+        let sectors = self.geo.cluster_sectors();
         self.dev
             .write_zeros(table / SECTOR as u64, sectors)
             .await

@@ -231,7 +231,7 @@ where
             end: 0,
             refcounted_end: 0,
             report: CheckReport {
-                total_clusters: self.virtual_size().div_ceil(self.geo.cluster_size),
+                total_clusters: self.geo.clusters_for(self.virtual_size()),
                 ..CheckReport::default()
             },
             tally: Tally::default(),
@@ -348,9 +348,10 @@ where
     /// refcounts worth keeping (and must not be written), so the structures
     /// are rebuilt elsewhere.
     async fn check_refblocks_unshared(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
-        let table = self.geo.reftable_offset / cs;
-        let table_end = (self.geo.reftable_offset + self.geo.reftable_bytes()).div_ceil(cs);
+        let table = self.geo.cluster_of(self.geo.reftable_offset);
+        let table_end = self
+            .geo
+            .clusters_for(self.geo.reftable_offset + self.geo.reftable_bytes());
         for c in table..table_end.min(self.dev_clusters) {
             if w.in_window(c) && w.refs(c) != 1 {
                 w.refcount_structure_error();
@@ -358,7 +359,9 @@ where
         }
         for i in 0..self.geo.reftable_entries {
             if let Some(block) = self.refblock_entry(i).await? {
-                if w.in_window(block / cs) && w.refs(block / cs) != 1 {
+                if w.in_window(self.geo.cluster_of(block))
+                    && w.refs(self.geo.cluster_of(block)) != 1
+                {
                     w.refcount_structure_error();
                 }
             }

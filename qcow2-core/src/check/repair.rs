@@ -119,7 +119,7 @@ where
                 continue;
             }
             fixed += self.set_copied(at, Kind::L1, raw, l2).await?;
-            if self.refcount(l2 / cs).await? != 1 {
+            if self.refcount(self.geo.cluster_of(l2)).await? != 1 {
                 // The table is also something else (data, perhaps): leave it.
                 continue;
             }

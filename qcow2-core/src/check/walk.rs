@@ -21,7 +21,7 @@ where
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
     /// the device and clear of the header, L1 table and refcount table.
     pub(super) fn valid_clusters(&self, host: u64, len: u64) -> bool {
-        host.is_multiple_of(self.geo.cluster_size)
+        self.geo.within_cluster(host) == 0
             && host != 0
             && host
                 .checked_add(len)
@@ -85,8 +85,8 @@ where
         if end.saturating_sub(dev_bytes) >= cs {
             return false;
         }
-        let mut c = host / cs;
-        while c < end.div_ceil(cs) {
+        let mut c = self.geo.cluster_of(host);
+        while c < self.geo.clusters_for(end) {
             w.count(c);
             c += 1;
         }
@@ -113,10 +113,9 @@ where
 
     /// Counts the refcount blocks; the audit reports bad table entries.
     pub(super) async fn walk_reftable(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
         for i in 0..self.geo.reftable_entries {
             match self.refblock_entry(i).await? {
-                Some(block) => w.count(block / cs),
+                Some(block) => w.count(self.geo.cluster_of(block)),
                 None if w.audit && self.reftable_raw(i).await? != 0 => w.refcount_structure_error(),
                 None => {}
             }
@@ -248,7 +247,7 @@ where
                 continue;
             }
             if !self.valid_clusters(l2, cs) {
-                w.note_target(l2 / cs, l2 / cs + 1);
+                w.note_target(self.geo.cluster_of(l2), self.geo.cluster_of(l2) + 1);
                 w.entry_error();
                 if w.fix_entries {
                     // Reading through it fails: nothing readable is lost.
@@ -256,8 +255,13 @@ where
                 }
                 continue;
             }
-            w.count(l2 / cs);
-            if active && w.audit && self.copied_wrong(l2 / cs, entry.copied()).await? {
+            w.count(self.geo.cluster_of(l2));
+            if active
+                && w.audit
+                && self
+                    .copied_wrong(self.geo.cluster_of(l2), entry.copied())
+                    .await?
+            {
                 w.report.corruptions += 1;
                 w.tally.copied += 1;
             }
@@ -343,8 +347,8 @@ where
                     .is_some_and(|end| host >= cs && end <= self.dev_clusters * cs),
             };
             if !valid {
-                let to = host.saturating_add(len.max(1)).div_ceil(cs);
-                w.note_target(host / cs, to);
+                let to = self.geo.clusters_for(host.saturating_add(len.max(1)));
+                w.note_target(self.geo.cluster_of(host), to);
                 w.entry_error();
                 if w.fix_entries {
                     // Reading through it fails: nothing readable is lost.
@@ -354,7 +358,7 @@ where
             }
             self.count_range(w, host, len);
             if let (true, true, Some(copied)) = (active, w.audit, copied) {
-                if self.copied_wrong(host / cs, copied).await? {
+                if self.copied_wrong(self.geo.cluster_of(host), copied).await? {
                     w.report.corruptions += 1;
                     w.tally.copied += 1;
                 }
@@ -369,7 +373,7 @@ where
         let raw = self.reftable_raw(i).await?;
         let block = raw & !0x1ff;
         let plausible = raw & 0x1ff == 0
-            && block.is_multiple_of(self.geo.cluster_size)
+            && self.geo.within_cluster(block) == 0
             && block >> self.geo.cluster_bits < self.dev_clusters;
         Ok((raw != 0 && plausible).then_some(block))
     }

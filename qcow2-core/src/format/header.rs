@@ -238,12 +238,11 @@ impl Header {
             return Err(Error::Unsupported("backing files"));
         }
         // L1 table: big enough for the disk, within limits, aligned, not on the header.
-        let l2_entries = cluster / 8;
-        let bytes_per_l1 = cluster * l2_entries;
         if self.size > (1 << 62) {
             return corrupt("virtual size too large");
         }
-        let needed_l1 = self.size.div_ceil(bytes_per_l1);
+        // One L1 entry maps cluster / 8 clusters.
+        let needed_l1 = super::shr_ceil(self.size, 2 * self.cluster_bits - 3);
         if u64::from(self.l1_size) < needed_l1 {
             return corrupt("L1 table too small for the virtual size");
         }
@@ -253,7 +252,7 @@ impl Header {
         }
         if self.l1_size > 0 {
             check_table(self.l1_table_offset, l1_bytes, cluster, L1_PLACEMENT)?;
-        } else if !self.l1_table_offset.is_multiple_of(cluster) {
+        } else if !super::is_aligned(self.l1_table_offset, cluster) {
             // QEMU insists on an aligned offset even for an empty table.
             return Err(Error::corrupt(L1_PLACEMENT[0], self.l1_table_offset));
         }
@@ -275,7 +274,7 @@ impl Header {
         }
         if self.nb_snapshots > 0 {
             check_table(self.snapshots_offset, 1, cluster, SNAPSHOT_PLACEMENT)?;
-        } else if !self.snapshots_offset.is_multiple_of(cluster) {
+        } else if !super::is_aligned(self.snapshots_offset, cluster) {
             // QEMU checks the alignment even when there are no snapshots.
             return Err(Error::corrupt(SNAPSHOT_PLACEMENT[0], self.snapshots_offset));
         }
@@ -339,7 +338,7 @@ fn check_table<E>(
     errors: PlacementErrors,
 ) -> Result<(), Error<E>> {
     let [unaligned, on_header, too_far] = errors;
-    if !offset.is_multiple_of(cluster) {
+    if !super::is_aligned(offset, cluster) {
         return Err(Error::corrupt(unaligned, offset));
     }
     if offset == 0 {

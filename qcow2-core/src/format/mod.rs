@@ -10,6 +10,26 @@ pub mod snapshot;
 pub use entry::{L1Entry, L2Entry};
 pub use header::{Extension, ExtensionKind, Header};
 
+/// `ceil(x / 2^bits)`, without a division: every size in the format is a
+/// power of two, and firmware targets have no 64-bit divide instruction.
+/// `bits >= 64` gives 0 or 1 (never a panic).
+pub(crate) const fn shr_ceil(x: u64, bits: u32) -> u64 {
+    let low = match 1u64.checked_shl(bits) {
+        Some(unit) => x & (unit - 1),
+        None => x,
+    };
+    let whole = match x.checked_shr(bits) {
+        Some(q) => q,
+        None => 0,
+    };
+    whole + (low != 0) as u64
+}
+
+/// Whether `x` is a multiple of `align`, a power of two (a mask, no division).
+pub(crate) const fn is_aligned(x: u64, align: u64) -> bool {
+    x & align.wrapping_sub(1) == 0
+}
+
 /// The four magic bytes every qcow2 image starts with.
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 

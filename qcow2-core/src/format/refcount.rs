@@ -64,9 +64,9 @@ pub const fn entries_in(bytes: u64, order: u32) -> u64 {
 
 /// Sizes a complete set of refcount structures placed at cluster `start`:
 /// `(blocks, table_clusters)` such that the blocks cover every cluster
-/// below `covered` and the structures themselves (blocks then table,
+/// below `covered` and the structures themselves (blocks and table,
 /// contiguous from `start`). `per_block` is the number of entries in a
-/// block, `cluster_size` the cluster size in bytes.
+/// block, `cluster_size` the cluster size in bytes: both powers of two.
 ///
 /// Returns `None` when the sizes do not settle (impossible for sane
 /// inputs: each round only grows them, by less each time).
@@ -76,11 +76,29 @@ pub fn self_covering_layout(
     covered: u64,
     start: u64,
 ) -> Option<(u64, u64)> {
+    self_covering_layout_before(per_block, cluster_size, covered, start, 0)
+}
+
+/// [`self_covering_layout`] when `after` more clusters follow the
+/// structures and must be covered too (a new image's L1 table).
+pub fn self_covering_layout_before(
+    per_block: u64,
+    cluster_size: u64,
+    covered: u64,
+    start: u64,
+    after: u64,
+) -> Option<(u64, u64)> {
+    // Powers of two: shifts, no division (firmware has no 64-bit divide).
+    let (block_bits, cluster_bits) = (per_block.trailing_zeros(), cluster_size.trailing_zeros());
     let (mut blocks, mut table) = (1u64, 1u64);
     for _ in 0..64 {
-        let end = covered.max(start.checked_add(blocks)?.checked_add(table)?);
-        let need_blocks = end.div_ceil(per_block);
-        let need_table = need_blocks.checked_mul(8)?.div_ceil(cluster_size);
+        let end = start
+            .checked_add(blocks)?
+            .checked_add(table)?
+            .checked_add(after)?;
+        let end = covered.max(end);
+        let need_blocks = super::shr_ceil(end, block_bits);
+        let need_table = super::shr_ceil(need_blocks.checked_mul(8)?, cluster_bits);
         if need_blocks <= blocks && need_table <= table {
             return Some((blocks, table));
         }
