@@ -1,0 +1,392 @@
+//! qcow2-core on a Cortex-M4F (QEMU `mps2-an386`): creates, writes, reads,
+//! flushes, closes, reopens read-only, checks and repairs an image on a
+//! 256 KiB RAM disk, then recovers a lazy-refcounts image left dirty, and
+//! reports the stack each phase and each call takes, the size of every
+//! future and the RAM the image needs. Writes every image it made to the
+//! host's working directory. Exits 0 when everything holds.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+use core::pin::pin;
+
+use cortex_m_rt::entry;
+use qcow2_core::{
+    CheckReport, CreateOptions, Error, FirmwareCache, FirmwareQcow2, OpenError, OpenOptions, Qcow2,
+    Repair, Sector, Slot,
+};
+use qcow2_firmware::{dump, holds_pattern, pattern, DiskError, RamDisk, StackMeter};
+use semihosting::{eprintln, println};
+use static_cell::ConstStaticCell;
+
+/// The image type of this example: the RAM disk, and the firmware cache
+/// borrowed from a `static`.
+type Image = FirmwareQcow2<'static, RamDisk>;
+
+/// Sectors the example moves per call.
+const IO_SECTORS: usize = 8;
+/// Bytes of the check / repair scratch: 4 a cluster, 512 clusters of
+/// 512 B on the disk, so one pass.
+const CHECK_SCRATCH: usize = 2048;
+
+static CACHE: ConstStaticCell<FirmwareCache> = ConstStaticCell::new([const { Slot::EMPTY }; 8]);
+static IO: ConstStaticCell<[Sector; IO_SECTORS]> = ConstStaticCell::new([[0; 512]; IO_SECTORS]);
+static SCRATCH: ConstStaticCell<[u8; CHECK_SCRATCH]> = ConstStaticCell::new([0; CHECK_SCRATCH]);
+
+/// The first image: 512 B clusters, so an L2 table (64 entries) maps only
+/// 32 KiB (64 sectors) and the writes cross several of them.
+const CREATE_SIZE: u64 = 4 << 20;
+const CREATE_SEED: u8 = 0x5a;
+/// (first sector, sectors) written and verified in the first image.
+const CREATE_WRITES: &[(u64, u64)] = &[
+    (0, 24),
+    (60, 8),
+    (120, 16),
+    (1000, 8),
+    (4090, 12),
+    (8184, 8),
+];
+/// Ranges of the first image never written: they read as zeros.
+const CREATE_HOLES: &[(u64, u64)] = &[(24, 36), (2000, 8), (8176, 8)];
+
+/// The lazy-refcounts image: 4 KiB clusters, an L2 table maps 2 MiB, so
+/// writes 2 MiB apart land in different tables.
+const LAZY_SIZE: u64 = 8 << 20;
+const LAZY_SEED: u8 = 0xa7;
+const LAZY_WRITES: &[(u64, u64)] = &[(0, 8), (4104, 8), (12288, 16)];
+const LAZY_HOLES: &[(u64, u64)] = &[(8, 8), (4096, 8), (12304, 8)];
+
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug
+enum Fail {
+    /// The image returned an error.
+    Qcow2(&'static str, Error<DiskError>),
+    /// Data or a report was not what it should be.
+    Verify(&'static str),
+    /// Host file I/O through semihosting failed.
+    Host(&'static str, semihosting::io::Error),
+}
+
+/// Tags an image error with the phase it happened in.
+trait In<T> {
+    fn in_phase(self, phase: &'static str) -> Result<T, Fail>;
+}
+
+impl<T> In<T> for Result<T, Error<DiskError>> {
+    fn in_phase(self, phase: &'static str) -> Result<T, Fail> {
+        self.map_err(|e| Fail::Qcow2(phase, e))
+    }
+}
+
+impl<T> In<T> for Result<T, OpenError<RamDisk, Cache>> {
+    fn in_phase(self, phase: &'static str) -> Result<T, Fail> {
+        self.map_err(|e| Fail::Qcow2(phase, e.error))
+    }
+}
+
+#[entry]
+fn main() -> ! {
+    // Paints the stack below here first: everything after counts, the
+    // frame that holds the example's future included.
+    let meter = StackMeter::start();
+    let top = qcow2_firmware::sp();
+    let result = firmware(&meter);
+    meter.end_run(top);
+    match result {
+        Ok(()) => {
+            println!("firmware: all phases passed");
+            semihosting::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e:?}");
+            semihosting::process::exit(1)
+        }
+    }
+}
+
+/// Prints the RAM figures and runs the example under `block_on`; its frame
+/// holds the example's future.
+#[inline(never)]
+fn firmware(meter: &StackMeter) -> Result<(), Fail> {
+    let (Some(disk), Some(cache), Some(io), Some(scratch)) = (
+        RamDisk::take(),
+        CACHE.try_take(),
+        IO.try_take(),
+        SCRATCH.try_take(),
+    ) else {
+        return Err(Fail::Verify("statics taken twice"));
+    };
+    println!("ram slot: {} B", size_of::<Slot<1>>());
+    println!("ram cache: {} B", size_of::<FirmwareCache>());
+    println!("ram image: {} B", size_of::<Image>());
+    println!("ram scratch io: {} B", size_of::<[Sector; IO_SECTORS]>());
+    println!("ram scratch check: {} B", size_of::<[u8; CHECK_SCRATCH]>());
+    println!("ram disk: {} B", disk.bytes().len());
+    let run = run(meter, disk, cache, io, scratch);
+    println!("future firmware: {} B", core::mem::size_of_val(&run));
+    meter.paint();
+    embassy_futures::block_on(run)
+}
+
+/// The cache, borrowed from its `static` for the whole run.
+type Cache = &'static mut FirmwareCache;
+
+/// The phases in order, each in its own `async fn`, so that their images
+/// and futures share space in this future.
+async fn run(
+    m: &StackMeter,
+    disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8; CHECK_SCRATCH],
+) -> Result<(), Fail> {
+    let (disk, cache) = create_write_read(m, disk, cache, io).await?;
+    let (disk, cache) = read_only_and_check(m, disk, cache, io, scratch).await?;
+    let (mut disk, cache) = repair(m, disk, cache, io, scratch).await?;
+    dump(c"fw-create.qcow2", &disk).map_err(|e| Fail::Host("fw-create.qcow2", e))?;
+    disk.zero();
+    let disk = lazy_crash(m, disk, cache, io, scratch).await?;
+    dump(c"fw-lazy.qcow2", &disk).map_err(|e| Fail::Host("fw-lazy.qcow2", e))
+}
+
+/// Phases create, write, read, flush and close.
+async fn create_write_read(
+    m: &StackMeter,
+    mut disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+) -> Result<(RamDisk, Cache), Fail> {
+    let top = m.begin_phase();
+    disk.zero();
+    let options = CreateOptions {
+        cluster_bits: 9,
+        ..CreateOptions::new(CREATE_SIZE)
+    };
+    let mut image: Image = m
+        .call("create", pin!(Qcow2::create(disk, cache, options)))
+        .await
+        .in_phase("create")?;
+    m.end_phase("create", top);
+
+    let top = m.begin_phase();
+    write_ranges(m, &mut image, io, CREATE_SEED, CREATE_WRITES).await?;
+    m.end_phase("write", top);
+
+    let top = m.begin_phase();
+    verify(m, &mut image, io, CREATE_SEED, CREATE_WRITES, CREATE_HOLES).await?;
+    m.end_phase("read", top);
+
+    let top = m.begin_phase();
+    m.call("flush", pin!(image.flush()))
+        .await
+        .in_phase("flush")?;
+    m.end_phase("flush", top);
+
+    let top = m.begin_phase();
+    let closed = m
+        .call("close", pin!(image.close()))
+        .await
+        .in_phase("close")?;
+    m.end_phase("close", top);
+    Ok(closed)
+}
+
+/// Phases read-only (reopen read-only, verify, a write is refused) and
+/// check (must be clean).
+async fn read_only_and_check(
+    m: &StackMeter,
+    disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8],
+) -> Result<(RamDisk, Cache), Fail> {
+    let top = m.begin_phase();
+    let mut image: Image = m
+        .call(
+            "open-ro",
+            pin!(Qcow2::open(disk, cache, OpenOptions::read_only())),
+        )
+        .await
+        .in_phase("read-only")?;
+    verify(m, &mut image, io, CREATE_SEED, CREATE_WRITES, CREATE_HOLES).await?;
+    let refused = m
+        .call("write", pin!(image.write(0, &io[..1])))
+        .await
+        .is_err_and(|e| e == Error::ReadOnly);
+    if !refused {
+        return Err(Fail::Verify("a read-only image accepted a write"));
+    }
+    m.end_phase("read-only", top);
+
+    let top = m.begin_phase();
+    let report = m
+        .call("check", pin!(image.check(scratch)))
+        .await
+        .in_phase("check")?;
+    clean("check", &report)?;
+    let closed = m
+        .call("close", pin!(image.close()))
+        .await
+        .in_phase("check")?;
+    m.end_phase("check", top);
+    Ok(closed)
+}
+
+/// Phase repair: reopen read-write, repair (nothing to do), verify.
+async fn repair(
+    m: &StackMeter,
+    disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8],
+) -> Result<(RamDisk, Cache), Fail> {
+    let top = m.begin_phase();
+    let mut image: Image = m
+        .call(
+            "open",
+            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
+        )
+        .await
+        .in_phase("repair")?;
+    let report = m
+        .call("repair", pin!(image.repair(scratch, Repair::All)))
+        .await
+        .in_phase("repair")?;
+    clean("repair", &report)?;
+    verify(m, &mut image, io, CREATE_SEED, CREATE_WRITES, CREATE_HOLES).await?;
+    let closed = m
+        .call("close", pin!(image.close()))
+        .await
+        .in_phase("repair")?;
+    m.end_phase("repair", top);
+    Ok(closed)
+}
+
+/// Phase lazy-crash: an image with lazy refcounts is written, flushed and
+/// abandoned (a crash: it stays dirty); opening it read-write rebuilds its
+/// refcounts on the fixed-size disk; the data must survive and check must
+/// find it clean.
+async fn lazy_crash(
+    m: &StackMeter,
+    disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8],
+) -> Result<RamDisk, Fail> {
+    let top = m.begin_phase();
+    let options = CreateOptions {
+        cluster_bits: 12,
+        lazy_refcounts: true,
+        ..CreateOptions::new(LAZY_SIZE)
+    };
+    let mut image: Image = m
+        .call("create", pin!(Qcow2::create(disk, cache, options)))
+        .await
+        .in_phase("lazy-crash")?;
+    write_ranges(m, &mut image, io, LAZY_SEED, LAZY_WRITES).await?;
+    m.call("flush", pin!(image.flush()))
+        .await
+        .in_phase("lazy-crash")?;
+    let (disk, cache) = image.abandon();
+    let mut image: Image = m
+        .call(
+            "open",
+            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
+        )
+        .await
+        .in_phase("lazy-crash: reopening the dirty image")?;
+    verify(m, &mut image, io, LAZY_SEED, LAZY_WRITES, LAZY_HOLES).await?;
+    let report = m
+        .call("check", pin!(image.check(scratch)))
+        .await
+        .in_phase("lazy-crash")?;
+    clean("lazy-crash check", &report)?;
+    let (disk, _cache) = m
+        .call("close", pin!(image.close()))
+        .await
+        .in_phase("lazy-crash")?;
+    m.end_phase("lazy-crash", top);
+    Ok(disk)
+}
+
+/// Prints a check report; fails unless it is clean.
+fn clean(what: &'static str, report: &CheckReport) -> Result<(), Fail> {
+    println!(
+        "{what}: corruptions {}, leaks {}, allocated {} of {} clusters, {} pass(es)",
+        report.corruptions,
+        report.leaks,
+        report.allocated_clusters,
+        report.total_clusters,
+        report.passes
+    );
+    if report.is_clean() {
+        Ok(())
+    } else {
+        Err(Fail::Verify(what))
+    }
+}
+
+/// Writes [`pattern`] over each range, `IO_SECTORS` at a time.
+async fn write_ranges(
+    m: &StackMeter,
+    image: &mut Image,
+    io: &mut [Sector; IO_SECTORS],
+    seed: u8,
+    ranges: &[(u64, u64)],
+) -> Result<(), Fail> {
+    for &(first, count) in ranges {
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(IO_SECTORS as u64) as usize;
+            let buf = io.get_mut(..n).ok_or(Fail::Verify("chunk"))?;
+            for (s, sector) in buf.iter_mut().zip(at..) {
+                pattern(seed, sector, s);
+            }
+            m.call("write", pin!(image.write(at, buf)))
+                .await
+                .in_phase("write")?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Reads every range back and compares it with [`pattern`]; `holes` must
+/// read as zeros.
+async fn verify(
+    m: &StackMeter,
+    image: &mut Image,
+    io: &mut [Sector; IO_SECTORS],
+    seed: u8,
+    ranges: &[(u64, u64)],
+    holes: &[(u64, u64)],
+) -> Result<(), Fail> {
+    for (&(first, count), hole) in ranges
+        .iter()
+        .map(|r| (r, false))
+        .chain(holes.iter().map(|r| (r, true)))
+    {
+        let mut at = first;
+        while at < first + count {
+            let n = (first + count - at).min(IO_SECTORS as u64) as usize;
+            let buf = io.get_mut(..n).ok_or(Fail::Verify("chunk"))?;
+            m.call("read", pin!(image.read(at, buf)))
+                .await
+                .in_phase("read")?;
+            let good = if hole {
+                buf.iter().all(|s| s.iter().all(|&b| b == 0))
+            } else {
+                holds_pattern(seed, at, buf)
+            };
+            if !good {
+                return Err(Fail::Verify(if hole {
+                    "a hole did not read as zeros"
+                } else {
+                    "data read back differs from what was written"
+                }));
+            }
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
