@@ -35,6 +35,9 @@ mod map;
 mod refcount;
 mod write;
 
+pub mod blockutil;
+pub mod seek;
+
 pub use cache::Slot;
 pub use check::{CheckReport, Repair};
 pub use create::CreateOptions;
@@ -43,6 +46,7 @@ pub use error::{Error, OpenError};
 pub use format::Version;
 pub use image::{ImageInfo, OpenOptions, Qcow2};
 pub use map::Mapping;
+pub use seek::SeekableDevice;
 
 /// The cache configuration recommended for firmware: 8 slices of 512 bytes.
 pub type FirmwareCache = [Slot<1>; 8];
