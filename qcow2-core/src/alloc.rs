@@ -1,7 +1,7 @@
 //! Cluster allocation from the refcounts, growing refcount blocks and the
 //! refcount table on demand.
 
-use crate::cache::{Kind, Slot};
+use crate::cache::{Kind, Order, Slot};
 use crate::format::{refcount, shr_ceil, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
 
@@ -22,8 +22,13 @@ where
     /// inside it before reporting [`Error::NoSpace`].
     ///
     /// The refcount change stays in the cache; the cache's write-back order
-    /// makes it durable before any L1/L2 entry that points at the cluster.
+    /// makes it durable before any L1/L2 entry that points at the cluster
+    /// (rule 1), and clusters freed earlier are handed out only once the
+    /// change that freed them is durable (rule 6).
     pub(crate) async fn alloc_cluster(&mut self) -> Result<u64, Error<D::Error>> {
+        self.cache
+            .require(&mut self.dev, Order::RefcountsFirst)
+            .await?;
         let mut wrapped = self.free_hint == 0;
         for _ in 0..MAX_ALLOC_ROUNDS {
             match self.alloc_round().await {

@@ -58,6 +58,17 @@ impl Kind {
     }
 }
 
+/// Which class of dirty slices must be durable before the other class may
+/// be written (DESIGN rules 1, 2 and 6, in `ORDERING.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Refcount increases before the L1/L2 entries that use the clusters
+    /// (allocation).
+    RefcountsFirst,
+    /// L1/L2 entry removals before the refcount decreases (freeing).
+    MappingFirst,
+}
+
 /// One cache entry: a metadata slice of up to `K` sectors plus its tag.
 ///
 /// Callers only allocate these (`[const { Slot::EMPTY }; N]` or a boxed
@@ -112,6 +123,12 @@ pub(crate) struct Cache<S, const K: usize> {
     dirty_mapping: u32,
     /// Some device write since the last device flush.
     device_unflushed: bool,
+    /// L1/L2 slices written since the last device flush.
+    mapping_unflushed: bool,
+    /// Which class of slices must reach the disk first.
+    order: Order,
+    /// Host sectors of freed clusters to discard after the next flush.
+    pending_discard: Option<(u64, u64)>,
     /// Lazy refcounts: L1/L2 slices need not wait for refcount slices.
     lazy_refcounts: bool,
     /// A clean slice may be read as another kind of table than it was
@@ -161,6 +178,9 @@ where
             dirty_refcount: 0,
             dirty_mapping: 0,
             device_unflushed: false,
+            mapping_unflushed: false,
+            order: Order::RefcountsFirst,
+            pending_discard: None,
             lazy_refcounts,
             relaxed: false,
         })
@@ -326,10 +346,12 @@ where
         let sectors = self.sectors();
         let s = self.slot(i)?;
         let data = s.data.get(..sectors).ok_or(broken())?;
+        let mapping = !s.kind.is_refcount();
         dev.write(s.tag / SECTOR as u64, data)
             .await
             .map_err(Error::Io)?;
         self.device_unflushed = true;
+        self.mapping_unflushed |= mapping;
         self.clear_dirty(i)
     }
 
@@ -340,6 +362,7 @@ where
     ) -> Result<(), Error<D::Error>> {
         dev.flush().await.map_err(Error::Io)?;
         self.device_unflushed = false;
+        self.mapping_unflushed = false;
         Ok(())
     }
 
@@ -358,43 +381,116 @@ where
         Ok(())
     }
 
-    /// Makes it safe to write an L1/L2 slice: every refcount increase and
-    /// every earlier data or table write is durable first. With lazy
-    /// refcounts (under the dirty bit) the refcounts may wait; the data and
-    /// zeroed tables may not.
-    async fn order_before_mapping<D: BlockDevice>(
-        &mut self,
-        dev: &mut D,
-    ) -> Result<(), Error<D::Error>> {
-        if self.dirty_refcount > 0 && !self.lazy_refcounts {
+    /// Writes back every dirty L1/L2 slice once what they depend on is
+    /// durable: the data and zeroed tables they may point at (always), and
+    /// under [`Order::RefcountsFirst`] the refcount increases (rule 1),
+    /// except with lazy refcounts, where the dirty bit covers them.
+    async fn write_mapping<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error<D::Error>> {
+        if self.order == Order::RefcountsFirst && !self.lazy_refcounts {
             self.write_class(dev, true).await?;
         }
         if self.device_unflushed {
             self.flush_device(dev).await?;
         }
-        Ok(())
+        self.write_class(dev, false).await
     }
 
-    /// Writes back everything dirty in a crash-safe order, then flushes.
-    pub(crate) async fn flush<D: BlockDevice>(
+    /// Makes refcount slices safe to write: under [`Order::MappingFirst`]
+    /// every L1/L2 change (entry removals, rule 2) is durable first.
+    async fn order_before_refcounts<D: BlockDevice>(
         &mut self,
         dev: &mut D,
     ) -> Result<(), Error<D::Error>> {
-        if self.dirty_mapping > 0 {
-            self.order_before_mapping(dev).await?;
-            self.write_class(dev, false).await?;
-        } else if self.dirty_refcount > 0 {
-            self.write_class(dev, true).await?;
+        if self.order == Order::MappingFirst {
+            if self.dirty_mapping > 0 {
+                self.write_mapping(dev).await?;
+            }
+            if self.mapping_unflushed {
+                self.flush_device(dev).await?;
+            }
         }
-        self.flush_device(dev).await
+        Ok(())
     }
 
-    /// Writes back the dirty refcount slices only (no flush).
+    /// Writes back every dirty refcount slice (no flush), in order.
     pub(crate) async fn write_refcounts<D: BlockDevice>(
         &mut self,
         dev: &mut D,
     ) -> Result<(), Error<D::Error>> {
+        self.order_before_refcounts(dev).await?;
         self.write_class(dev, true).await
+    }
+
+    /// Writes back everything dirty in a crash-safe order, then flushes, then
+    /// punches the holes queued by [`Cache::queue_discard`].
+    pub(crate) async fn flush<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+    ) -> Result<(), Error<D::Error>> {
+        match self.order {
+            // Lazy refcounts: refcount slices may stay dirty (the dirty bit
+            // covers them) until evicted or the image is closed.
+            Order::RefcountsFirst if self.dirty_mapping > 0 => self.write_mapping(dev).await?,
+            _ => {
+                if self.dirty_refcount > 0 {
+                    self.write_refcounts(dev).await?;
+                }
+                if self.dirty_mapping > 0 {
+                    self.write_mapping(dev).await?;
+                }
+            }
+        }
+        self.flush_device(dev).await?;
+        if let Some((first, count)) = self.pending_discard.take() {
+            // Nothing durable points at these clusters any more.
+            dev.discard(first, count).await.map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Declares the order the next metadata changes need (DESIGN rules 1,
+    /// 2 and 6): [`Order::RefcountsFirst`] before allocating,
+    /// [`Order::MappingFirst`] before a refcount decrease. Switching
+    /// direction first makes everything pending durable in the old order,
+    /// so the two directions never wait on each other, and a freed cluster
+    /// is never handed out again before the change that freed it is durable.
+    pub(crate) async fn require<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        order: Order,
+    ) -> Result<(), Error<D::Error>> {
+        if self.order == order {
+            return Ok(());
+        }
+        if self.dirty_mapping > 0
+            || self.dirty_refcount > 0
+            || self.device_unflushed
+            || self.pending_discard.is_some()
+        {
+            self.flush(dev).await?;
+        }
+        self.order = order;
+        Ok(())
+    }
+
+    /// Queues host sectors `[first, first + count)` of a freed cluster for a
+    /// device discard once the change that freed them is durable.
+    pub(crate) async fn queue_discard<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        first: u64,
+        count: u64,
+    ) -> Result<(), Error<D::Error>> {
+        match self.pending_discard {
+            Some((start, n)) if start + n == first => {
+                self.pending_discard = Some((start, n + count));
+                return Ok(());
+            }
+            Some(_) => self.flush(dev).await?,
+            None => {}
+        }
+        self.pending_discard = Some((first, count));
+        Ok(())
     }
 
     /// Returns the slot holding the slice at `offset`, loading it on a miss.
@@ -449,12 +545,12 @@ where
         let i = self.victim()?;
         if self.slot::<D::Error>(i)?.dirty {
             if self.slot::<D::Error>(i)?.kind.is_refcount() {
+                self.order_before_refcounts(dev).await?;
                 self.write_slot(dev, i).await?;
             } else {
                 // One barrier covers every dirty L1/L2 slice: write them all,
                 // so the evictions that follow need no flush of their own.
-                self.order_before_mapping(dev).await?;
-                self.write_class(dev, false).await?;
+                self.write_mapping(dev).await?;
             }
         }
         self.unlink(i)?;

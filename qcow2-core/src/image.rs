@@ -443,10 +443,25 @@ where
     /// Not durable until [`Qcow2::flush`]. Corruption detected on the way
     /// marks the image corrupt (it then opens read-only until repaired).
     pub async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
+        self.begin_change(first, buf.len() as u64).await?;
+        let result = self.write_batched(first, buf).await;
+        self.end_change(result).await
+    }
+
+    /// What every guest-visible change checks first: writable, in range,
+    /// not marked corrupt; with lazy refcounts the dirty bit set durably.
+    pub(crate) async fn begin_change(
+        &mut self,
+        first: u64,
+        count: u64,
+    ) -> Result<(), Error<D::Error>> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        self.check_range(first, buf.len())?;
+        match first.checked_add(count) {
+            Some(end) if end <= self.geo.sectors => {}
+            _ => return Err(Error::OutOfRange),
+        }
         if self.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }
@@ -454,7 +469,14 @@ where
             // Durable before the first metadata write that may skip ordering.
             self.set_incompatible(incompatible::DIRTY).await?;
         }
-        let result = self.write_batched(first, buf).await;
+        Ok(())
+    }
+
+    /// Marks the image corrupt when a change found corruption.
+    pub(crate) async fn end_change(
+        &mut self,
+        result: Result<(), Error<D::Error>>,
+    ) -> Result<(), Error<D::Error>> {
         if let Err(Error::Corrupt { .. }) = result {
             self.mark_corrupt().await;
         }
@@ -548,5 +570,13 @@ where
 
     async fn set_sector_count(&mut self, _n: u64) -> Result<(), Self::Error> {
         Err(Error::Unsupported("resizing images"))
+    }
+
+    async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
+        Qcow2::write_zeroes(self, first, count, false).await
+    }
+
+    async fn discard(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
+        Qcow2::discard(self, first, count).await
     }
 }

@@ -29,6 +29,7 @@ mod create;
 mod device;
 mod error;
 pub mod format;
+mod free;
 mod header_io;
 mod image;
 mod map;

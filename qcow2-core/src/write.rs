@@ -192,7 +192,7 @@ where
 
     /// Allocates a zeroed L2 table for guest cluster `guest` and links it
     /// into the L1 table; returns its host offset.
-    async fn new_l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
+    pub(crate) async fn new_l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
         let at = self.l1_entry_offset(guest)?;
         let table = self.alloc_cluster().await?;
         let sectors = self.geo.cluster_sectors();

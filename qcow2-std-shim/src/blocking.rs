@@ -152,6 +152,63 @@ impl<D: BlockDevice> Image<D> {
         Ok(())
     }
 
+    /// Makes `len` bytes at byte `offset` read as zeros: whole sectors
+    /// through [`qcow2_core::Qcow2::write_zeroes`] (zero flags, keeping the
+    /// allocation or, with `unmap`, releasing it), partial sectors at the
+    /// edges by writing zeros.
+    pub fn write_zeroes_at(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), D> {
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange)?;
+        if end > self.virtual_size() || len == 0 {
+            return if end > self.virtual_size() {
+                Err(Error::OutOfRange)
+            } else {
+                Ok(())
+            };
+        }
+        let sector = SECTOR as u64;
+        // A partial sector in a cluster that already reads as zeros joins
+        // the zeroed range (the core then flags the whole cluster, as QEMU
+        // does for unaligned requests); elsewhere it gets zeros written.
+        let mut first = offset / sector;
+        if !offset.is_multiple_of(sector) && !self.reads_as_zeros(offset)? {
+            let head = (sector - offset % sector).min(len);
+            self.write_at(offset, &[0u8; SECTOR][..head as usize])?;
+            first += 1;
+        }
+        let mut last = end.div_ceil(sector);
+        if !end.is_multiple_of(sector) && last > first && !self.reads_as_zeros(end - 1)? {
+            last -= 1;
+            let tail = end % sector;
+            self.write_at(last * sector, &[0u8; SECTOR][..tail as usize])?;
+        }
+        if first < last {
+            block_on(self.inner.write_zeroes(first, last - first, unmap))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the cluster holding byte `offset` reads as zeros now.
+    fn reads_as_zeros(&mut self, offset: u64) -> Result<bool, D> {
+        let (mapping, _) = self.map(offset)?;
+        Ok(matches!(mapping, Mapping::Unallocated | Mapping::Zero))
+    }
+
+    /// Discards `len` bytes at byte `offset` (see
+    /// [`qcow2_core::Qcow2::discard`]: whole clusters only); partial sectors
+    /// at the edges are left alone.
+    pub fn discard_at(&mut self, offset: u64, len: u64) -> Result<(), D> {
+        let end = offset.checked_add(len).ok_or(Error::OutOfRange)?;
+        if end > self.virtual_size() {
+            return Err(Error::OutOfRange);
+        }
+        let sector = SECTOR as u64;
+        let (first, last) = (offset.div_ceil(sector), end / sector);
+        if first < last {
+            block_on(self.inner.discard(first, last - first))?;
+        }
+        Ok(())
+    }
+
     /// How byte `offset` is stored and for how many bytes that holds.
     pub fn map(&mut self, offset: u64) -> Result<(Mapping, u64), D> {
         block_on(self.inner.map(offset))

@@ -139,8 +139,9 @@ fn id_of(s: &Sector) -> u64 {
     }
 }
 
-/// Operation sequences (write, read, flush, reopen, crash) on a fresh
-/// image, checked against a model of what each sector may hold.
+/// Operation sequences (write, read, discard, write-zeroes, flush, reopen,
+/// crash) on a fresh image, checked against a model of what each sector
+/// may hold.
 pub fn ops(data: &[u8]) {
     let mut input = Input(data);
     let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
@@ -174,7 +175,7 @@ pub fn ops(data: &[u8]) {
     let mut serial = 0u64;
     for _ in 0..64 {
         let Some(op) = input.byte() else { break };
-        match op % 8 {
+        match op % 10 {
             0..=3 => {
                 let Some(first) = input.u16() else { break };
                 let first = usize::from(first) % sectors;
@@ -187,6 +188,33 @@ pub fn ops(data: &[u8]) {
                     buf.push(sector_of(serial));
                 }
                 block_on(img.write(first as u64, &buf)).expect("write");
+            }
+            8 | 9 => {
+                // Discard (whole clusters) or write-zeroes (every sector).
+                let Some(first) = input.u16() else { break };
+                let first = usize::from(first) % sectors;
+                let flags = input.byte().unwrap_or(0);
+                let len = (1 + usize::from(flags) % 40).min(sectors - first);
+                let (from, to) = if op % 10 == 8 {
+                    block_on(img.discard(first as u64, len as u64)).expect("discard");
+                    let cluster = 1usize << (options.cluster_bits - 9);
+                    let end = first + len;
+                    let stop = if end == sectors {
+                        end
+                    } else {
+                        end / cluster * cluster
+                    };
+                    (first.next_multiple_of(cluster), stop)
+                } else {
+                    let unmap = flags & 0x80 != 0;
+                    block_on(img.write_zeroes(first as u64, len as u64, unmap))
+                        .expect("write_zeroes");
+                    (first, first + len)
+                };
+                for s in from..to {
+                    recent[s].push(0);
+                    current[s] = 0;
+                }
             }
             4 => {
                 let Some(first) = input.u16() else { break };
@@ -207,8 +235,7 @@ pub fn ops(data: &[u8]) {
                 let (dev, slots) = block_on(img.close()).expect("close");
                 durable.clone_from(&current);
                 recent.iter_mut().for_each(Vec::clear);
-                img =
-                    block_on(Small::open(dev, slots, OpenOptions::read_write())).expect("reopen");
+                img = block_on(Small::open(dev, slots, OpenOptions::read_write())).expect("reopen");
             }
             _ => {
                 // Crash: keep some of the unflushed writes, reopen, and

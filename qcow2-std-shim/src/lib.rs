@@ -8,6 +8,7 @@ mod blocking;
 mod fault;
 mod file;
 pub mod fuzzing;
+mod hole;
 pub mod lock;
 mod ram;
 
@@ -17,6 +18,7 @@ pub use blocking::{
 };
 pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;
+pub use hole::punch_hole;
 pub use lock::{ImageLock, LockError, LockMode, Permission, Permissions};
 pub use qcow2_core;
 pub use ram::{RamDevice, RamError};

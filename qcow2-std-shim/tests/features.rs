@@ -282,7 +282,11 @@ fn failed_open_and_create_return_device_and_cache() {
 
     let bytes: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
     let mut cache = [const { Slot::<1>::EMPTY }; 4];
-    let open = Qcow2::open(RamDevice::from_bytes(&bytes), &mut cache, OpenOptions::read_write());
+    let open = Qcow2::open(
+        RamDevice::from_bytes(&bytes),
+        &mut cache,
+        OpenOptions::read_write(),
+    );
     match block_on(open) {
         Err(OpenError {
             error: Error::NotQcow2,
@@ -306,9 +310,17 @@ fn failed_open_and_create_return_device_and_cache() {
 
     // The same device, once given back, takes an image on a second try.
     let mut device = RamDevice::new();
-    let image = block_on(Qcow2::create(&mut device, &mut cache, CreateOptions::new(1 << 20)));
+    let image = block_on(Qcow2::create(
+        &mut device,
+        &mut cache,
+        CreateOptions::new(1 << 20),
+    ));
     block_on(image.unwrap().close()).unwrap();
-    let image = block_on(Qcow2::open(&mut device, &mut cache, OpenOptions::read_only()));
+    let image = block_on(Qcow2::open(
+        &mut device,
+        &mut cache,
+        OpenOptions::read_only(),
+    ));
     assert_eq!(image.unwrap().virtual_size(), 1 << 20);
 
     // `?` turns an OpenError into the image's Error.

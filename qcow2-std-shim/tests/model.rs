@@ -59,8 +59,8 @@ fn run_model<const K: usize>(
         let first = rng.below(sectors - len.min(sectors - 1));
         let len = len.min(sectors - first);
         let range = first as usize * SECTOR..(first + len) as usize * SECTOR;
-        match rng.below(10) {
-            0..=4 => {
+        match rng.below(12) {
+            0..=3 => {
                 let tag = rng.next();
                 let mut buf = vec![[0u8; SECTOR]; len as usize];
                 for (i, s) in buf.iter_mut().enumerate() {
@@ -70,7 +70,26 @@ fn run_model<const K: usize>(
                 block_on(img.write(first, &buf)).unwrap();
                 model[range].copy_from_slice(buf.as_flattened());
             }
-            5..=8 => {
+            4 => {
+                // Whole clusters only (and the disk's partial last one).
+                block_on(img.discard(first, len)).unwrap();
+                let start = first.next_multiple_of(cluster_sectors);
+                let end = first + len;
+                let stop = if end == sectors {
+                    end
+                } else {
+                    end / cluster_sectors * cluster_sectors
+                };
+                if start < stop {
+                    model[start as usize * SECTOR..stop as usize * SECTOR].fill(0);
+                }
+            }
+            5 => {
+                let unmap = rng.below(2) == 0;
+                block_on(img.write_zeroes(first, len, unmap)).unwrap();
+                model[range].fill(0);
+            }
+            6..=9 => {
                 let mut buf = vec![[0u8; SECTOR]; len as usize];
                 block_on(img.read(first, &mut buf)).unwrap();
                 assert!(

@@ -256,6 +256,32 @@ impl RawDisk {
         self.file.write_all_at(buf, offset).map_err(Error::Io)
     }
 
+    /// Writes zeros (a raw file has no cheaper way that keeps the data
+    /// allocated, which is what QEMU does without `-u` as well).
+    fn write_zeroes(&mut self, offset: u64, count: u64) -> Result<(), CoreError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(count) as usize];
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(CHUNK) as usize;
+            self.write_at(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Punches a hole (reads as zeros afterwards), as QEMU's file driver.
+    fn discard(&mut self, offset: u64, count: u64) -> Result<(), CoreError> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        self.check(offset, usize::try_from(count).unwrap_or(usize::MAX))?;
+        match qcow2_std_shim::punch_hole(&self.file, offset, count) {
+            Err(e) if e.kind() != io::ErrorKind::Unsupported => Err(Error::Io(e)),
+            _ => Ok(()),
+        }
+    }
+
     fn flush(&mut self) -> Result<(), CoreError> {
         if self.writable {
             self.file.sync_data().map_err(Error::Io)?;
@@ -435,6 +461,23 @@ impl Disk {
         match self {
             Disk::Raw(raw) => raw.write_at(offset, buf),
             Disk::Qcow2(image) => image.write_at(offset, buf),
+        }
+    }
+
+    /// Makes `count` bytes at guest `offset` read as zeros, as qemu-io's
+    /// `write -z` (with `-u`: releasing the storage where the format can).
+    pub fn write_zeroes(&mut self, offset: u64, count: u64, unmap: bool) -> Result<(), CoreError> {
+        match self {
+            Disk::Raw(raw) => raw.write_zeroes(offset, count),
+            Disk::Qcow2(image) => image.write_zeroes_at(offset, count, unmap),
+        }
+    }
+
+    /// Discards `count` bytes at guest `offset`, as qemu-io's `discard`.
+    pub fn discard(&mut self, offset: u64, count: u64) -> Result<(), CoreError> {
+        match self {
+            Disk::Raw(raw) => raw.discard(offset, count),
+            Disk::Qcow2(image) => image.discard_at(offset, count),
         }
     }
 

@@ -524,6 +524,95 @@ fn io_matches_qemu_io() {
     assert_eq!(compare_io(&s, &base, &["-r"], &read_only, "ro"), 1);
 }
 
+/// `qemu-img map` without host offsets, adjacent runs of the same kind
+/// merged: what the guest sees of allocation, whatever the host layout.
+fn guest_map(image: &str) -> Vec<(u64, u64, bool, bool)> {
+    let map = json(&ok(
+        qemu_img(&["map", "--output", "json", image]),
+        "qemu-img map",
+    ));
+    let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for entry in map.as_array().expect("map is an array") {
+        let start = entry["start"].as_u64().expect("start");
+        let end = start + entry["length"].as_u64().expect("length");
+        let kind = (
+            entry["data"] == Value::Bool(true),
+            entry["zero"] == Value::Bool(true),
+        );
+        match runs.last_mut() {
+            Some(last) if last.1 == start && (last.2, last.3) == kind => last.1 = end,
+            _ => runs.push((start, end, kind.0, kind.1)),
+        }
+    }
+    runs
+}
+
+#[test]
+fn discard_and_write_zeroes_match_qemu_io() {
+    let s = Scratch::new("free");
+    // Whole and partial clusters, head and tail pieces, -u, ranges over
+    // unallocated clusters, the partial last cluster of the disk, and
+    // errors (past the end, read-only).
+    let script = [
+        "write -P 0xab 0 512k",
+        "discard 4096 70000",
+        "write -z 65536 4096",
+        "write -z -u 131072 65536",
+        "write -z 1000 100",
+        "write -z -u 200000 300000",
+        "write -z 196608 65536",
+        "discard 917504 82944",
+        "write -P 7 990000 10000",
+        "discard 983040 17408",
+        "write -z 600001 3",
+        "write -z -u 700000 200000",
+        "read -P 0 600000 400000",
+        "d -q 0 4096",
+        "discard 65536 65536",
+        "discard 0 2M",
+        "write -z 1M 1",
+        "flush",
+    ];
+    let configs = [
+        "cluster_size=4096",
+        "cluster_size=65536",
+        "cluster_size=512,lazy_refcounts=on",
+        "cluster_size=65536,refcount_bits=1",
+        "compat=0.10",
+        "compat=0.10,cluster_size=4096",
+    ];
+    for (i, opts) in configs.iter().enumerate() {
+        let base = s.path(&format!("base{i}.qcow2"));
+        ok(
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &base, "1000448"]),
+            "qemu-img create",
+        );
+        let tag = format!("free{i}");
+        assert_eq!(compare_io(&s, &base, &[], &script, &tag), 1, "{opts}");
+        let (theirs, ours) = (
+            s.path(&format!("{tag}-qemu.qcow2")),
+            s.path(&format!("{tag}-ours.qcow2")),
+        );
+        assert_eq!(guest_map(&ours), guest_map(&theirs), "map after {opts}");
+        let check = json(&ok(
+            qemu_img(&["check", "--output", "json", &ours]),
+            "qemu-img check",
+        ));
+        let theirs_check = json(&ok(
+            qemu_img(&["check", "--output", "json", &theirs]),
+            "qemu-img check",
+        ));
+        assert_eq!(check["leaks"], Value::Null, "{opts}: no leaks");
+        assert_eq!(
+            check["allocated-clusters"], theirs_check["allocated-clusters"],
+            "{opts}: as many clusters in use as QEMU"
+        );
+    }
+    let read_only = ["discard 0 64k", "write -z 0 64k"];
+    let base = s.path("base0.qcow2");
+    assert_eq!(compare_io(&s, &base, &["-r"], &read_only, "free-ro"), 1);
+}
+
 #[test]
 fn bad_arguments_fail_cleanly() {
     let s = Scratch::new("bad");

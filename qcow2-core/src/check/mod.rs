@@ -207,6 +207,9 @@ where
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        // What the cache holds reaches the disk first: a cluster freed but
+        // not yet durably unmapped must not look unreferenced to the repair.
+        self.cache.flush(&mut self.dev).await?;
         self.check_and_repair(scratch, Some(mode)).await
     }
 

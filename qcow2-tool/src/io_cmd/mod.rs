@@ -7,7 +7,7 @@
 mod getopt;
 mod report;
 
-use crate::disk::{Access, Disk, Extent, Format};
+use crate::disk::{Access, Disk, Format};
 use crate::error::{core_message, errno_text, CliResult, CoreError};
 use crate::size::{parse_size, SizeError};
 use getopt::{getopt, Opt};
@@ -18,8 +18,6 @@ use std::time::Instant;
 
 /// Largest request qemu-io accepts (`BDRV_REQUEST_MAX_BYTES`).
 const MAX_REQUEST: u64 = (i32::MAX as u64) & !511;
-/// Zero-write buffer size.
-const ZERO_CHUNK: usize = 1 << 20;
 
 /// Arguments of `io`.
 #[derive(Debug, clap::Args)]
@@ -89,6 +87,13 @@ const FLUSH: CommandInfo = CommandInfo {
     max_args: Some(0),
     usage: "flush -- flush all in-core file state to disk",
 };
+const DISCARD: CommandInfo = CommandInfo {
+    name: "discard",
+    alias: "d",
+    min_args: 2,
+    max_args: None,
+    usage: "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+};
 const QUIT: CommandInfo = CommandInfo {
     name: "quit",
     alias: "q",
@@ -96,7 +101,7 @@ const QUIT: CommandInfo = CommandInfo {
     max_args: None,
     usage: "quit -- exit the program",
 };
-const COMMANDS: [&CommandInfo; 4] = [&READ, &WRITE, &FLUSH, &QUIT];
+const COMMANDS: [&CommandInfo; 5] = [&READ, &WRITE, &DISCARD, &FLUSH, &QUIT];
 
 /// Runs `io`; returns whether every command succeeded.
 pub fn run(args: &IoArgs) -> CliResult<bool> {
@@ -274,6 +279,11 @@ impl Session<'_> {
                 Status::Failed
             }
             "write" => self.write(args),
+            "discard" if self.read_only => {
+                errln!("qcow2-tool: Block node is read-only");
+                Status::Failed
+            }
+            "discard" => self.discard(args),
             "flush" => match self.disk.flush() {
                 Ok(()) => Status::Ok,
                 Err(e) => {
@@ -432,7 +442,8 @@ impl Session<'_> {
         }
         let start = Instant::now();
         let result = if zero {
-            self.write_zeroes(offset, count)
+            self.check_range(offset, count)
+                .and_then(|()| self.disk.write_zeroes(offset, count, unmap))
         } else {
             self.write_pattern(offset, count, pattern.unwrap_or(0xcd))
         }
@@ -458,27 +469,44 @@ impl Session<'_> {
         self.disk.write_at(offset, &buf)
     }
 
-    /// Makes `count` bytes at `offset` read as zeros, leaving ranges that
-    /// already read as zeros (unallocated) untouched.
-    fn write_zeroes(&mut self, offset: u64, count: u64) -> Result<(), CoreError> {
-        self.check_range(offset, count)?;
-        let zeros = vec![0u8; ZERO_CHUNK];
-        let end = offset + count;
-        let mut pos = offset;
-        while pos < end {
-            let (extent, len) = self.disk.extent(pos)?;
-            let run_end = pos.saturating_add(len).min(end);
-            if extent == Extent::Data {
-                while pos < run_end {
-                    let n =
-                        usize::try_from(run_end - pos).map_or(ZERO_CHUNK, |r| r.min(ZERO_CHUNK));
-                    self.disk.write_at(pos, &zeros[..n])?;
-                    pos += n as u64;
-                }
+    /// `discard [-Cq] off len`.
+    fn discard(&mut self, args: &[String]) -> Status {
+        let (opts, operands) = getopt(args, "Cq");
+        let (mut parsable, mut quiet) = (false, false);
+        for opt in &opts {
+            match opt {
+                Opt::Flag('C') => parsable = true,
+                Opt::Flag('q') => quiet = true,
+                other => return bad_option(&DISCARD, other),
             }
-            pos = run_end;
         }
-        Ok(())
+        let [off_arg, len_arg] = operands.as_slice() else {
+            return usage(&DISCARD);
+        };
+        let Some(offset) = cvtnum(off_arg) else {
+            return Status::Failed;
+        };
+        let Some(count) = cvtnum(len_arg) else {
+            return Status::Failed;
+        };
+        if !check_length(count, len_arg) {
+            return Status::Failed;
+        }
+        let start = Instant::now();
+        let result = self
+            .check_range(offset, count)
+            .and_then(|()| self.disk.discard(offset, count));
+        let elapsed = start.elapsed();
+        if let Err(e) = result {
+            return request_failed("discard", &e);
+        }
+        if !quiet {
+            outln!(
+                "{}",
+                report::report("discard", elapsed, offset, count, parsable)
+            );
+        }
+        Status::Ok
     }
 }
 

@@ -1,0 +1,222 @@
+//! The free path: discard and write-zeroes, and the release of the host
+//! clusters a mapping change leaves unreferenced.
+//!
+//! Ordering (rules 2 and 6 of `ORDERING.md`): the L2 entry changes first,
+//! in the cache; the cache is then told that mapping changes must reach the
+//! disk before refcount decreases ([`Order::MappingFirst`]); the refcounts
+//! drop; a cluster whose refcount reaches zero is discarded on the device
+//! only after the next flush, and is handed out again only after the change
+//! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
+//! and switching order flushes).
+
+use crate::cache::{Kind, Order, Slot};
+use crate::format::entry::ZERO;
+use crate::format::L2Entry;
+use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
+
+impl<D, S, const K: usize> Qcow2<D, S, K>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+{
+    /// Discards `count` sectors from guest sector `first`: whole clusters in
+    /// the range stop using host space and read as zeros (v3 images get the
+    /// zero flag; v2 entries become unallocated, which reads as zeros too).
+    /// Parts of clusters at either end are left alone, as QEMU does, except
+    /// the last cluster of a disk whose size is not a whole number of
+    /// clusters when the range reaches the end of the disk.
+    ///
+    /// Freed host clusters are discarded on the device after the next flush.
+    /// Not durable until [`Qcow2::flush`]. Cancelled (the future dropped),
+    /// it leaves at most leaked clusters.
+    pub async fn discard(&mut self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
+        self.begin_change(first, count).await?;
+        let result = self.discard_clusters(first, first + count).await;
+        self.end_change(result).await
+    }
+
+    /// Makes `count` sectors from guest sector `first` read as zeros.
+    ///
+    /// As QEMU: on v3 images whole clusters get the zero flag, keeping their
+    /// host cluster for later writes, or, with `unmap`, releasing it
+    /// (compressed clusters are always released); a partial cluster that
+    /// already reads as zeros is flagged whole, other partial clusters get
+    /// zeros written. v2 images have no zero flag: whole clusters are
+    /// discarded (they read as zeros once unallocated, there being no
+    /// backing file), partial ones get zeros written.
+    ///
+    /// Not durable until [`Qcow2::flush`]. Cancelled, it leaves at most
+    /// leaked clusters.
+    pub async fn write_zeroes(
+        &mut self,
+        first: u64,
+        count: u64,
+        unmap: bool,
+    ) -> Result<(), Error<D::Error>> {
+        self.begin_change(first, count).await?;
+        let result = self.zero_guest_range(first, first + count, unmap).await;
+        self.end_change(result).await
+    }
+
+    async fn discard_clusters(&mut self, first: u64, end: u64) -> Result<(), Error<D::Error>> {
+        let bits = self.geo.cluster_bits - 9;
+        let mask = self.geo.cluster_sectors() - 1;
+        let start = (first + mask) >> bits;
+        // The disk's last cluster may be partial: reaching the end covers it.
+        let stop = if end == self.geo.sectors {
+            crate::format::shr_ceil(end, bits)
+        } else {
+            end >> bits
+        };
+        let mut guest = start;
+        while guest < stop {
+            let l2 = self.l2_table_for_write(guest).await?;
+            if l2 == 0 {
+                // No table: every cluster it would map is unallocated.
+                guest = ((guest >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+                continue;
+            }
+            self.unmap_cluster(l2, guest).await?;
+            guest += 1;
+        }
+        Ok(())
+    }
+
+    async fn zero_guest_range(
+        &mut self,
+        first: u64,
+        end: u64,
+        unmap: bool,
+    ) -> Result<(), Error<D::Error>> {
+        let bits = self.geo.cluster_bits - 9;
+        let cluster_sectors = self.geo.cluster_sectors();
+        let mut sector = first;
+        while sector < end {
+            let guest = sector >> bits;
+            let cluster_start = guest << bits;
+            // The disk's last cluster may be partial: its end is the disk's.
+            let cluster_end = (cluster_start + cluster_sectors).min(self.geo.sectors);
+            let piece_end = cluster_end.min(end);
+            let whole = sector == cluster_start && piece_end == cluster_end;
+            if whole || self.reads_as_zeros(guest).await? {
+                self.zero_cluster(guest, unmap).await?;
+            } else {
+                self.write_zero_sectors(sector, piece_end - sector).await?;
+            }
+            sector = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Whether guest cluster `guest` reads as zeros as it is mapped now.
+    async fn reads_as_zeros(&mut self, guest: u64) -> Result<bool, Error<D::Error>> {
+        let l2 = self.l2_table(guest).await?;
+        if l2 == 0 {
+            return Ok(true);
+        }
+        let (entry, _) = self.l2_entry(l2, guest).await?;
+        Ok(matches!(entry, L2Entry::Unallocated | L2Entry::Zero { .. }))
+    }
+
+    /// Makes guest cluster `guest` stop using host space (if it does) and
+    /// read as zeros: the zero flag on v3, unallocated on v2.
+    async fn unmap_cluster(&mut self, l2: u64, guest: u64) -> Result<(), Error<D::Error>> {
+        let (entry, at) = self.l2_entry(l2, guest).await?;
+        let allocated = match entry {
+            L2Entry::Unallocated => false,
+            L2Entry::Zero { offset, .. } => offset != 0,
+            L2Entry::Data { .. } | L2Entry::Compressed { .. } => true,
+        };
+        if allocated {
+            let new = if self.geo.v3 { ZERO } else { 0 };
+            self.cache
+                .write_u64(&mut self.dev, at, Kind::L2, new)
+                .await?;
+            self.release(entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the zero flag on guest cluster `guest` (v3), keeping or, with
+    /// `unmap`, releasing its host cluster, as QEMU's zero_in_l2_slice; a
+    /// v2 image, without the flag, has the cluster discarded.
+    async fn zero_cluster(&mut self, guest: u64, unmap: bool) -> Result<(), Error<D::Error>> {
+        if !self.geo.v3 {
+            let l2 = self.l2_table_for_write(guest).await?;
+            return match l2 {
+                0 => Ok(()),
+                l2 => self.unmap_cluster(l2, guest).await,
+            };
+        }
+        let mut l2 = self.l2_table_for_write(guest).await?;
+        if l2 == 0 {
+            l2 = self.new_l2_table(guest).await?;
+        }
+        let (entry, at) = self.l2_entry(l2, guest).await?;
+        let old = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
+        let release = match entry {
+            L2Entry::Compressed { .. } => true,
+            L2Entry::Data { .. } => unmap,
+            L2Entry::Zero { offset, .. } => unmap && offset != 0,
+            L2Entry::Unallocated => false,
+        };
+        let new = if release { ZERO } else { old | ZERO };
+        if new == old {
+            return Ok(());
+        }
+        self.cache
+            .write_u64(&mut self.dev, at, Kind::L2, new)
+            .await?;
+        if release {
+            self.release(entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes real zeros over guest sectors `[first, first + count)`, a
+    /// sector at a time from a zeroed buffer.
+    async fn write_zero_sectors(&mut self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
+        let zero: [Sector; 1] = [[0; SECTOR]];
+        for sector in first..first + count {
+            self.write_batched(sector, &zero).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference to every host cluster the old mapping `entry`
+    /// used (a data cluster, a preallocated zero cluster, or each cluster a
+    /// compressed stream touches), after its L2 entry changed in the cache.
+    pub(crate) async fn release(&mut self, entry: L2Entry) -> Result<(), Error<D::Error>> {
+        let (host, len) = match entry {
+            L2Entry::Data { offset, .. } => (offset, self.geo.cluster_size),
+            L2Entry::Zero { offset, .. } if offset != 0 => (offset, self.geo.cluster_size),
+            // The stream starts inside a sector; its sectors are what it holds.
+            L2Entry::Compressed { offset, len } => (offset & !511, (offset & 511) + len),
+            L2Entry::Zero { .. } | L2Entry::Unallocated => return Ok(()),
+        };
+        // Rule 2: the entry change reaches the disk before the decrease.
+        self.cache
+            .require(&mut self.dev, Order::MappingFirst)
+            .await?;
+        let first = self.geo.cluster_of(host);
+        let last = self.geo.cluster_of(host + len.max(1) - 1);
+        for cluster in first..=last {
+            let count = self.refcount(cluster).await?;
+            let Some(left) = count.checked_sub(1) else {
+                return Err(Error::corrupt(
+                    "freeing a cluster whose refcount is already 0",
+                    cluster << self.geo.cluster_bits,
+                ));
+            };
+            self.set_refcount(cluster, left).await?;
+            if left == 0 {
+                self.free_hint = self.free_hint.min(cluster);
+                let sectors = self.geo.cluster_sectors();
+                self.cache
+                    .queue_discard(&mut self.dev, cluster * sectors, sectors)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
