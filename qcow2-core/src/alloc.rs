@@ -107,7 +107,7 @@ where
         let index = cluster >> self.geo.refblock_bits;
         self.write_refblock(host, index << self.geo.refblock_bits, cluster, cluster + 1)
             .await?;
-        // The block must be durable before the table points at it.
+        // The block must be durable before the table points at it (rule 3).
         self.cache.flush_device(&mut self.dev).await?;
         let at = self.geo.reftable_offset + index * 8;
         self.cache
@@ -240,7 +240,7 @@ where
         self.geo.reftable_entries = table_clusters << self.geo.l2_bits;
         self.cache.forget_range(old_table, old_clusters * cs)?;
 
-        // Nothing points at the old table any more: free its clusters.
+        // Nothing points at the old table any more: free its clusters (rule 4).
         let first_old = self.geo.cluster_of(old_table);
         for c in first_old..first_old + old_clusters {
             let count = self.refcount(c).await?;

@@ -410,6 +410,9 @@ where
     }
 
     /// Reads `buf.len()` sectors of the virtual disk from sector `first`.
+    ///
+    /// Cancelled, it leaves the image as it was (cached metadata it wrote
+    /// back on the way went out in order).
     pub async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Error<D::Error>> {
         self.check_range(first, buf.len())?;
         let mut sector = first;
@@ -442,6 +445,10 @@ where
     ///
     /// Not durable until [`Qcow2::flush`]. Corruption detected on the way
     /// marks the image corrupt (it then opens read-only until repaired).
+    ///
+    /// Cancelled (the future dropped), it leaves at most leaked clusters on
+    /// the device, and part of `buf` written; drop or abandon the image
+    /// (see `ORDERING.md`, Cancellation).
     pub async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Error<D::Error>> {
         self.begin_change(first, buf.len() as u64).await?;
         let result = self.write_batched(first, buf).await;
@@ -466,7 +473,7 @@ where
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }
         if self.lazy && self.header.incompatible_features & incompatible::DIRTY == 0 {
-            // Durable before the first metadata write that may skip ordering.
+            // Durable before the first metadata write that may skip ordering (rule 5).
             self.set_incompatible(incompatible::DIRTY).await?;
         }
         Ok(())
@@ -487,6 +494,9 @@ where
     ///
     /// Fails on an image found corrupt while writing: what was written
     /// since the last flush is then not durable.
+    ///
+    /// Cancelled, earlier writes are durable or not, consistently: at most
+    /// leaked clusters.
     pub async fn flush(&mut self) -> Result<(), Error<D::Error>> {
         if self.corrupt_detected {
             return Err(Error::corrupt(
@@ -522,6 +532,8 @@ where
     /// Does what [`Qcow2::close`] does (flush, then clear the dirty bit of
     /// lazy refcounts) but keeps the image open; a later write sets the
     /// dirty bit again.
+    ///
+    /// Cancelled, as [`Qcow2::flush`]; the dirty bit may stay set.
     pub async fn finish(&mut self) -> Result<(), Error<D::Error>> {
         self.flush().await?;
         if !self.read_only {
@@ -539,6 +551,8 @@ where
 
     /// Flushes and closes the image, returning the device and cache storage.
     /// A clean close clears the dirty bit of lazy refcounts.
+    ///
+    /// Cancelled, as [`Qcow2::finish`]; the device is dropped with it.
     pub async fn close(mut self) -> Result<(D, S), Error<D::Error>> {
         self.finish().await?;
         Ok((self.dev, self.cache.into_slots()))

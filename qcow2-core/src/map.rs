@@ -194,6 +194,9 @@ where
 
     /// How the guest byte `offset` is stored, and for how many bytes from
     /// there the same holds (contiguously on the host for data).
+    ///
+    /// Cancelled, it leaves the image as it was (cached metadata it wrote
+    /// back on the way went out in order).
     pub async fn map(&mut self, offset: u64) -> Result<(Mapping, u64), Error<D::Error>> {
         let size = self.virtual_size();
         if offset >= size {

@@ -201,7 +201,8 @@ where
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
-        // Written back only after the zeroed table and its refcount are durable.
+        // Written back only after the zeroed table and its refcount are durable
+        // (rules 1 and 3).
         self.cache
             .write_u64(&mut self.dev, at, Kind::L1, L1Entry::new(table).0)
             .await?;

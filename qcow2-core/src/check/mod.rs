@@ -187,6 +187,9 @@ where
 {
     /// Checks the image's consistency; `scratch` holds the reference counts
     /// (4 bytes per host cluster per pass). Counts as `qemu-img check`.
+    ///
+    /// Cancelled, it leaves the image as it was (cached metadata it wrote
+    /// back on the way went out in order).
     pub async fn check(&mut self, scratch: &mut [u8]) -> Result<CheckReport, Error<D::Error>> {
         self.check_and_repair(scratch, None).await
     }
@@ -199,6 +202,10 @@ where
     /// cluster is claimed twice, and new refcount structures in clusters
     /// that nothing references. Guest data a read returned before the
     /// repair reads back the same after it.
+    ///
+    /// Cancelled, it leaves the image as before the repair or with part of
+    /// it done (rules 4 and 8 of `ORDERING.md`): at most leaked clusters
+    /// beyond what the audit found.
     pub async fn repair(
         &mut self,
         scratch: &mut [u8],
