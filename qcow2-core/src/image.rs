@@ -1,6 +1,7 @@
 //! The open image: [`Qcow2`] with open, read, write, flush and close.
 
 use crate::cache::{Cache, Slot};
+#[cfg(feature = "write")]
 use crate::check::Repair;
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
@@ -306,6 +307,11 @@ where
         if options.read_only {
             return Ok((header, bitmaps));
         }
+        if cfg!(not(feature = "write")) {
+            return Err(Error::Unsupported(
+                "writing (qcow2-core was built without its `write` feature)",
+            ));
+        }
         if !options.for_repair {
             // Reads never use the refcount table, and a repair rebuilds it;
             // anything else that writes must be able to trust it.
@@ -341,6 +347,7 @@ where
 
     /// The last steps of a read-write open: rebuild a dirty image's
     /// refcounts, verify when asked.
+    #[cfg(feature = "write")]
     async fn settle(
         &mut self,
         options: OpenOptions,
@@ -360,6 +367,16 @@ where
                 0,
             ));
         }
+        Ok(())
+    }
+
+    /// Without the `write` feature every open is read-only: nothing to do.
+    #[cfg(not(feature = "write"))]
+    async fn settle(
+        &mut self,
+        _options: OpenOptions,
+        _rebuild_scratch: &mut [u8],
+    ) -> Result<(), Error<D::Error>> {
         Ok(())
     }
 
@@ -441,6 +458,7 @@ where
         Ok(())
     }
 
+    #[cfg(feature = "write")]
     /// Writes `buf.len()` sectors to the virtual disk from sector `first`.
     ///
     /// Not durable until [`Qcow2::flush`]. Corruption detected on the way
@@ -455,6 +473,7 @@ where
         self.end_change(result).await
     }
 
+    #[cfg(feature = "write")]
     /// What every guest-visible change checks first: writable, in range,
     /// not marked corrupt; with lazy refcounts the dirty bit set durably.
     pub(crate) async fn begin_change(
@@ -479,6 +498,7 @@ where
         Ok(())
     }
 
+    #[cfg(feature = "write")]
     /// Marks the image corrupt when a change found corruption.
     pub(crate) async fn end_change(
         &mut self,
@@ -510,6 +530,7 @@ where
         self.cache.flush(&mut self.dev).await
     }
 
+    #[cfg(feature = "write")]
     /// Sets incompatible feature bits in the header, durably (v3 only).
     pub(crate) async fn set_incompatible(&mut self, bits: u64) -> Result<(), Error<D::Error>> {
         if !self.geo.v3 || self.header.incompatible_features & bits == bits {
@@ -520,6 +541,7 @@ where
         self.cache.flush_device(&mut self.dev).await
     }
 
+    #[cfg(feature = "write")]
     /// Records detected corruption: sets the corrupt bit (best effort) and
     /// stops all further writes.
     async fn mark_corrupt(&mut self) {
@@ -536,6 +558,7 @@ where
     /// Cancelled, as [`Qcow2::flush`]; the dirty bit may stay set.
     pub async fn finish(&mut self) -> Result<(), Error<D::Error>> {
         self.flush().await?;
+        #[cfg(feature = "write")]
         if !self.read_only {
             self.clear_incompatible(incompatible::DIRTY).await?;
         }
@@ -571,7 +594,13 @@ where
     }
 
     async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), Self::Error> {
-        Qcow2::write(self, first, buf).await
+        #[cfg(feature = "write")]
+        return Qcow2::write(self, first, buf).await;
+        #[cfg(not(feature = "write"))]
+        return {
+            let _ = (first, buf);
+            Err(Error::ReadOnly)
+        };
     }
 
     async fn flush(&mut self) -> Result<(), Self::Error> {
@@ -586,10 +615,12 @@ where
         Err(Error::Unsupported("resizing images"))
     }
 
+    #[cfg(feature = "write")]
     async fn write_zeros(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
         Qcow2::write_zeroes(self, first, count, false).await
     }
 
+    #[cfg(feature = "write")]
     async fn discard(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
         Qcow2::discard(self, first, count).await
     }

@@ -21,26 +21,38 @@
 #![warn(missing_docs)]
 // The core is single-threaded by design; callers pick their own executor.
 #![allow(async_fn_in_trait)]
+// A read-only build (without `write`) keeps the cache's write-back and some
+// layout helpers it never calls; generic code that is not called is not
+// compiled into the binary either.
+#![cfg_attr(not(feature = "write"), allow(dead_code))]
 
+#[cfg(feature = "write")]
 mod alloc;
 mod cache;
+#[cfg(feature = "check")]
 mod check;
+#[cfg(feature = "write")]
 mod create;
 mod device;
 mod error;
 pub mod format;
+#[cfg(feature = "write")]
 mod free;
 mod header_io;
 mod image;
 mod map;
+#[cfg(feature = "check")]
 mod refcount;
+#[cfg(feature = "write")]
 mod write;
 
 pub mod blockutil;
 pub mod seek;
 
 pub use cache::Slot;
+#[cfg(feature = "check")]
 pub use check::{CheckReport, Repair};
+#[cfg(feature = "write")]
 pub use create::CreateOptions;
 pub use device::{BlockDevice, Sector, SECTOR};
 pub use error::{Error, OpenError};

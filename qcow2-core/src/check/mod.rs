@@ -6,7 +6,9 @@
 //! when the image has more clusters than the buffer holds, the walk is
 //! repeated once per window of clusters. A bigger buffer means fewer passes.
 
+#[cfg(feature = "write")]
 mod rebuild;
+#[cfg(feature = "write")]
 mod repair;
 mod walk;
 
@@ -194,6 +196,7 @@ where
         self.check_and_repair(scratch, None).await
     }
 
+    #[cfg(feature = "write")]
     /// Checks and repairs. The report describes the image as found, with the
     /// `*_fixed` counts of what was repaired; check again to see the result.
     ///
@@ -270,6 +273,9 @@ where
         report.image_end_offset = w.end.max(w.refcounted_end) * self.geo.cluster_size;
         match mode {
             None => Ok(report),
+            #[cfg(not(feature = "write"))]
+            Some(_) => Err(Error::ReadOnly),
+            #[cfg(feature = "write")]
             Some(Repair::Leaks) => {
                 if w.rebuild {
                     return Err(Error::corrupt(
@@ -291,6 +297,7 @@ where
                 self.flush().await?;
                 Ok(report)
             }
+            #[cfg(feature = "write")]
             Some(Repair::All) => self.repair_all(w, report).await,
         }
     }
