@@ -1,6 +1,6 @@
 //! qcow2-core on a Cortex-M4F (QEMU `mps2-an386`): creates, writes, reads,
-//! flushes, closes, reopens read-only, checks and repairs an image on a
-//! 256 KiB RAM disk, then recovers a lazy-refcounts image left dirty, and
+//! flushes, closes, reopens read-only, checks, repairs and discards in an
+//! image on a 256 KiB RAM disk, then recovers a lazy-refcounts image left dirty, and
 //! reports the stack each phase and each call takes, the size of every
 //! future and the RAM the image needs. Writes every image it made to the
 //! host's working directory. Exits 0 when everything holds.
@@ -46,6 +46,11 @@ const CREATE_WRITES: &[(u64, u64)] = &[
     (4090, 12),
     (8184, 8),
 ];
+/// Written ranges the discard phase discards (whole 512 B clusters; the
+/// first crosses from one L2 table into the next)...
+const DISCARDED: &[(u64, u64)] = &[(60, 8), (120, 16)];
+/// ...and those it keeps.
+const KEPT: &[(u64, u64)] = &[(0, 24), (1000, 8), (4090, 12), (8184, 8)];
 /// Ranges of the first image never written: they read as zeros.
 const CREATE_HOLES: &[(u64, u64)] = &[(24, 36), (2000, 8), (8176, 8)];
 
@@ -142,7 +147,8 @@ async fn run(
 ) -> Result<(), Fail> {
     let (disk, cache) = create_write_read(m, disk, cache, io).await?;
     let (disk, cache) = read_only_and_check(m, disk, cache, io, scratch).await?;
-    let (mut disk, cache) = repair(m, disk, cache, io, scratch).await?;
+    let (disk, cache) = repair(m, disk, cache, io, scratch).await?;
+    let (mut disk, cache) = discard(m, disk, cache, io, scratch).await?;
     dump(c"fw-create.qcow2", &disk).map_err(|e| Fail::Host("fw-create.qcow2", e))?;
     disk.zero();
     let disk = lazy_crash(m, disk, cache, io, scratch).await?;
@@ -259,6 +265,48 @@ async fn repair(
         .await
         .in_phase("repair")?;
     m.end_phase("repair", top);
+    Ok(closed)
+}
+
+/// Phase discard: reopens read-write, discards two written ranges (one
+/// across an L2 table boundary), flushes; they read as zeros, the rest
+/// keeps its data, and check finds the image clean (the freed clusters
+/// are neither leaked nor still referenced).
+async fn discard(
+    m: &StackMeter,
+    disk: RamDisk,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8],
+) -> Result<(RamDisk, Cache), Fail> {
+    let top = m.begin_phase();
+    let mut image: Image = m
+        .call(
+            "open",
+            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
+        )
+        .await
+        .in_phase("discard")?;
+    for &(first, count) in DISCARDED {
+        m.call("discard", pin!(image.discard(first, count)))
+            .await
+            .in_phase("discard")?;
+    }
+    m.call("flush", pin!(image.flush()))
+        .await
+        .in_phase("discard")?;
+    verify(m, &mut image, io, CREATE_SEED, KEPT, DISCARDED).await?;
+    verify(m, &mut image, io, CREATE_SEED, &[], CREATE_HOLES).await?;
+    let report = m
+        .call("check", pin!(image.check(scratch)))
+        .await
+        .in_phase("discard")?;
+    clean("discard check", &report)?;
+    let closed = m
+        .call("close", pin!(image.close()))
+        .await
+        .in_phase("discard")?;
+    m.end_phase("discard", top);
     Ok(closed)
 }
 
