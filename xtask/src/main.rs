@@ -1,9 +1,14 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
-//! - `ci`: formatting, clippy, every test, and the `thumbv7em-none-eabihf`
-//!   build of the core, installing the target when missing.
+//! - `ci`: formatting, clippy, the `thumbv7em-none-eabihf` build of the
+//!   core (installing the target when missing), the firmware example under
+//!   QEMU, every test, and the size report with its panic-site check.
 //! - `interop`: only the tests that use qemu-img / qemu-io as the oracle.
-//! - `size`: the memory figures of an open image.
+//! - `firmware --out DIR`: the `firmware/` example under QEMU (Cortex-M4F),
+//!   its stack, future and RAM figures checked against the budget, the
+//!   images it writes checked by `qemu-img check` (see `firmware.rs`).
+//! - `size`: the RAM table, futures, stack, panic sites and `.text` of the
+//!   firmware example (see `size.rs`).
 //! - `corpus`: regenerate the hostile image corpus and the fuzz seeds.
 //! - `fuzz [--secs N] [TARGET...]`: run every cargo-fuzz target (or the
 //!   named ones) for N seconds each (default 60), installing cargo-fuzz
@@ -14,6 +19,8 @@
 
 mod bench;
 mod corpus;
+mod firmware;
+mod size;
 
 use std::process::{exit, Command};
 
@@ -24,17 +31,15 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("interop") => interop(),
-        Some("size") => {
-            size();
-            Ok(())
-        }
+        Some("size") => size::main(),
+        Some("firmware") => firmware::main(&args[1..]),
         Some("corpus") => corpus::generate(std::path::Path::new("qcow2-std-shim/tests/hostile"))
             .and_then(|()| corpus::fuzz_seeds(std::path::Path::new("fuzz"))),
         Some("fuzz") => fuzz(&args[1..]),
         Some("miri") => miri(),
         Some("bench") => bench::run(&args[1..]),
         _ => Err(
-            "usage: cargo xtask ci | interop | size | corpus | fuzz [--secs N] [TARGET...] | miri | bench [--runs N] [--quick]"
+            "usage: cargo xtask ci | interop | size | firmware --out DIR | corpus | fuzz [--secs N] [TARGET...] | miri | bench [--runs N] [--quick]"
                 .into(),
         ),
     };
@@ -105,9 +110,11 @@ fn ci() -> Result<(), String> {
             EMBEDDED_TARGET,
         ],
     )?;
+    firmware::lint()?;
+    let firmware_out = std::path::Path::new("target/firmware-ci");
+    let figures = firmware::run_checked(firmware_out)?;
     run(&cargo, &["test", "--workspace"])?;
-    size();
-    Ok(())
+    size::report(&figures, true)
 }
 
 /// The fuzz targets, as named in `fuzz/Cargo.toml`.
@@ -207,39 +214,4 @@ fn interop() -> Result<(), String> {
         ],
     )?;
     run(&cargo, &["test", "-p", "qcow2-tool"])
-}
-
-/// A device of no size, to measure the image struct itself.
-struct NullDevice;
-
-impl qcow2_core::BlockDevice for NullDevice {
-    type Error = ();
-    async fn read(&mut self, _: u64, _: &mut [qcow2_core::Sector]) -> Result<(), ()> {
-        Err(())
-    }
-    async fn write(&mut self, _: u64, _: &[qcow2_core::Sector]) -> Result<(), ()> {
-        Err(())
-    }
-    async fn flush(&mut self) -> Result<(), ()> {
-        Ok(())
-    }
-    fn sector_count(&self) -> u64 {
-        0
-    }
-    async fn set_sector_count(&mut self, _: u64) -> Result<(), ()> {
-        Err(())
-    }
-}
-
-fn size() {
-    use qcow2_core::{FirmwareCache, FirmwareQcow2, Slot};
-    println!(
-        "size_of FirmwareQcow2 (8 x 512 B cache slices, zero-sized device): {} bytes",
-        std::mem::size_of::<FirmwareQcow2<NullDevice>>()
-    );
-    println!(
-        "  of which the cache slots: {} bytes",
-        std::mem::size_of::<FirmwareCache>()
-    );
-    println!("  one 512 B slot: {} bytes", std::mem::size_of::<Slot<1>>());
 }

@@ -1,0 +1,381 @@
+//! `cargo xtask firmware --out DIR`: builds the `firmware/` example for
+//! `thumbv7em-none-eabihf`, runs it under `qemu-system-arm -M mps2-an386`
+//! with semihosting (working directory DIR, where it writes its images),
+//! checks its figures against the budget below and runs `qemu-img check`
+//! on every image it wrote.
+//!
+//! The budget is the issue's, for the default firmware configuration
+//! (`FirmwareQcow2`: 8 cache slices of 512 B, borrowed):
+//! [`MAX_FUTURE_BYTES`], [`MAX_POLL_STACK_BYTES`], [`MAX_TOTAL_STACK_BYTES`].
+//! Figures known to be over it are listed, with the figure they may not
+//! exceed, in [`KNOWN_OVER_BUDGET`]; the list only ever shrinks.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{cargo, ensure_target, run, EMBEDDED_TARGET};
+
+/// Largest future any API call may return (bytes).
+pub const MAX_FUTURE_BYTES: u64 = 4096;
+/// Most stack one API call may use while polled, beyond its future (bytes).
+pub const MAX_POLL_STACK_BYTES: u64 = 4096;
+/// Most stack the whole example may use under `block_on`, the frame that
+/// holds its future included (bytes).
+pub const MAX_TOTAL_STACK_BYTES: u64 = 16384;
+
+/// Figures over the budget today, as (`<binary> <kind> <name>`, the most
+/// it may be): tolerated so that CI stays green while the core is worked
+/// on, reported on every run, and a failure as soon as they grow. Remove
+/// an entry when its figure is within the budget.
+pub const KNOWN_OVER_BUDGET: &[(&str, u64)] = &[
+    // `open` holds a 1 KiB refcount-rebuild scratch beside the
+    // `open_with_scratch` future (a 512 B sector, the image being built,
+    // the `settle` future); `create` awaits `open`.
+    ("qcow2-firmware future create", 4392),
+    ("qcow2-firmware future open", 4320),
+    ("qcow2-firmware future open-ro", 4320),
+    ("readonly future open-ro", 4320),
+];
+
+/// The example's directory, relative to the repository root.
+pub const DIR: &str = "firmware";
+/// The main example binary.
+pub const MAIN_BIN: &str = "qcow2-firmware";
+/// The read-only binary: loads `fw-create.qcow2` from the working
+/// directory, so it runs after the main one.
+pub const READONLY_BIN: &str = "readonly";
+/// How long one QEMU run may take.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One figure the firmware printed: `<kind> <name>: <bytes> B`, with kind
+/// `future`, `poll`, `stack` or `ram`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Figure {
+    pub binary: &'static str,
+    pub kind: String,
+    pub name: String,
+    pub bytes: u64,
+}
+
+impl Figure {
+    fn key(&self) -> String {
+        format!("{} {} {}", self.binary, self.kind, self.name)
+    }
+}
+
+/// The figures of a run, each (binary, kind, name) once with its largest
+/// value, in the order first printed.
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub list: Vec<Figure>,
+}
+
+impl Figures {
+    fn add(&mut self, f: Figure) {
+        match self.list.iter_mut().find(|g| g.key() == f.key()) {
+            Some(g) => g.bytes = g.bytes.max(f.bytes),
+            None => self.list.push(f),
+        }
+    }
+
+    /// The figure `kind name` of `binary`.
+    pub fn get(&self, binary: &str, kind: &str, name: &str) -> Option<u64> {
+        self.list
+            .iter()
+            .find(|f| f.binary == binary && f.kind == kind && f.name == name)
+            .map(|f| f.bytes)
+    }
+
+    /// The figures of `kind` from `binary`.
+    pub fn of<'a>(&'a self, binary: &'a str, kind: &'a str) -> impl Iterator<Item = &'a Figure> {
+        self.list
+            .iter()
+            .filter(move |f| f.binary == binary && f.kind == kind)
+    }
+}
+
+/// Parses `future create: 4288 B` into (kind, name, bytes).
+fn parse_figure(line: &str) -> Option<(&str, &str, u64)> {
+    let (kind, rest) = line.split_once(' ')?;
+    if !matches!(kind, "future" | "poll" | "stack" | "ram") {
+        return None;
+    }
+    let (name, value) = rest.rsplit_once(": ")?;
+    let bytes = value.strip_suffix(" B")?.parse().ok()?;
+    Some((kind, name, bytes))
+}
+
+/// `cargo xtask firmware --out DIR`.
+pub fn main(args: &[String]) -> Result<(), String> {
+    let out = match args {
+        [flag, dir] if flag == "--out" => PathBuf::from(dir),
+        _ => return Err("usage: cargo xtask firmware --out DIR".into()),
+    };
+    run_checked(&out).map(|_| ())
+}
+
+/// Builds and runs both binaries in `out`, prints their figures, checks the
+/// budget and the images; returns the figures.
+pub fn run_checked(out: &Path) -> Result<Figures, String> {
+    let figures = run_collect(out)?;
+    check_budget(&figures)?;
+    check_images(out)?;
+    Ok(figures)
+}
+
+/// Builds and runs both binaries in `out` (removing the images of earlier
+/// runs first), prints and returns their figures.
+pub fn run_collect(out: &Path) -> Result<Figures, String> {
+    let bins = build(&[])?;
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    for entry in std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|e| e == "qcow2") {
+            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let mut figures = Figures::default();
+    for (binary, elf) in [(MAIN_BIN, &bins.main), (READONLY_BIN, &bins.readonly)] {
+        let text = run_qemu(elf, out)?;
+        let mut others = Vec::new();
+        for line in text.lines() {
+            match parse_figure(line) {
+                Some((kind, name, bytes)) => figures.add(Figure {
+                    binary,
+                    kind: kind.into(),
+                    name: name.into(),
+                    bytes,
+                }),
+                None => others.push(line),
+            }
+        }
+        println!("{binary}:");
+        for f in figures.list.iter().filter(|f| f.binary == binary) {
+            println!("  {} {}: {} B", f.kind, f.name, f.bytes);
+        }
+        for line in others {
+            println!("  {line}");
+        }
+    }
+    Ok(figures)
+}
+
+/// Formatting and clippy (`-D warnings`) for the firmware crate, which the
+/// workspace-wide runs do not reach.
+pub fn lint() -> Result<(), String> {
+    ensure_target()?;
+    let manifest = format!("{DIR}/Cargo.toml");
+    let target_dir = format!("{DIR}/target");
+    run(
+        &cargo(),
+        &["fmt", "--manifest-path", &manifest, "--", "--check"],
+    )?;
+    run(
+        &cargo(),
+        &[
+            "clippy",
+            "--release",
+            "--manifest-path",
+            &manifest,
+            "--target",
+            EMBEDDED_TARGET,
+            "--target-dir",
+            &target_dir,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )
+}
+
+/// The firmware binaries of one build.
+pub struct Binaries {
+    pub main: PathBuf,
+    pub readonly: PathBuf,
+}
+
+/// Builds the firmware in release with `extra` cargo arguments (feature
+/// selections), installing the target when missing.
+pub fn build(extra: &[&str]) -> Result<Binaries, String> {
+    ensure_target()?;
+    let target_dir = format!("{DIR}/target");
+    let manifest = format!("{DIR}/Cargo.toml");
+    let mut args = vec![
+        "build",
+        "--release",
+        "--manifest-path",
+        &manifest,
+        "--target",
+        EMBEDDED_TARGET,
+        "--target-dir",
+        &target_dir,
+        "--bins",
+    ];
+    args.extend_from_slice(extra);
+    run(&cargo(), &args)?;
+    let dir = Path::new(&target_dir).join(EMBEDDED_TARGET).join("release");
+    Ok(Binaries {
+        main: dir.join(MAIN_BIN),
+        readonly: dir.join(READONLY_BIN),
+    })
+}
+
+/// Runs `elf` under QEMU in `dir` and returns what it printed on stdout
+/// (stderr passes through); fails on a non-zero exit or after [`TIMEOUT`].
+pub fn run_qemu(elf: &Path, dir: &Path) -> Result<String, String> {
+    let elf = elf
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", elf.display()))?;
+    let args = [
+        "-M",
+        "mps2-an386",
+        "-nographic",
+        "-semihosting-config",
+        "enable=on,target=native",
+        "-kernel",
+    ];
+    eprintln!(
+        "xtask: running qemu-system-arm {} {} (in {})",
+        args.join(" "),
+        elf.display(),
+        dir.display()
+    );
+    let mut child = Command::new("qemu-system-arm")
+        .args(args)
+        .arg(&elf)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start qemu-system-arm: {e} (.ci/run installs it from bookworm-backports)"
+            )
+        })?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = reader.join().unwrap_or_default();
+            return Err(format!(
+                "{} did not finish within {} s; killed. It printed:\n{text}",
+                elf.display(),
+                TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = reader.join().map_err(|_| "reading qemu's output failed")?;
+    if status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{} failed under QEMU ({status}). It printed:\n{text}",
+            elf.display()
+        ))
+    }
+}
+
+/// Compares the figures with the budget; fails naming each figure over it
+/// (beyond [`KNOWN_OVER_BUDGET`]).
+pub fn check_budget(figures: &Figures) -> Result<(), String> {
+    let known: BTreeMap<&str, u64> = KNOWN_OVER_BUDGET.iter().copied().collect();
+    let mut over = Vec::new();
+    let mut tolerated = Vec::new();
+    let mut judge = |f: &Figure, limit: u64, what: &str| {
+        if f.bytes <= limit {
+            return;
+        }
+        let line = format!(
+            "{} {} {}: {} B > {limit} B ({what})",
+            f.binary, f.kind, f.name, f.bytes
+        );
+        match known.get(f.key().as_str()) {
+            Some(&most) if f.bytes <= most => tolerated.push(line),
+            _ => over.push(line),
+        }
+    };
+    for f in &figures.list {
+        match (f.kind.as_str(), f.name.as_str()) {
+            ("future", "firmware") => {}
+            ("future", _) => judge(f, MAX_FUTURE_BYTES, "MAX_FUTURE_BYTES"),
+            ("poll", _) => judge(f, MAX_POLL_STACK_BYTES, "MAX_POLL_STACK_BYTES"),
+            ("stack", "total") => judge(f, MAX_TOTAL_STACK_BYTES, "MAX_TOTAL_STACK_BYTES"),
+            _ => {}
+        }
+    }
+    for line in &tolerated {
+        println!("over budget (known, KNOWN_OVER_BUDGET in xtask/src/firmware.rs): {line}");
+    }
+    for line in &over {
+        println!("OVER BUDGET: {line}");
+    }
+    if over.is_empty() {
+        println!(
+            "firmware budget: futures <= {MAX_FUTURE_BYTES} B, poll stacks <= {MAX_POLL_STACK_BYTES} B, \
+             total stack <= {MAX_TOTAL_STACK_BYTES} B: {}",
+            if tolerated.is_empty() {
+                "all within"
+            } else {
+                "within, but for the known figures above"
+            }
+        );
+        Ok(())
+    } else {
+        Err(format!(
+            "{} firmware figure(s) over budget (see xtask/src/firmware.rs)",
+            over.len()
+        ))
+    }
+}
+
+/// Runs `qemu-img check` on every `*.qcow2` in `dir`; fails if there is
+/// none or any check fails.
+fn check_images(dir: &Path) -> Result<(), String> {
+    let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "qcow2"))
+        .collect();
+    images.sort();
+    if images.is_empty() {
+        return Err(format!("the firmware wrote no image in {}", dir.display()));
+    }
+    for image in images {
+        let path = image.to_string_lossy();
+        run("qemu-img", &["check", "-f", "qcow2", &path])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_parse() {
+        assert_eq!(
+            parse_figure("future create: 4288 B"),
+            Some(("future", "create", 4288))
+        );
+        assert_eq!(
+            parse_figure("ram scratch io: 4096 B"),
+            Some(("ram", "scratch io", 4096))
+        );
+        assert_eq!(parse_figure("check: corruptions 0, leaks 0"), None);
+        assert_eq!(parse_figure("stack total: 12 KiB"), None);
+    }
+}

@@ -1,0 +1,348 @@
+//! `cargo xtask size`: the memory and code figures of the firmware example
+//! (`firmware/`, built for `thumbv7em-none-eabihf` and run under QEMU):
+//! the RAM table (cache slot, cache, image, scratch buffers), every API
+//! future with the stack its poll takes, the stack per phase, the panic
+//! call sites left in the binary and `.text` per feature set.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::firmware::{self, Figures, MAIN_BIN, READONLY_BIN};
+
+/// Most panic call sites from qcow2-core the firmware binary may hold (see
+/// [`panic_sites`] and [`PanicSite::in_core`]); CI fails above it. Set to
+/// the count measured when the check was introduced; lower it as panics
+/// go, to 0. (Sites in the example's own formatting and semihosting code
+/// are reported, not limited.)
+pub const MAX_PANIC_SITES: usize = 6;
+
+/// Builds whose `.text` is reported: (name, cargo arguments for the
+/// firmware crate, binaries to measure). Core features reach the core
+/// through firmware features that forward them (none yet: the core has no
+/// features, so only the default build is listed, and the read-only binary
+/// stands for a read-only consumer).
+pub const FEATURE_SETS: &[(&str, &[&str], &[&str])] =
+    &[("default", &[], &[MAIN_BIN, READONLY_BIN])];
+
+/// `cargo xtask size`: runs the firmware in `target/firmware-size` and
+/// prints the tables (over-budget figures are reported, not fatal).
+pub fn main() -> Result<(), String> {
+    let figures = firmware::run_collect(Path::new("target/firmware-size"))?;
+    report(&figures, false)
+}
+
+/// Prints the tables for `figures`, counts the panic sites and measures
+/// `.text`; with `enforce`, fails when the panic sites exceed
+/// [`MAX_PANIC_SITES`].
+pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
+    print_tables(figures);
+    let bins = firmware::build(&[])?;
+    let sites = panic_sites(&bins.main)?;
+    let in_core = sites.iter().filter(|s| s.in_core()).count();
+    println!("panic sites: {}", sites.len());
+    println!("panic sites in qcow2-core: {in_core} (at most MAX_PANIC_SITES = {MAX_PANIC_SITES})");
+    let root = std::env::current_dir()
+        .map(|d| format!("{}/", d.display()))
+        .unwrap_or_default();
+    for site in &sites {
+        println!(
+            "  {} {} (in {}) -> {}",
+            if site.in_core() { "core " } else { "other" },
+            site.source.strip_prefix(&root).unwrap_or(&site.source),
+            shorten(&site.function),
+            shorten(&site.target)
+        );
+    }
+    for (name, args, binaries) in FEATURE_SETS {
+        let bins = firmware::build(args)?;
+        for binary in *binaries {
+            let path = if *binary == READONLY_BIN {
+                &bins.readonly
+            } else {
+                &bins.main
+            };
+            println!("text {name} {binary}: {} B", text_size(path)?);
+        }
+    }
+    if enforce && in_core > MAX_PANIC_SITES {
+        return Err(format!(
+            "{in_core} panic sites from qcow2-core in the firmware binary, more than \
+             MAX_PANIC_SITES = {MAX_PANIC_SITES} (xtask/src/size.rs)"
+        ));
+    }
+    Ok(())
+}
+
+/// The RAM, future and stack tables, in Markdown.
+fn print_tables(figures: &Figures) {
+    let ram = |name: &str| {
+        figures
+            .get(MAIN_BIN, "ram", name)
+            .map_or("?".to_string(), |b| b.to_string())
+    };
+    println!();
+    println!("| RAM (thumbv7em-none-eabihf) | bytes |");
+    println!("|---|---|");
+    println!(
+        "| one cache slot, `Slot<1>` (512 B slice + tag and links) | {} |",
+        ram("slot")
+    );
+    println!(
+        "| the cache, `FirmwareCache` (8 slots) | {} |",
+        ram("cache")
+    );
+    println!(
+        "| the open image, `FirmwareQcow2<'_, RamDisk>` (cache borrowed) | {} |",
+        ram("image")
+    );
+    for f in figures.of(MAIN_BIN, "ram") {
+        if let Some(name) = f.name.strip_prefix("scratch ") {
+            println!("| scratch buffer `{name}` (the example's) | {} |", f.bytes);
+        }
+    }
+    println!();
+    println!("| call | future (bytes) | poll stack beyond the future (bytes) |");
+    println!("|---|---|---|");
+    let mut calls = BTreeSet::new();
+    for f in figures.of(MAIN_BIN, "future") {
+        if f.name != "firmware" && calls.insert(f.name.clone()) {
+            let poll = figures
+                .get(MAIN_BIN, "poll", &f.name)
+                .map_or("?".to_string(), |b| b.to_string());
+            println!("| `{}` | {} | {poll} |", f.name, f.bytes);
+        }
+    }
+    println!();
+    println!("| phase | stack (bytes) |");
+    println!("|---|---|");
+    for f in figures.of(MAIN_BIN, "stack") {
+        if f.name != "total" {
+            println!("| {} | {} |", f.name, f.bytes);
+        }
+    }
+    if let Some(total) = figures.get(MAIN_BIN, "stack", "total") {
+        let future = figures
+            .get(MAIN_BIN, "future", "firmware")
+            .map_or("?".to_string(), |b| b.to_string());
+        println!("| whole example under `block_on` (its future: {future} B) | {total} |");
+    }
+    println!();
+}
+
+/// One call to a panicking function.
+#[derive(Debug)]
+pub struct PanicSite {
+    /// The function the call is in (demangled as llvm-objdump prints it).
+    pub function: String,
+    /// The panicking function it calls.
+    pub target: String,
+    /// The innermost source line of the call (`path:line`, from the line
+    /// table; empty when there is none).
+    pub source: String,
+}
+
+impl PanicSite {
+    /// Whether the site comes from qcow2-core: its innermost source line is
+    /// in `qcow2-core/src/`, or it is in Rust's library code (inlined) in a
+    /// function of qcow2-core. Library code of the core inlined into a
+    /// function of another crate (LTO) counts as the other crate's.
+    pub fn in_core(&self) -> bool {
+        self.source.contains("qcow2-core/src/")
+            || self.source.starts_with("/rustc/") && self.function.contains("qcow2_core")
+    }
+}
+
+/// The panic call sites in `elf`.
+///
+/// Method: disassemble with `llvm-objdump -d -C -l` (rustup's
+/// `llvm-tools`), which prints each instruction with the source line the
+/// line table gives it. The panicking functions are those named
+/// `core::panicking::*` (which includes `core::panicking::panic_const::*`),
+/// plus every `core::` function that calls one of them and never returns
+/// (no `bx lr`, no `pop` or `ldm` into `pc`): the cold wrappers such as
+/// `core::option::unwrap_failed` or `core::slice::index::slice_index_fail`,
+/// found by repeating until nothing is added. A site is a branch (`bl`,
+/// `blx`, `b`, `b.w`, conditional or not) from any other function to the
+/// start of a panicking function (llvm-objdump names the target as
+/// `<symbol>`; a target inside a function reads `<symbol+0x…>`). Calls to
+/// `core::panicking::panic_const::panic_const_async_fn_resumed*` (and any
+/// other `*_resumed*`) are not counted: the compiler puts one in every
+/// `async fn` for polling after completion, which cannot happen here.
+pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
+    let objdump = llvm_tool("llvm-objdump")?;
+    let out = Command::new(&objdump)
+        .args(["-d", "-C", "-l", "--no-show-raw-insn"])
+        .arg(elf)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", objdump.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed on {}", objdump.display(), elf.display()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    struct Function {
+        name: String,
+        /// (branch target, source line)
+        calls: Vec<(String, String)>,
+        returns: bool,
+    }
+    let mut functions: Vec<Function> = Vec::new();
+    let mut source = String::new();
+    for line in text.lines() {
+        if let Some(name) = line
+            .strip_suffix(">:")
+            .and_then(|l| l.split_once(" <"))
+            .map(|(_, n)| n)
+        {
+            functions.push(Function {
+                name: name.to_string(),
+                calls: Vec::new(),
+                returns: false,
+            });
+            source.clear();
+            continue;
+        }
+        if let Some(file_line) = line.strip_prefix("; ") {
+            source = file_line.trim().to_string();
+            continue;
+        }
+        let Some(function) = functions.last_mut() else {
+            continue;
+        };
+        let mut parts = line.split_whitespace().skip(1);
+        let Some(op) = parts.next() else {
+            continue;
+        };
+        let rest = parts.collect::<Vec<_>>().join(" ");
+        if op == "bx" && rest == "lr"
+            || (op.starts_with("pop") || op.starts_with("ldm")) && rest.contains("pc")
+        {
+            function.returns = true;
+        }
+        if op.starts_with('b') && !op.starts_with("bic") && !op.starts_with("bfi") {
+            if let Some(target) = rest
+                .split_once('<')
+                .and_then(|(_, t)| t.rsplit_once('>'))
+                .map(|(t, _)| t)
+                .filter(|t| !t.contains("+0x"))
+            {
+                function.calls.push((target.to_string(), source.clone()));
+            }
+        }
+    }
+    let mut panicking: BTreeSet<&str> = functions
+        .iter()
+        .map(|f| f.name.as_str())
+        .filter(|n| n.starts_with("core::panicking::"))
+        .collect();
+    loop {
+        let more: Vec<&str> = functions
+            .iter()
+            .filter(|f| {
+                !f.returns
+                    && (f.name.starts_with("core::") || f.name.starts_with("<core::"))
+                    && !panicking.contains(f.name.as_str())
+                    && f.calls.iter().any(|(c, _)| panicking.contains(c.as_str()))
+            })
+            .map(|f| f.name.as_str())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        panicking.extend(more);
+    }
+    let mut sites = Vec::new();
+    for f in &functions {
+        if panicking.contains(f.name.as_str()) {
+            continue;
+        }
+        for (target, source) in &f.calls {
+            if panicking.contains(target.as_str()) && !target.contains("_resumed") {
+                sites.push(PanicSite {
+                    function: f.name.clone(),
+                    target: target.clone(),
+                    source: source.clone(),
+                });
+            }
+        }
+    }
+    Ok(sites)
+}
+
+/// The size of the `.text` section of `elf`, from `llvm-objdump -h`.
+pub fn text_size(elf: &Path) -> Result<u64, String> {
+    let objdump = llvm_tool("llvm-objdump")?;
+    let out = Command::new(&objdump)
+        .arg("-h")
+        .arg(elf)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", objdump.display()))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            f.next()?;
+            (f.next()? == ".text").then(|| u64::from_str_radix(f.next()?, 16).ok())?
+        })
+        .ok_or_else(|| format!("no .text in {}", elf.display()))
+}
+
+/// A tool of rustup's `llvm-tools` component (installed when missing), or
+/// the one on PATH.
+fn llvm_tool(name: &str) -> Result<PathBuf, String> {
+    let rustc = |args: &[&str]| {
+        Command::new("rustc")
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let sysroot = rustc(&["--print", "sysroot"]).unwrap_or_default();
+    let host = rustc(&["-vV"])
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .unwrap_or_default();
+    let path = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin")
+        .join(name);
+    if !path.exists() {
+        let _ = crate::run("rustup", &["component", "add", "llvm-tools"]);
+    }
+    if path.exists() {
+        Ok(path)
+    } else if Command::new(name).arg("--version").output().is_ok() {
+        Ok(PathBuf::from(name))
+    } else {
+        Err(format!(
+            "{name} not found: `rustup component add llvm-tools` (or install LLVM)"
+        ))
+    }
+}
+
+/// The last path segments of a long demangled name.
+fn shorten(name: &str) -> String {
+    let mut s = name.to_string();
+    for (from, to) in [
+        ("_$LT$", "<"),
+        ("$LT$", "<"),
+        ("$GT$", ">"),
+        ("$u20$", " "),
+        ("$u7b$", "{"),
+        ("$u7d$", "}"),
+        ("$C$", ","),
+        ("$RF$", "&"),
+        ("..", "::"),
+    ] {
+        s = s.replace(from, to);
+    }
+    // Drop the hash suffix.
+    if let Some((head, hash)) = s.rsplit_once("::h") {
+        if hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            s = head.to_string();
+        }
+    }
+    s
+}
