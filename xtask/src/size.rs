@@ -18,12 +18,18 @@ use crate::firmware::{self, Figures, MAIN_BIN, READONLY_BIN};
 pub const MAX_PANIC_SITES: usize = 6;
 
 /// Builds whose `.text` is reported: (name, cargo arguments for the
-/// firmware crate, binaries to measure). Core features reach the core
-/// through firmware features that forward them (none yet: the core has no
-/// features, so only the default build is listed, and the read-only binary
-/// stands for a read-only consumer).
-pub const FEATURE_SETS: &[(&str, &[&str], &[&str])] =
-    &[("default", &[], &[MAIN_BIN, READONLY_BIN])];
+/// firmware crate, binaries to measure). The firmware's `write` and `check`
+/// features forward to the core's; the main example needs `write`, the
+/// `readonly` binary (open read-only and read) builds with any set.
+pub const FEATURE_SETS: &[(&str, &[&str], &[&str])] = &[
+    ("default", &[], &[MAIN_BIN, READONLY_BIN]),
+    (
+        "check",
+        &["--no-default-features", "--features", "check"],
+        &[READONLY_BIN],
+    ),
+    ("read-only", &["--no-default-features"], &[READONLY_BIN]),
+];
 
 /// `cargo xtask size`: runs the firmware in `target/firmware-size` and
 /// prints the tables (over-budget figures are reported, not fatal).
