@@ -236,6 +236,10 @@ where
         self.header.refcount_table_clusters = table_clusters as u32;
         header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
         self.cache.flush_device(&mut self.dev).await?;
+        info!(
+            "qcow2: refcount table moved to {=u64:#x}, {=u64} clusters",
+            table, table_clusters
+        );
         self.geo.reftable_offset = table;
         self.geo.reftable_entries = table_clusters << self.geo.l2_bits;
         self.cache.forget_range(old_table, old_clusters * cs)?;

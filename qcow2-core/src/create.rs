@@ -9,6 +9,7 @@ use crate::format::{
 use crate::{BlockDevice, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
 /// Parameters of a new image, with `qemu-img create`'s defaults.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Virtual size in bytes; a multiple of 512.

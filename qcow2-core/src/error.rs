@@ -8,6 +8,7 @@ use core::fmt;
 /// payload is small and `Copy` (static strings and offsets), so errors are
 /// cheap to return through async layers. New variants may be added:
 /// match with a wildcard, or map through [`Error::kind`].
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error<E> {

@@ -8,6 +8,7 @@ use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
 
 /// How to open an image.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenOptions {
     /// Refuse every write and never modify the device.
@@ -65,6 +66,7 @@ impl OpenOptions {
 }
 
 /// A summary of an open image, in the terms `qemu-img info` uses.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageInfo {
     /// Virtual disk size in bytes.
@@ -358,6 +360,7 @@ where
         }
         let dirty = self.header.incompatible_features & incompatible::DIRTY != 0;
         if !options.for_repair && dirty {
+            info!("qcow2: image not closed cleanly (lazy refcounts): rebuilding refcounts");
             // Refcounts may be stale: rebuild them before any allocation.
             self.repair(rebuild_scratch, Repair::All).await?;
         }
@@ -504,7 +507,11 @@ where
         &mut self,
         result: Result<(), Error<D::Error>>,
     ) -> Result<(), Error<D::Error>> {
-        if let Err(Error::Corrupt { .. }) = result {
+        if let Err(Error::Corrupt { what, offset }) = result {
+            warn!(
+                "qcow2: {=str} (host offset {=u64:#x}): image marked corrupt",
+                what, offset
+            );
             self.mark_corrupt().await;
         }
         result

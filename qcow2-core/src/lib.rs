@@ -26,6 +26,8 @@
 // compiled into the binary either.
 #![cfg_attr(not(feature = "write"), allow(dead_code))]
 
+#[macro_use]
+mod fmt;
 #[cfg(feature = "write")]
 mod alloc;
 mod cache;
@@ -47,6 +49,8 @@ mod refcount;
 mod write;
 
 pub mod blockutil;
+pub mod bytes;
+pub mod io;
 pub mod seek;
 
 pub use cache::Slot;

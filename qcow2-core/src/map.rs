@@ -6,6 +6,7 @@ use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Where a run of guest data lives.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
     /// Not allocated: reads as zeros (there is no backing file).

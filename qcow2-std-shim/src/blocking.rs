@@ -33,6 +33,14 @@ pub struct Image<D: BlockDevice> {
 
 type Result<T, D> = core::result::Result<T, Error<<D as BlockDevice>::Error>>;
 
+/// A byte-addressing error as the image's own error.
+fn from_bytes<E>(e: qcow2_core::bytes::BytesError<Error<E>>) -> Error<E> {
+    match e {
+        qcow2_core::bytes::BytesError::Device(e) => e,
+        qcow2_core::bytes::BytesError::OutOfRange => Error::OutOfRange,
+    }
+}
+
 impl<D: BlockDevice> Image<D> {
     /// Formats `dev` as a new image.
     pub fn create(dev: D, options: &CreateOptions) -> Result<Self, D> {
@@ -84,13 +92,6 @@ impl<D: BlockDevice> Image<D> {
         self.inner.device()
     }
 
-    fn check_range(&self, offset: u64, len: usize) -> Result<(), D> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.virtual_size() => Ok(()),
-            _ => Err(Error::OutOfRange),
-        }
-    }
-
     /// Reads whole sectors from sector `first`.
     pub fn read_sectors(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), D> {
         block_on(self.inner.read(first, buf))
@@ -101,55 +102,19 @@ impl<D: BlockDevice> Image<D> {
         block_on(self.inner.write(first, buf))
     }
 
-    /// Reads `buf.len()` bytes at byte `offset`.
+    /// Reads `buf.len()` bytes at byte `offset` (partial sectors through
+    /// the core's [`qcow2_core::bytes`] read-modify-write).
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
-        self.check_range(offset, buf.len())?;
-        let mut pos = offset;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let skip = (pos % SECTOR as u64) as usize;
-            if skip != 0 || rest.len() < SECTOR {
-                let mut sector = [[0u8; SECTOR]];
-                self.read_sectors(pos / SECTOR as u64, &mut sector)?;
-                let n = (SECTOR - skip).min(rest.len());
-                rest[..n].copy_from_slice(&sector[0][skip..skip + n]);
-                rest = &mut rest[n..];
-                pos += n as u64;
-                continue;
-            }
-            let (whole, _) = rest.as_chunks_mut::<SECTOR>();
-            let n = whole.len();
-            self.read_sectors(pos / SECTOR as u64, whole)?;
-            rest = &mut rest[n * SECTOR..];
-            pos += (n * SECTOR) as u64;
-        }
-        Ok(())
+        let mut scratch = [0u8; SECTOR];
+        let read = qcow2_core::bytes::read_at(&mut self.inner, offset, buf, &mut scratch);
+        block_on(read).map_err(from_bytes)
     }
 
-    /// Writes `buf` at byte `offset`.
+    /// Writes `buf` at byte `offset` (partial sectors by read-modify-write).
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), D> {
-        self.check_range(offset, buf.len())?;
-        let mut pos = offset;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let skip = (pos % SECTOR as u64) as usize;
-            if skip != 0 || rest.len() < SECTOR {
-                let mut sector = [[0u8; SECTOR]];
-                self.read_sectors(pos / SECTOR as u64, &mut sector)?;
-                let n = (SECTOR - skip).min(rest.len());
-                sector[0][skip..skip + n].copy_from_slice(&rest[..n]);
-                self.write_sectors(pos / SECTOR as u64, &sector)?;
-                rest = &rest[n..];
-                pos += n as u64;
-                continue;
-            }
-            let (whole, _) = rest.as_chunks::<SECTOR>();
-            let n = whole.len();
-            self.write_sectors(pos / SECTOR as u64, whole)?;
-            rest = &rest[n * SECTOR..];
-            pos += (n * SECTOR) as u64;
-        }
-        Ok(())
+        let mut scratch = [0u8; SECTOR];
+        let write = qcow2_core::bytes::write_at(&mut self.inner, offset, buf, &mut scratch);
+        block_on(write).map_err(from_bytes)
     }
 
     /// Makes `len` bytes at byte `offset` read as zeros: whole sectors

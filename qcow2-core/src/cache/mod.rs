@@ -12,6 +12,10 @@ pub(crate) use order::Order;
 
 use crate::{BlockDevice, Error, Sector, SECTOR};
 
+/// Ranges of freed host sectors held for discarding after the next flush;
+/// a discard over scattered clusters flushes once per this many ranges.
+const DISCARD_RANGES: usize = 4;
+
 /// No slice: the `recent` shortcut's empty value (slice tags are aligned).
 const NO_TAG: u64 = u64::MAX;
 
@@ -120,7 +124,7 @@ pub(crate) struct Cache<S, const K: usize> {
     /// Which class of slices must reach the disk first.
     order: Order,
     /// Host sectors of freed clusters to discard after the next flush.
-    pending_discard: Option<(u64, u64)>,
+    pending_discard: heapless::Vec<(u64, u64), DISCARD_RANGES>,
     /// Lazy refcounts: L1/L2 slices need not wait for refcount slices.
     lazy_refcounts: bool,
     /// A clean slice may be read as another kind of table than it was
@@ -172,7 +176,7 @@ where
             device_unflushed: false,
             mapping_unflushed: false,
             order: Order::RefcountsFirst,
-            pending_discard: None,
+            pending_discard: heapless::Vec::new(),
             lazy_refcounts,
             relaxed: false,
         })

@@ -136,8 +136,8 @@ where
             }
         }
         self.flush_device(dev).await?;
-        if let Some((first, count)) = self.pending_discard.take() {
-            // Nothing durable points at these clusters any more.
+        // Nothing durable points at these clusters any more.
+        while let Some((first, count)) = self.pending_discard.pop() {
             dev.discard(first, count).await.map_err(Error::Io)?;
         }
         Ok(())
@@ -160,7 +160,7 @@ where
         if self.dirty_mapping > 0
             || self.dirty_refcount > 0
             || self.device_unflushed
-            || self.pending_discard.is_some()
+            || !self.pending_discard.is_empty()
         {
             self.flush(dev).await?;
         }
@@ -176,16 +176,20 @@ where
         first: u64,
         count: u64,
     ) -> Result<(), Error<D::Error>> {
-        match self.pending_discard {
-            Some((start, n)) if start + n == first => {
-                self.pending_discard = Some((start, n + count));
+        // Freed clusters often follow each other: extend the last range.
+        if let Some((start, n)) = self.pending_discard.last_mut() {
+            if *start + *n == first {
+                *n += count;
                 return Ok(());
             }
-            Some(_) => self.flush(dev).await?,
-            None => {}
         }
-        self.pending_discard = Some((first, count));
-        Ok(())
+        if self.pending_discard.is_full() {
+            self.flush(dev).await?;
+        }
+        // Room after a flush: it empties the queue.
+        self.pending_discard
+            .push((first, count))
+            .map_err(|_| Error::Internal("discard queue full after a flush"))
     }
 
     /// Makes slot `i` clean before it is reused for another slice, writing

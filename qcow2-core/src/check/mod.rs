@@ -16,6 +16,7 @@ use crate::cache::Slot;
 use crate::{BlockDevice, Error, Qcow2};
 
 /// Findings of a check, in `qemu-img check` terms.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckReport {
     /// Inconsistencies that can lose data: references outside the image,
@@ -50,6 +51,7 @@ impl CheckReport {
 }
 
 /// What a repair may change.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repair {
     /// Lower refcounts that are too high (leaked clusters), in place. Fails

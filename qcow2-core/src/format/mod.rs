@@ -77,6 +77,7 @@ pub mod autoclear {
 }
 
 /// The qcow2 format version, as `qemu-img`'s `compat` option names it.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
     /// Version 2 (`compat=0.10`).
