@@ -7,6 +7,10 @@
 //! ways: only the flushed state, the flushed state plus every unflushed
 //! write, or the flushed state plus a seeded random subset of the unflushed
 //! sector writes (applied in order).
+//!
+//! A device made with [`FaultDevice::fixed`] has a fixed size, as a
+//! partition or a flash chip: growing it fails with
+//! [`FaultError::Fixed`], and its survivors are fixed-size RAM devices.
 
 use crate::ram::{sectors_from_bytes, RamDevice};
 use qcow2_core::{BlockDevice, Sector, SECTOR};
@@ -19,6 +23,8 @@ pub enum FaultError {
     Crashed,
     /// Access past the end of the device.
     OutOfRange,
+    /// The device has a fixed size and cannot grow.
+    Fixed,
 }
 
 impl fmt::Display for FaultError {
@@ -26,6 +32,7 @@ impl fmt::Display for FaultError {
         match self {
             FaultError::Crashed => f.write_str("injected crash"),
             FaultError::OutOfRange => f.write_str("access beyond the end of the device"),
+            FaultError::Fixed => f.write_str("device has a fixed size"),
         }
     }
 }
@@ -53,6 +60,8 @@ pub struct FaultDevice {
     writes: u64,
     crash_at: Option<u64>,
     crashed: bool,
+    /// Refuses to grow.
+    fixed: bool,
 }
 
 impl FaultDevice {
@@ -69,6 +78,25 @@ impl FaultDevice {
     /// An empty device.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A device of a fixed size holding `bytes`, zero-padded to `sectors`
+    /// sectors (or to a whole sector when `bytes` is longer): it can shrink
+    /// but never grow ([`FaultError::Fixed`]), and its survivors cannot
+    /// grow either.
+    pub fn fixed(bytes: &[u8], sectors: u64) -> Self {
+        let mut device = Self::from_bytes(bytes);
+        if (device.current.len() as u64) < sectors {
+            device.current.resize(sectors as usize, [0; SECTOR]);
+            device.durable.clone_from(&device.current);
+        }
+        device.fixed = true;
+        device
+    }
+
+    /// Whether the device has a fixed size.
+    pub fn is_fixed(&self) -> bool {
+        self.fixed
     }
 
     /// Makes write number `n` (counting from 0 over the device's life) and
@@ -92,7 +120,8 @@ impl FaultDevice {
         self.pending.len()
     }
 
-    /// The device a crash now would leave behind, as a fresh RAM device.
+    /// The device a crash now would leave behind, as a fresh RAM device
+    /// (of a fixed size when this device has one).
     pub fn survivor(&self, survival: Survival) -> RamDevice {
         let mut sectors = self.durable.clone();
         let mut rng = match survival {
@@ -116,7 +145,13 @@ impl FaultDevice {
                 }
             }
         }
-        RamDevice::from_bytes(sectors.as_flattened())
+        if !self.fixed {
+            return RamDevice::from_bytes(sectors.as_flattened());
+        }
+        let mut ram = RamDevice::fixed(sectors.len() as u64);
+        // A RAM device's write completes at once and fits: it was this size.
+        crate::block_on(ram.write(0, &sectors)).expect("a fixed device of the same size");
+        ram
     }
 
     fn alive(&self) -> Result<(), FaultError> {
@@ -189,6 +224,9 @@ impl BlockDevice for FaultDevice {
     async fn set_sector_count(&mut self, n: u64) -> Result<(), FaultError> {
         self.alive()?;
         let n = usize::try_from(n).map_err(|_| FaultError::OutOfRange)?;
+        if self.fixed && n > self.current.len() {
+            return Err(FaultError::Fixed);
+        }
         // Size changes are treated as immediately durable; new sectors are zeros.
         self.current.resize(n, [0; SECTOR]);
         self.durable.resize(n, [0; SECTOR]);

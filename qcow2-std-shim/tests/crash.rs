@@ -5,7 +5,9 @@
 //! value written after that flush (never a third value), and `qemu-img
 //! check` finds no corruption.
 
-use qcow2_core::{CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR};
+use qcow2_core::{
+    BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
+};
 use qcow2_std_shim::{block_on, FaultDevice, FaultError, RamDevice, Survival};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,9 +22,17 @@ fn cache() -> Cache {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { first: u64, len: u64 },
+    Write {
+        first: u64,
+        len: u64,
+    },
     Flush,
     Reopen,
+    /// Let go of the image without closing it (its cache is lost, the
+    /// device keeps every write) and open it again: a dirty image is
+    /// rebuilt. Every sector then reads its flushed value or a later one,
+    /// and the rebuild made that durable.
+    Crash,
 }
 
 /// What each sector may read as after a crash: ids of sector contents
@@ -73,10 +83,12 @@ impl Model {
         self.recent.iter_mut().for_each(Vec::clear);
     }
 
-    /// Checks every sector of a reopened image against what may survive.
-    fn verify(&self, img: &mut Qcow2<RamDevice, Cache, 1>, what: &str) {
+    /// Checks every sector of a reopened image against what may survive;
+    /// returns the content ids read.
+    fn verify<D: BlockDevice>(&self, img: &mut Qcow2<D, Cache, 1>, what: &str) -> Vec<u64> {
         let mut buf = vec![[0u8; SECTOR]; self.durable.len()];
-        block_on(img.read(0, &mut buf)).unwrap_or_else(|e| panic!("{what}: read failed: {e}"));
+        block_on(img.read(0, &mut buf)).unwrap_or_else(|e| panic!("{what}: read failed: {e:?}"));
+        let mut ids = Vec::with_capacity(buf.len());
         for (s, got) in buf.iter().enumerate() {
             let id = u64::from_le_bytes(got[..8].try_into().unwrap());
             let id = if *got == [0; SECTOR] { 0 } else { id };
@@ -87,7 +99,15 @@ impl Model {
                 self.durable[s],
                 self.recent[s]
             );
+            ids.push(id);
         }
+        ids
+    }
+
+    /// After an [`Op::Crash`]: what the reopened image reads is durable.
+    fn settle(&mut self, img: &mut Image, what: &str) {
+        self.current = self.verify(img, what);
+        self.flushed();
     }
 }
 
@@ -95,17 +115,44 @@ struct Workload {
     name: &'static str,
     options: CreateOptions,
     ops: Vec<Op>,
+    /// The image to start from; a new one when `None`.
+    base: Option<Base>,
+}
+
+/// A prepared image: its bytes and the content id of each guest sector.
+struct Base {
+    bytes: Vec<u8>,
+    ids: Vec<u64>,
+}
+
+/// The device a workload runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    /// Grows as the image does (a file).
+    Growable,
+    /// Cannot grow (a partition): the size the workload reaches on a
+    /// growable device plus this many clusters.
+    Fixed { spare_clusters: u64 },
 }
 
 /// Replays `w` on a fresh copy of `base`, crashing at write `crash_at`.
 /// Returns the device and the model at the moment it stopped.
-fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Model) {
-    let mut dev = FaultDevice::from_bytes(base);
+fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (FaultDevice, Model) {
+    let mut dev = if fixed {
+        FaultDevice::fixed(base, 0)
+    } else {
+        FaultDevice::from_bytes(base)
+    };
     if let Some(n) = crash_at {
         dev.crash_at_write(n);
     }
     let sectors = (w.options.size / SECTOR as u64) as usize;
     let mut model = Model::new(sectors);
+    if let Some(base) = &w.base {
+        model.durable.clone_from(&base.ids);
+        model.current.clone_from(&base.ids);
+        model.serial = base.ids.iter().copied().max().unwrap_or(0);
+    }
     let mut img = block_on(Image::open(dev, cache(), OpenOptions::read_write())).unwrap();
     for op in &w.ops {
         let result = match *op {
@@ -121,6 +168,20 @@ fn replay(w: &Workload, base: &[u8], crash_at: Option<u64>) -> (FaultDevice, Mod
                 }
                 Err(e) => Err(e),
             },
+            Op::Crash => {
+                let (dev, slots) = img.abandon();
+                match block_on(Image::open(dev, slots, OpenOptions::read_write())) {
+                    Ok(reopened) => {
+                        img = reopened;
+                        model.settle(&mut img, w.name);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        assert_eq!(e.error, Error::Io(FaultError::Crashed), "{}", w.name);
+                        return (e.device, model);
+                    }
+                }
+            }
         };
         if let Err(e) = result {
             assert_eq!(
@@ -175,16 +236,64 @@ fn json_field(json: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs every crash point of `w`; returns the refcount table offsets before
-/// and after the uninterrupted workload.
-fn run(w: &Workload) -> (u64, u64) {
-    let dev = FaultDevice::new();
-    let img = block_on(Qcow2::create(dev, cache(), w.options)).unwrap();
-    let table_before = img.header().refcount_table_offset;
+/// Whether the refcount blocks are consecutive clusters directly followed
+/// by the refcount table (else a rebuild scattered them in free clusters).
+fn contiguous_refcounts(img: &Qcow2<RamDevice, Cache, 1>) -> bool {
+    let h = img.header();
+    let bytes = img.device().as_bytes();
+    let cs = 1u64 << h.cluster_bits;
+    let table = h.refcount_table_offset as usize;
+    let entries = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
+    let blocks: Vec<u64> = (0..entries)
+        .map(|j| u64::from_be_bytes(bytes[table + 8 * j..table + 8 * j + 8].try_into().unwrap()))
+        .take_while(|&e| e != 0)
+        .collect();
+    blocks.windows(2).all(|p| p[1] == p[0] + cs)
+        && blocks.last().is_some_and(|&b| b + cs == table as u64)
+}
+
+/// A new image on `dev`, closed: the bytes it leaves.
+fn new_image(dev: FaultDevice, options: CreateOptions) -> Vec<u8> {
+    let img = block_on(Qcow2::create(dev, cache(), options)).unwrap();
     let (dev, _) = block_on(img.close()).unwrap();
-    let base = dev.survivor(Survival::FlushedOnly).as_bytes().to_vec();
-    let complete = replay(w, &base, None).0;
+    dev.survivor(Survival::FlushedOnly).as_bytes().to_vec()
+}
+
+/// The big-endian u64 at byte `at`.
+fn be64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+/// Runs every crash point of `w` on `device`; returns the refcount table
+/// offsets before and after the uninterrupted workload.
+fn run(w: &Workload, device: Device) -> (u64, u64) {
+    let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
+    let base = match (&w.base, device) {
+        (Some(base), Device::Growable) => base.bytes.clone(),
+        (Some(base), Device::Fixed { spare_clusters }) => {
+            let sectors = base.bytes.len() as u64 / SECTOR as u64;
+            let dev = FaultDevice::fixed(&base.bytes, sectors + spare_clusters * cluster_sectors);
+            dev.survivor(Survival::FlushedOnly).as_bytes().to_vec()
+        }
+        (None, Device::Growable) => new_image(FaultDevice::new(), w.options),
+        (None, Device::Fixed { spare_clusters }) => {
+            // As large as the workload makes a growable device, and a bit.
+            let growable = new_image(FaultDevice::new(), w.options);
+            let reached = replay(w, &growable, false, None).0.sector_count();
+            let sectors = reached + spare_clusters * cluster_sectors;
+            new_image(FaultDevice::fixed(&[], sectors), w.options)
+        }
+    };
+    let fixed = device != Device::Growable;
+    let name = if fixed {
+        format!("{} (fixed-size device)", w.name)
+    } else {
+        w.name.to_string()
+    };
+    let table_before = be64(&base, 48);
+    let complete = replay(w, &base, fixed, None).0;
     let total = complete.writes();
+    let device_sectors = complete.sector_count();
     let reopened = block_on(Qcow2::open(complete, cache(), OpenOptions::read_only())).unwrap();
     let table_after = reopened.header().refcount_table_offset;
     let points: Vec<u64> = if total <= 2000 {
@@ -192,22 +301,34 @@ fn run(w: &Workload) -> (u64, u64) {
     } else {
         (0..2000).map(|i| i * total / 2000).collect()
     };
-    let (mut checked, mut dirty) = (0, 0);
+    let (mut checked, mut dirty, mut rebuilt, mut scattered) = (0, 0, 0, 0);
     for (k, &n) in points.iter().enumerate() {
-        let (dev, model) = replay(w, &base, Some(n));
-        assert!(dev.crashed(), "{}: crash point {n} not reached", w.name);
+        let (dev, model) = replay(w, &base, fixed, Some(n));
+        assert!(dev.crashed(), "{name}: crash point {n} not reached");
         for survival in [
             Survival::FlushedOnly,
             Survival::AllWrites,
             Survival::RandomSubset(n * 31 + 7),
         ] {
-            let what = format!("{} crash at write {n} ({survival:?})", w.name);
+            let what = format!("{name} crash at write {n} ({survival:?})");
             let survivor = dev.survivor(survival);
             let peek = block_on(Qcow2::open(survivor, cache(), OpenOptions::read_only())).unwrap();
+            let table = peek.header().refcount_table_offset;
             dirty += usize::from(peek.info().dirty);
             let (survivor, _) = block_on(peek.close()).unwrap();
             let mut img = block_on(Qcow2::open(survivor, cache(), OpenOptions::read_write()))
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+            if fixed {
+                assert_eq!(
+                    img.device().sector_count(),
+                    device_sectors,
+                    "{what}: the fixed device changed size"
+                );
+            }
+            if img.header().refcount_table_offset != table {
+                rebuilt += 1;
+                scattered += usize::from(!contiguous_refcounts(&img));
+            }
             model.verify(&mut img, &what);
             // Small scratch buffers force multi-pass checks; large ones take one pass.
             let mut scratch = vec![0u8; if k % 3 == 0 { 1024 } else { 1 << 16 }];
@@ -246,18 +367,14 @@ fn run(w: &Workload) -> (u64, u64) {
         }
     }
     eprintln!(
-        "{}: {} writes, {} crash points, {} survivors checked, {} dirty",
-        w.name,
-        total,
+        "{name}: {total} writes, {} crash points, {checked} survivors checked, {dirty} dirty, \
+         {rebuilt} rebuilt at open ({scattered} into scattered free clusters)",
         points.len(),
-        checked,
-        dirty
     );
     assert_eq!(
         dirty > 0,
         w.options.lazy_refcounts,
-        "{}: dirty survivors",
-        w.name
+        "{name}: dirty survivors",
     );
     (table_before, table_after)
 }
@@ -272,6 +389,31 @@ impl Rng {
     }
 }
 
+/// `count` writes of 1 to `max_len` sectors at random places below sector
+/// `end`; after write `i`, the op `extra` names for `i % period`, if any.
+fn random_writes(
+    seed: u64,
+    count: u64,
+    max_len: u64,
+    end: u64,
+    period: u64,
+    extra: &[(u64, Op)],
+) -> Vec<Op> {
+    let mut rng = Rng(seed);
+    let mut ops = vec![];
+    for i in 0..count {
+        let len = 1 + rng.below(max_len);
+        ops.push(Op::Write {
+            first: rng.below(end - len),
+            len,
+        });
+        if let Some(&(_, op)) = extra.iter().find(|(at, _)| *at == i % period) {
+            ops.push(op);
+        }
+    }
+    ops
+}
+
 fn opts(size: u64, cluster_bits: u32, refcount_order: u32) -> CreateOptions {
     CreateOptions {
         size,
@@ -282,8 +424,7 @@ fn opts(size: u64, cluster_bits: u32, refcount_order: u32) -> CreateOptions {
     }
 }
 
-#[test]
-fn crash_during_sequential_fill_across_l2_tables() {
+fn sequential_fill_workload() -> Workload {
     let options = opts(160 << 10, 9, 4);
     let sectors = options.size / SECTOR as u64;
     let mut ops = Vec::new();
@@ -296,48 +437,36 @@ fn crash_during_sequential_fill_across_l2_tables() {
             ops.push(Op::Flush);
         }
     }
-    run(&Workload {
+    Workload {
         name: "sequential fill",
         options,
         ops,
-    });
+        base: None,
+    }
 }
 
-#[test]
-fn crash_during_random_writes_growing_the_refcount_table() {
+fn table_growth_workload() -> Workload {
     // 64-bit refcounts on 512-byte clusters: blocks cover 64 clusters and
     // the first table 64 blocks, so the table grows and moves.
     let options = opts(3 << 20, 9, 6);
     let sectors = options.size / SECTOR as u64;
-    let mut rng = Rng(0x5eed);
     let mut ops = vec![];
     // Fill three quarters sequentially to reach table growth quickly.
     for first in (0..sectors * 3 / 4).step_by(64) {
         ops.push(Op::Write { first, len: 64 });
     }
     ops.push(Op::Flush);
-    for i in 0..300 {
-        let len = 1 + rng.below(4);
-        ops.push(Op::Write {
-            first: rng.below(sectors - len),
-            len,
-        });
-        match i % 40 {
-            13 => ops.push(Op::Flush),
-            27 => ops.push(Op::Reopen),
-            _ => {}
-        }
-    }
-    let (before, after) = run(&Workload {
+    let extra = [(13, Op::Flush), (27, Op::Reopen)];
+    ops.extend(random_writes(0x5eed, 300, 4, sectors, 40, &extra));
+    Workload {
         name: "random writes, refcount table growth",
         options,
         ops,
-    });
-    assert_ne!(before, after, "the workload never moved the refcount table");
+        base: None,
+    }
 }
 
-#[test]
-fn crash_during_overwrites_and_writes_after_reopen() {
+fn overwrites_workload() -> Workload {
     let options = opts(1 << 20, 12, 4);
     let sectors = options.size / SECTOR as u64;
     let mut rng = Rng(0xfeed);
@@ -357,37 +486,129 @@ fn crash_during_overwrites_and_writes_after_reopen() {
             _ => {}
         }
     }
-    run(&Workload {
+    Workload {
         name: "overwrites and reopen",
         options,
         ops,
-    });
+        base: None,
+    }
+}
+
+#[test]
+fn crash_during_sequential_fill_across_l2_tables() {
+    run(&sequential_fill_workload(), Device::Growable);
+}
+
+#[test]
+fn crash_during_random_writes_growing_the_refcount_table() {
+    let (before, after) = run(&table_growth_workload(), Device::Growable);
+    assert_ne!(before, after, "the workload never moved the refcount table");
+}
+
+#[test]
+fn crash_during_overwrites_and_writes_after_reopen() {
+    run(&overwrites_workload(), Device::Growable);
+}
+
+/// The same workloads on a device that cannot grow, a little larger than
+/// they make a growable one: allocation wraps around to free clusters, and
+/// dirty survivors are rebuilt inside the device.
+#[test]
+fn crash_on_a_fixed_size_device() {
+    let spare = Device::Fixed { spare_clusters: 2 };
+    run(&sequential_fill_workload(), spare);
+    run(&overwrites_workload(), spare);
+    run(&lazy_refcounts_workload(), spare);
+}
+
+#[test]
+fn crash_during_refcount_table_growth_on_a_fixed_size_device() {
+    let (before, after) = run(
+        &table_growth_workload(),
+        Device::Fixed { spare_clusters: 2 },
+    );
+    assert_ne!(before, after, "the workload never moved the refcount table");
+}
+
+fn lazy_refcounts_workload() -> Workload {
+    let mut options = opts(512 << 10, 9, 4);
+    options.lazy_refcounts = true;
+    let sectors = options.size / SECTOR as u64;
+    let extra = [(11, Op::Flush), (23, Op::Reopen)];
+    let ops = random_writes(0x1a2b, 250, 8, sectors, 30, &extra);
+    Workload {
+        name: "lazy refcounts",
+        options,
+        ops,
+        base: None,
+    }
 }
 
 #[test]
 fn crash_with_lazy_refcounts_is_rebuilt_at_open() {
+    run(&lazy_refcounts_workload(), Device::Growable);
+}
+
+/// A lazy-refcounts image (512-byte clusters, 16-bit refcounts) whose
+/// first `filled` guest sectors were written in order, then every third of
+/// them discarded by hand (L2 entry and refcount zeroed): its free space is
+/// single clusters between clusters in use, and none at the end.
+fn fragmented_base(options: CreateOptions, filled: u64) -> Base {
+    assert_eq!((options.cluster_bits, options.refcount_order), (9, 4));
+    let mut img = block_on(Qcow2::create(FaultDevice::new(), cache(), options)).unwrap();
+    let mut ids: Vec<u64> = (1..=filled).collect();
+    let data: Vec<Sector> = ids.iter().map(|&id| sector_of(id)).collect();
+    block_on(img.write(0, &data)).unwrap();
+    let (dev, _) = block_on(img.close()).unwrap();
+    let mut bytes = dev.survivor(Survival::FlushedOnly).as_bytes().to_vec();
+    ids.resize((options.size / SECTOR as u64) as usize, 0);
+    let (l1, reftable) = (be64(&bytes, 40) as usize, be64(&bytes, 48) as usize);
+    for g in (1..filled as usize).step_by(3) {
+        let l2 = (be64(&bytes, l1 + 8 * (g / 64)) & OFFSET_MASK) as usize;
+        let entry = l2 + 8 * (g % 64);
+        let cluster = ((be64(&bytes, entry) & OFFSET_MASK) / 512) as usize;
+        bytes[entry..entry + 8].fill(0);
+        let block = be64(&bytes, reftable + 8 * (cluster / 256)) as usize;
+        let refcount = block + 2 * (cluster % 256);
+        bytes[refcount..refcount + 2].fill(0);
+        ids[g] = 0;
+    }
+    assert_eq!(qemu_check(&bytes, "fragmented base"), (0, 0));
+    Base { bytes, ids }
+}
+
+/// Lazy refcounts on an image whose free space is scattered single
+/// clusters, with crashes inside the workload (each reopen rebuilds the
+/// refcounts): rebuilds find no run of free clusters long enough and put
+/// each refcount block in a cluster of its own.
+fn fragmented_lazy_refcounts_workload() -> Workload {
     let mut options = opts(512 << 10, 9, 4);
     options.lazy_refcounts = true;
-    let sectors = options.size / SECTOR as u64;
-    let mut rng = Rng(0x1a2b);
-    let mut ops = vec![];
-    for i in 0..250 {
-        let len = 1 + rng.below(8);
-        ops.push(Op::Write {
-            first: rng.below(sectors - len),
-            len,
-        });
-        match i % 30 {
-            11 => ops.push(Op::Flush),
-            23 => ops.push(Op::Reopen),
-            _ => {}
-        }
-    }
-    run(&Workload {
-        name: "lazy refcounts",
+    let filled = 768;
+    let base = fragmented_base(options, filled);
+    let ops = random_writes(
+        0x7e57,
+        200,
+        4,
+        filled,
+        40,
+        &[(11, Op::Flush), (31, Op::Crash)],
+    );
+    Workload {
+        name: "lazy refcounts, scattered free space, crashes inside",
         options,
         ops,
-    });
+        base: Some(base),
+    }
+}
+
+/// Free space only between clusters in use, none at the end of the device.
+#[test]
+fn crash_with_lazy_refcounts_in_scattered_free_space_on_a_fixed_size_device() {
+    run(
+        &fragmented_lazy_refcounts_workload(),
+        Device::Fixed { spare_clusters: 0 },
+    );
 }
 
 /// Where things are in the image `repair_crashes` damages.
@@ -412,7 +633,8 @@ impl Damaged {
 /// reads the same data as before the repair, and repairs clean. `damage`
 /// breaks a freshly written image (512-byte clusters, 16-bit refcounts,
 /// 300 sectors of data from sector 17); returns the crash points tried.
-fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
+/// On a `fixed` device the device is exactly as large as the image.
+fn repair_crashes(name: &str, fixed: bool, damage: fn(&mut Damaged)) -> u64 {
     let options = opts(256 << 10, 9, 4);
     let mut img = block_on(Qcow2::create(FaultDevice::new(), cache(), options)).unwrap();
     let data: Vec<Sector> = (0..300u64).map(sector_of).collect();
@@ -430,9 +652,16 @@ fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
     damage(&mut damaged);
     let bytes = damaged.bytes;
 
+    let device = |bytes: &[u8]| {
+        if fixed {
+            FaultDevice::fixed(bytes, 0)
+        } else {
+            FaultDevice::from_bytes(bytes)
+        }
+    };
     let expected = {
         let mut img = block_on(Image::open(
-            FaultDevice::from_bytes(&bytes),
+            device(&bytes),
             cache(),
             OpenOptions::read_only(),
         ))
@@ -445,19 +674,32 @@ fn repair_crashes(name: &str, damage: fn(&mut Damaged)) -> u64 {
         buf
     };
     let repair_writes = |crash_at: Option<u64>| {
-        let mut dev = FaultDevice::from_bytes(&bytes);
+        let mut dev = device(&bytes);
         if let Some(n) = crash_at {
             dev.crash_at_write(n);
         }
         let mut img = block_on(Image::open(dev, cache(), OpenOptions::repair())).unwrap();
         let mut scratch = [0u8; 256];
-        let _ = block_on(img.repair(&mut scratch, Repair::All));
-        img.abandon().0
+        let repaired = block_on(img.repair(&mut scratch, Repair::All));
+        (img.abandon().0, repaired)
     };
-    let total = repair_writes(None).writes();
+    let (complete, repaired) = repair_writes(None);
+    repaired.unwrap_or_else(|e| panic!("{name}: repair failed: {e}"));
+    let after = complete.survivor(Survival::FlushedOnly);
+    assert_eq!(qemu_check(after.as_bytes(), name), (0, 0), "{name}");
+    if fixed {
+        assert_eq!(complete.sector_count() as usize, bytes.len() / SECTOR);
+        let repaired = complete.survivor(Survival::FlushedOnly);
+        let img = block_on(Qcow2::open(repaired, cache(), OpenOptions::read_only())).unwrap();
+        assert!(
+            !contiguous_refcounts(&img),
+            "{name}: the free space was not scattered"
+        );
+    }
+    let total = complete.writes();
     assert!(total >= 2, "{name}: repair wrote only {total} times");
     for n in 0..total {
-        let dev = repair_writes(Some(n));
+        let dev = repair_writes(Some(n)).0;
         for survival in [
             Survival::FlushedOnly,
             Survival::AllWrites,
@@ -492,12 +734,9 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// with a reserved bit).
 #[test]
 fn crash_during_repair_is_recoverable() {
-    let mut points = repair_crashes("rebuild", |d| d.refcount(10, 0));
-    points += repair_crashes("refblock on data", |d| {
-        let data = d.be64(d.l2 + 8 * 40) & OFFSET_MASK;
-        d.bytes[512..520].copy_from_slice(&data.to_be_bytes());
-    });
-    points += repair_crashes("in place", |d| {
+    let mut points = repair_crashes("rebuild", false, |d| d.refcount(10, 0));
+    points += repair_crashes("refblock on data", false, refblock_on_data);
+    points += repair_crashes("in place", false, |d| {
         d.refcount(12, 3);
         let at = d.l2 + 8 * 30;
         let entry = d.be64(at) | 2;
@@ -505,6 +744,42 @@ fn crash_during_repair_is_recoverable() {
     });
     eprintln!(
         "repair: {points} crash points, {} survivors checked",
+        points * 3
+    );
+}
+
+/// A refcount table entry pointing at a cluster of guest data.
+fn refblock_on_data(d: &mut Damaged) {
+    let data = d.be64(d.l2 + 8 * 40) & OFFSET_MASK;
+    d.bytes[512..520].copy_from_slice(&data.to_be_bytes());
+}
+
+impl Damaged {
+    /// Drops the mapping of every third guest cluster from 50 to 110 (they
+    /// stay allocated: leaks), leaving single free clusters between data.
+    fn scatter_free_clusters(&mut self) {
+        for i in (50..110).step_by(3) {
+            let at = self.l2 + 8 * i;
+            self.bytes[at..at + 8].fill(0);
+        }
+    }
+}
+
+/// Repairs that rebuild every refcount structure on a device exactly as
+/// large as the image, whose free space is single clusters between data:
+/// the new blocks and table go each in a cluster of its own.
+#[test]
+fn crash_during_repair_on_a_fixed_size_device_is_recoverable() {
+    let mut points = repair_crashes("rebuild, fixed device", true, |d| {
+        d.scatter_free_clusters();
+        d.refcount(10, 0);
+    });
+    points += repair_crashes("refblock on data, fixed device", true, |d| {
+        d.scatter_free_clusters();
+        refblock_on_data(d);
+    });
+    eprintln!(
+        "repair on a fixed-size device: {points} crash points, {} survivors checked",
         points * 3
     );
 }

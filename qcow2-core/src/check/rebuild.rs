@@ -1,11 +1,60 @@
 //! A full rebuild of the refcount structures from the counted references,
 //! written into clusters nothing references, then switched to by one
 //! header write (rule 4 of the crash-ordering rules).
+//!
+//! Where the new structures go is decided before anything is written, in
+//! this order of preference:
+//! 1. blocks and table together in the first run of unreferenced clusters
+//!    inside the device long enough for them;
+//! 2. the table in the first run long enough for it, each block in any
+//!    other unreferenced cluster inside the device (a fixed-size device
+//!    whose free space is scattered);
+//! 3. blocks and table together past the last referenced cluster, growing
+//!    the device (which a fixed-size device refuses: [`Error::NoSpace`],
+//!    with nothing written).
+//!
+//! The old refcount structures count as referenced throughout, so a crash
+//! before the header switch leaves the old image as it was.
 
 use super::Walk;
 use crate::cache::Slot;
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
+
+/// log2 of the refcount table entries in a sector.
+const TABLE_ENTRIES_PER_SECTOR_BITS: u32 = 6;
+
+/// Rounds of sizing the scattered placement: each round sizes the blocks
+/// for the clusters the previous round placed them in; the last one
+/// covers the whole device, which always settles.
+const SCATTER_ROUNDS: u32 = 4;
+
+/// Where a rebuild puts the new refcount structures.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// First cluster of the new refcount table.
+    table: u64,
+    /// Clusters in the new table.
+    table_clusters: u64,
+    /// New refcount blocks.
+    blocks: u64,
+    /// `Some(start)`: block `j` is cluster `start + j` (the table follows
+    /// the blocks). `None`: block `j` is the `j`-th cluster from cluster 1
+    /// on that nothing references, the table's left out; the new table
+    /// says which.
+    run: Option<u64>,
+    /// One past the last cluster of the new structures.
+    end: u64,
+    /// One past the last cluster that needs a refcount: every referenced
+    /// cluster and the new structures. The blocks cover it.
+    limit: u64,
+}
+
+impl Placement {
+    fn holds_table(&self, cluster: u64) -> bool {
+        cluster >= self.table && cluster - self.table < self.table_clusters
+    }
+}
 
 impl<D, S, const K: usize> Qcow2<D, S, K>
 where
@@ -13,51 +62,41 @@ where
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
 {
     /// Writes a complete new set of refcount structures computed from the
-    /// references into clusters nothing references (the first such run
-    /// large enough, else after everything in use), then switches the
-    /// header to it.
+    /// references into clusters nothing references (see the module
+    /// documentation for where), then switches the header to it.
     ///
     /// Crash-safe: the old structures stay in force until the header write,
     /// which happens after the new ones are durable, and the new ones never
-    /// overlap the old ones or anything else referenced.
+    /// overlap the old ones or anything else referenced. Fails with
+    /// [`Error::NoSpace`] before writing anything when the device has no
+    /// room for them and cannot grow.
     pub(super) async fn rebuild_refcounts(
         &mut self,
         w: &mut Walk<'_>,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
-        let per_block = self.geo.refblock_entries;
         // Durable mapping first, so the walks and the device agree.
         self.flush().await?;
         // Every referenced cluster lies below this (the audit saw them all).
         let covered = w.end;
-        let start = self.find_unreferenced_run(w, covered).await?;
-        let start = self.past_stray_entries(w, covered, start).await?;
-        let (blocks, table) =
-            refcount::self_covering_layout(per_block, cs, covered, start).ok_or(Error::NoSpace)?;
-        if table * cs > MAX_REFTABLE_BYTES {
+        let p = self.place_refcounts(w, covered).await?;
+        if p.table_clusters << self.geo.cluster_bits > MAX_REFTABLE_BYTES {
             return Err(Error::NoSpace);
         }
-        let end = start + blocks + table;
-        self.check_host_limit(end)?;
-        self.grow_device_to(end).await?;
-        // Nothing references these clusters; drop stale slices of them.
-        self.cache.forget_range(start * cs, (end - start) * cs)?;
-        let cluster_sectors = cs / SECTOR as u64;
-        self.dev
-            .write_zeros(start * cluster_sectors, (end - start) * cluster_sectors)
-            .await
-            .map_err(Error::Io)?;
+        let table_clusters = u32::try_from(p.table_clusters).map_err(|_| Error::NoSpace)?;
+        self.check_host_limit(p.end)?;
+        self.grow_device_to(p.end).await?;
+        self.write_placement(w, &p).await?;
 
         // Entries are judged as they will be once the new table is in force
         // (one pointing into the old table, refused now, counts then), so
         // that a check after the switch agrees with what is stored.
         let old = (self.geo, self.header);
-        let table_host = (start + blocks) * cs;
+        let table_host = p.table << self.geo.cluster_bits;
         self.geo.reftable_offset = table_host;
-        self.geo.reftable_entries = table * cs / 8;
+        self.geo.reftable_entries = p.table_clusters << self.geo.l2_bits;
         self.header.refcount_table_offset = table_host;
-        self.header.refcount_table_clusters = table as u32;
-        let switched = self.switch_refcounts(w, start, end, covered.max(end)).await;
+        self.header.refcount_table_clusters = table_clusters;
+        let switched = self.switch_refcounts(w, &p).await;
         if switched.is_err() {
             (self.geo, self.header) = old;
         }
@@ -67,97 +106,354 @@ where
         Ok(())
     }
 
-    /// Stores the new refcount blocks (from cluster `start`) and table (up
-    /// to `end`) for every reference below `limit`, then points the header
-    /// at them: durable before, and after, the header write.
-    pub(super) async fn switch_refcounts(
+    /// Decides where the new structures go, writing nothing (but growing
+    /// the device when they go past its end).
+    async fn place_refcounts(
         &mut self,
         w: &mut Walk<'_>,
-        start: u64,
-        end: u64,
-        limit: u64,
+        covered: u64,
+    ) -> Result<Placement, Error<D::Error>> {
+        let inside = self.dev_clusters.max(covered);
+        let (fit, tail) = self.find_run(w, covered, inside).await?;
+        if let Some(start) = fit {
+            return self.run_placement(covered, start);
+        }
+        if let Some(p) = self.find_scattered(w, covered, inside).await? {
+            return Ok(p);
+        }
+        let start = self.past_stray_entries(w, covered, tail).await?;
+        self.run_placement(covered, start)
+    }
+
+    /// Blocks then table from cluster `start`, sized to cover themselves.
+    fn run_placement(&self, covered: u64, start: u64) -> Result<Placement, Error<D::Error>> {
+        let (blocks, table_clusters) = self.layout(covered, start)?;
+        let end = start + blocks + table_clusters;
+        Ok(Placement {
+            table: start + blocks,
+            table_clusters,
+            blocks,
+            run: Some(start),
+            end,
+            limit: covered.max(end),
+        })
+    }
+
+    /// `(blocks, table clusters)` of refcount structures placed at cluster
+    /// `start` covering every cluster below `covered` and themselves.
+    fn layout(&self, covered: u64, start: u64) -> Result<(u64, u64), Error<D::Error>> {
+        let (per_block, cs) = (self.geo.refblock_entries, self.geo.cluster_size);
+        refcount::self_covering_layout(per_block, cs, covered, start).ok_or(Error::NoSpace)
+    }
+
+    /// The first cluster of a run of unreferenced clusters inside the
+    /// device (below `inside`) long enough for blocks and table together,
+    /// if any; and the first cluster of the run that reaches the end of the
+    /// device (`inside` when the last cluster is in use), where growing the
+    /// device would place them.
+    async fn find_run(
+        &mut self,
+        w: &mut Walk<'_>,
+        covered: u64,
+        inside: u64,
+    ) -> Result<(Option<u64>, u64), Error<D::Error>> {
+        let mut walked = false;
+        let (mut run_start, mut run_len, mut run_need) = (0u64, 0u64, None);
+        let mut from = 1;
+        while let Some(c) = self.next_unreferenced(w, &mut walked, from, inside).await? {
+            if run_len == 0 || c != run_start + run_len {
+                (run_start, run_len) = (c, 0);
+                run_need = self.layout(covered, c).ok().map(|(b, t)| b + t);
+            }
+            run_len += 1;
+            if run_need.is_some_and(|n| run_len >= n) {
+                return Ok((Some(run_start), run_start));
+            }
+            from = c + 1;
+        }
+        let reaches_end = run_len > 0 && run_start + run_len == inside;
+        Ok((None, if reaches_end { run_start } else { inside }))
+    }
+
+    /// The table in the first run of unreferenced clusters inside the
+    /// device long enough for it, the blocks in the first other ones; or
+    /// `None` when they do not fit.
+    async fn find_scattered(
+        &mut self,
+        w: &mut Walk<'_>,
+        covered: u64,
+        inside: u64,
+    ) -> Result<Option<Placement>, Error<D::Error>> {
+        let mut bound = covered;
+        for round in 0..SCATTER_ROUNDS {
+            // Blocks covering `bound` (the placement is checked below).
+            let (blocks, table_clusters) = self.layout(bound, 0)?;
+            let mut walked = false;
+            let (mut table, mut run_len) = (0u64, 0u64);
+            let mut from = 1;
+            while run_len < table_clusters {
+                let Some(c) = self.next_unreferenced(w, &mut walked, from, inside).await? else {
+                    return Ok(None);
+                };
+                if run_len == 0 || c != table + run_len {
+                    (table, run_len) = (c, 0);
+                }
+                run_len += 1;
+                from = c + 1;
+            }
+            let mut p = Placement {
+                table,
+                table_clusters,
+                blocks,
+                run: None,
+                end: table + table_clusters,
+                limit: 0,
+            };
+            let mut from = 1;
+            for _ in 0..blocks {
+                let Some(c) = self.next_block(w, &mut walked, &p, from, inside).await? else {
+                    return Ok(None);
+                };
+                p.end = p.end.max(c + 1);
+                from = c + 1;
+            }
+            p.limit = covered.max(p.end);
+            if p.limit <= blocks << self.geo.refblock_bits {
+                return Ok(Some(p));
+            }
+            // The blocks landed beyond what they cover: size them again.
+            bound = if round + 2 < SCATTER_ROUNDS {
+                p.limit
+            } else {
+                p.limit.max(inside)
+            };
+        }
+        Ok(None)
+    }
+
+    /// The first cluster of `[from, to)` nothing references, the old
+    /// refcount structures counting as referenced. `walked` says whether
+    /// `w` holds the counts of its window (so a scan in increasing order
+    /// walks the metadata once per window); false at the start of a scan.
+    async fn next_unreferenced(
+        &mut self,
+        w: &mut Walk<'_>,
+        walked: &mut bool,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<u64>, Error<D::Error>> {
+        let mut c = from.max(1);
+        while c < to {
+            if *walked && c >= w.end {
+                // Past every reference.
+                return Ok(Some(c));
+            }
+            if !(*walked && w.in_window(c)) {
+                w.skip_refcount_structures = false;
+                w.audit = false;
+                w.reset(c);
+                self.walk(w).await?;
+                *walked = true;
+            }
+            let stop = to.min(w.start + w.len);
+            while c < stop {
+                if w.refs(c) == 0 {
+                    return Ok(Some(c));
+                }
+                c += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next cluster for a scattered block: unreferenced, in `[from,
+    /// to)`, not the table's.
+    async fn next_block(
+        &mut self,
+        w: &mut Walk<'_>,
+        walked: &mut bool,
+        p: &Placement,
+        mut from: u64,
+        to: u64,
+    ) -> Result<Option<u64>, Error<D::Error>> {
+        loop {
+            match self.next_unreferenced(w, walked, from, to).await? {
+                Some(c) if p.holds_table(c) => from = p.table + p.table_clusters,
+                found => return Ok(found),
+            }
+        }
+    }
+
+    /// Zeroes the new structures and writes the new table's entries.
+    async fn write_placement(
+        &mut self,
+        w: &mut Walk<'_>,
+        p: &Placement,
+    ) -> Result<(), Error<D::Error>> {
+        let table_sector = p.table << (self.geo.cluster_bits - 9);
+        let Some(start) = p.run else {
+            self.zero_clusters(p.table, p.table_clusters).await?;
+            let (mut walked, mut from) = (false, 1);
+            for j in 0..p.blocks {
+                let block = self
+                    .next_block(w, &mut walked, p, from, p.end)
+                    .await?
+                    .ok_or(Error::Internal("rebuild placement changed"))?;
+                from = block + 1;
+                self.zero_clusters(block, 1).await?;
+                // The walk may use the scratch sector: read, set, write.
+                let sector = table_sector + (j >> TABLE_ENTRIES_PER_SECTOR_BITS);
+                let buf = core::slice::from_mut(&mut self.scratch);
+                self.dev.read(sector, buf).await.map_err(Error::Io)?;
+                self.set_table_entry(j, block)?;
+                self.store_scratch(sector).await?;
+            }
+            return Ok(());
+        };
+        self.zero_clusters(start, p.end - start).await?;
+        let mut j = 0;
+        while j < p.blocks {
+            self.scratch = [0; SECTOR];
+            let base = j;
+            while j < p.blocks
+                && (j >> TABLE_ENTRIES_PER_SECTOR_BITS) == (base >> TABLE_ENTRIES_PER_SECTOR_BITS)
+            {
+                self.set_table_entry(j, start + j)?;
+                j += 1;
+            }
+            self.store_scratch(table_sector + (base >> TABLE_ENTRIES_PER_SECTOR_BITS))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Sets refcount table entry `j` (in the scratch sector holding it) to
+    /// the block at cluster `block`.
+    fn set_table_entry(&mut self, j: u64, block: u64) -> Result<(), Error<D::Error>> {
+        let i = ((j & ((1 << TABLE_ENTRIES_PER_SECTOR_BITS) - 1)) * 8) as usize;
+        let entry = block << self.geo.cluster_bits;
+        self.scratch
+            .get_mut(i..i + 8)
+            .ok_or(Error::Internal("refcount table layout"))?
+            .copy_from_slice(&entry.to_be_bytes());
+        Ok(())
+    }
+
+    /// Zeroes `n` clusters from `first`, which nothing references; drops
+    /// stale cached slices of them.
+    async fn zero_clusters(&mut self, first: u64, n: u64) -> Result<(), Error<D::Error>> {
+        let bits = self.geo.cluster_bits;
+        self.cache.forget_range(first << bits, n << bits)?;
+        self.cache.note_device_write();
+        let sector_bits = bits - 9;
+        self.dev
+            .write_zeros(first << sector_bits, n << sector_bits)
+            .await
+            .map_err(Error::Io)
+    }
+
+    /// The cluster of new refcount block `j`.
+    async fn block_at(&mut self, p: &Placement, j: u64) -> Result<u64, Error<D::Error>> {
+        if let Some(start) = p.run {
+            return Ok(start + j);
+        }
+        let mut raw = [0u8; 8];
+        let at = (p.table << self.geo.cluster_bits) + j * 8;
+        header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut raw).await?;
+        Ok(self.geo.cluster_of(u64::from_be_bytes(raw)))
+    }
+
+    /// Stores the new refcounts of every reference below `p.limit`, then
+    /// points the header at the new table: durable before, and after, the
+    /// header write.
+    async fn switch_refcounts(
+        &mut self,
+        w: &mut Walk<'_>,
+        p: &Placement,
     ) -> Result<(), Error<D::Error>> {
         w.skip_refcount_structures = true;
         w.audit = false;
         let mut first = 0;
-        while first < limit {
+        while first < p.limit {
             w.reset(first);
             self.walk(w).await?;
-            for c in start..end {
+            for c in p.table..p.table + p.table_clusters {
                 w.count(c);
             }
-            self.store_refcounts(w, start, first, limit.min(first + w.len))
+            for j in 0..p.blocks {
+                let block = self.block_at(p, j).await?;
+                w.count(block);
+            }
+            self.store_refcounts(w, p, first, p.limit.min(first + w.len))
                 .await?;
             first += w.len;
         }
-        let blocks = (self.geo.reftable_offset >> self.geo.cluster_bits) - start;
-        self.store_reftable(start, blocks).await?;
         self.cache.flush_device(&mut self.dev).await?;
         self.cache.forget_refcounts()?;
         header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
         self.cache.flush_device(&mut self.dev).await
     }
 
-    /// The first cluster of a run of clusters that nothing references (the
-    /// old refcount structures included) long enough to hold refcount
-    /// structures covering `covered` clusters and themselves; past the last
-    /// referenced cluster when no such run exists inside.
-    pub(super) async fn find_unreferenced_run(
+    /// Writes the counted refcounts of clusters `[first, stop)` into the new
+    /// refcount blocks.
+    async fn store_refcounts(
         &mut self,
         w: &mut Walk<'_>,
-        covered: u64,
-    ) -> Result<u64, Error<D::Error>> {
-        let (per_block, cs) = (self.geo.refblock_entries, self.geo.cluster_size);
-        let need = |start: u64| {
-            refcount::self_covering_layout(per_block, cs, covered, start).map(|(b, t)| b + t)
-        };
-        w.skip_refcount_structures = false;
-        w.audit = false;
-        let (mut run_start, mut run_len, mut run_need) = (0u64, 0u64, None);
-        let mut first = 0;
-        loop {
-            w.reset(first);
-            self.walk(w).await?;
-            let used_end = w.end;
-            for c in first.max(1)..(first + w.len).min(used_end) {
-                if w.refs(c) != 0 {
-                    run_len = 0;
-                    continue;
-                }
-                if run_len == 0 {
-                    (run_start, run_need) = (c, need(c));
-                }
-                run_len += 1;
-                if run_need.is_some_and(|n| run_len >= n) {
-                    return Ok(run_start);
-                }
+        p: &Placement,
+        first: u64,
+        stop: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let order = self.geo.refcount_order;
+        let block_bits = self.geo.refblock_bits;
+        let sector_bits = self.geo.cluster_bits - 9;
+        let per_sector_bits = refcount::entries_in(SECTOR as u64, order).trailing_zeros();
+        let mut loaded = u64::MAX;
+        // Index and cluster of the block in use.
+        let mut block = (u64::MAX, 0);
+        for c in first..stop {
+            let refs = w.refs(c);
+            if refs == 0 {
+                continue;
             }
-            if first + w.len >= used_end {
-                // Everything from `used_end` on is unreferenced.
-                let reaches_end = run_len > 0 && run_start + run_len == used_end;
-                return Ok(if reaches_end {
-                    run_start
-                } else {
-                    used_end.max(1)
-                });
+            if refs > refcount::max_value(order) {
+                return Err(Error::corrupt(
+                    "more references than the refcount width holds",
+                    c << self.geo.cluster_bits,
+                ));
             }
-            first += w.len;
+            let j = c >> block_bits;
+            if block.0 != j {
+                // Looking the block up may use the scratch sector.
+                self.store_scratch(loaded).await?;
+                loaded = u64::MAX;
+                block = (j, self.block_at(p, j).await?);
+            }
+            let within = c & ((1 << block_bits) - 1);
+            let sector = (block.1 << sector_bits) + (within >> per_sector_bits);
+            if sector != loaded {
+                self.store_scratch(loaded).await?;
+                let buf = core::slice::from_mut(&mut self.scratch);
+                self.dev.read(sector, buf).await.map_err(Error::Io)?;
+                loaded = sector;
+            }
+            let index = (within & ((1 << per_sector_bits) - 1)) as usize;
+            refcount::set(&mut self.scratch, order, index, refs)
+                .ok_or(Error::Internal("refcount block layout"))?;
         }
+        self.store_scratch(loaded).await
     }
 
     /// Moves a placement at `start` that reaches past the end of the device
     /// beyond every entry that points there: such an entry is invalid now,
     /// but would read (or count) the new structures once the device grows.
-    pub(super) async fn past_stray_entries(
+    async fn past_stray_entries(
         &mut self,
         w: &mut Walk<'_>,
         covered: u64,
         mut start: u64,
     ) -> Result<u64, Error<D::Error>> {
-        let (per_block, cs) = (self.geo.refblock_entries, self.geo.cluster_size);
         for _ in 0..8 {
-            let (blocks, table) = refcount::self_covering_layout(per_block, cs, covered, start)
-                .ok_or(Error::NoSpace)?;
+            let (blocks, table) = self.layout(covered, start)?;
             let end = start + blocks + table;
             let from = start.max(self.dev_clusters);
             if from >= end {
@@ -175,82 +471,12 @@ where
         }
         Err(Error::corrupt(
             "no room for refcount structures clear of stray entries",
-            start * cs,
+            start << self.geo.cluster_bits,
         ))
     }
 
-    /// Writes the counted refcounts of clusters `[first, stop)` into the new
-    /// refcount blocks, which start at cluster `start`.
-    pub(super) async fn store_refcounts(
-        &mut self,
-        w: &mut Walk<'_>,
-        start: u64,
-        first: u64,
-        stop: u64,
-    ) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
-        let per_block = self.geo.refblock_entries;
-        let order = self.geo.refcount_order;
-        let per_sector = refcount::entries_in(SECTOR as u64, order);
-        let cluster_sectors = cs / SECTOR as u64;
-        let mut loaded = u64::MAX;
-        for c in first..stop {
-            let refs = w.refs(c);
-            if refs == 0 {
-                continue;
-            }
-            if refs > refcount::max_value(order) {
-                return Err(Error::corrupt(
-                    "more references than the refcount width holds",
-                    c * cs,
-                ));
-            }
-            let block = start + c / per_block;
-            let sector = block * cluster_sectors + (c % per_block) / per_sector;
-            if sector != loaded {
-                self.store_scratch(loaded).await?;
-                let buf = core::slice::from_mut(&mut self.scratch);
-                self.dev.read(sector, buf).await.map_err(Error::Io)?;
-                loaded = sector;
-            }
-            let index = ((c % per_block) % per_sector) as usize;
-            refcount::set(&mut self.scratch, order, index, refs)
-                .ok_or(Error::Internal("refcount block layout"))?;
-        }
-        self.store_scratch(loaded).await
-    }
-
-    /// Writes the new refcount table (after `blocks` new blocks from
-    /// cluster `start`), pointing at those blocks.
-    pub(super) async fn store_reftable(
-        &mut self,
-        start: u64,
-        blocks: u64,
-    ) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
-        let table_host = (start + blocks) * cs;
-        let per_sector = (SECTOR / 8) as u64;
-        let mut j = 0;
-        while j < blocks {
-            self.scratch = [0; SECTOR];
-            let base = j;
-            while j < blocks && j - base < per_sector {
-                let i = ((j - base) * 8) as usize;
-                let entry = (start + j) * cs;
-                self.scratch
-                    .get_mut(i..i + 8)
-                    .ok_or(Error::Internal("refcount table layout"))?
-                    .copy_from_slice(&entry.to_be_bytes());
-                j += 1;
-            }
-            self.store_scratch(table_host / SECTOR as u64 + base / per_sector)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Writes the scratch sector to `sector` (no-op for `u64::MAX`).
-    pub(super) async fn store_scratch(&mut self, sector: u64) -> Result<(), Error<D::Error>> {
+    async fn store_scratch(&mut self, sector: u64) -> Result<(), Error<D::Error>> {
         if sector == u64::MAX {
             return Ok(());
         }
