@@ -3,7 +3,7 @@
 
 use crate::cache::{Kind, Order, Slot};
 use crate::format::{refcount, shr_ceil, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
-use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
+use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Each round of allocation either succeeds or creates refcount metadata;
 /// a handful of rounds always suffices on a consistent image.
@@ -232,16 +232,11 @@ where
         self.cache.flush_device(&mut self.dev).await?;
 
         let old_table = self.geo.reftable_offset;
-        self.header.refcount_table_offset = table;
-        self.header.refcount_table_clusters = table_clusters as u32;
-        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
-        self.cache.flush_device(&mut self.dev).await?;
+        self.switch_reftable(table, table_clusters as u32).await?;
         info!(
             "qcow2: refcount table moved to {=u64:#x}, {=u64} clusters",
             table, table_clusters
         );
-        self.geo.reftable_offset = table;
-        self.geo.reftable_entries = table_clusters << self.geo.l2_bits;
         self.cache.forget_range(old_table, old_clusters * cs)?;
 
         // Nothing points at the old table any more: free its clusters (rule 4).

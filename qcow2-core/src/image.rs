@@ -548,6 +548,42 @@ where
         self.cache.flush_device(&mut self.dev).await
     }
 
+    /// Points the in-memory header and geometry at a refcount table of
+    /// `clusters` clusters at host `offset`: the one place where both
+    /// change, so they never disagree.
+    pub(crate) fn set_reftable(&mut self, offset: u64, clusters: u32) {
+        self.header.refcount_table_offset = offset;
+        self.header.refcount_table_clusters = clusters;
+        let fresh = Geometry::new(&self.header);
+        self.geo.reftable_offset = fresh.reftable_offset;
+        self.geo.reftable_entries = fresh.reftable_entries;
+    }
+
+    /// Switches the image to a new refcount table, already written and
+    /// flushed (rule 4): the header on disk, flushed, then in memory; on
+    /// failure memory keeps the old table, as the disk may.
+    #[cfg(feature = "write")]
+    pub(crate) async fn switch_reftable(
+        &mut self,
+        offset: u64,
+        clusters: u32,
+    ) -> Result<(), Error<D::Error>> {
+        let (old_offset, old_clusters) = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters,
+        );
+        self.set_reftable(offset, clusters);
+        let written = header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await;
+        let flushed = match written {
+            Ok(()) => self.cache.flush_device(&mut self.dev).await,
+            Err(e) => Err(e),
+        };
+        if flushed.is_err() {
+            self.set_reftable(old_offset, old_clusters);
+        }
+        flushed
+    }
+
     #[cfg(feature = "write")]
     /// Records detected corruption: sets the corrupt bit (best effort) and
     /// stops all further writes.
