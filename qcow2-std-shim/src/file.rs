@@ -4,8 +4,8 @@
 use crate::lock::{ImageLock, LockMode};
 use qcow2_core::{BlockDevice, Sector, SECTOR};
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 /// Zeros for [`BlockDevice::write_zeros`] inside the file.
@@ -14,6 +14,11 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// A file used as a block device. Writes grow the file; `flush` is
 /// `fdatasync`. A file whose length is not a multiple of 512 reads as if
 /// zero-padded to the next sector.
+///
+/// A block device (`/dev/sdX`, `/dev/loopN`, a partition) works too: its
+/// size is the device's, and it never grows: growing it, or writing past
+/// its end, fails with `ENOSPC` ("No space left on device"), which an
+/// image reports as [`qcow2_core::Error::NoSpace`].
 ///
 /// Growing is lazy: [`BlockDevice::set_sector_count`] only records the new
 /// length (reads past the physical end return zeros, writes extend the
@@ -57,8 +62,15 @@ pub struct FileDevice {
     /// Physical length as far as this device knows.
     physical: u64,
     writable: bool,
+    /// A block device: its size is fixed.
+    fixed: bool,
     /// The QEMU-compatible locks held on `file`.
     lock: ImageLock,
+}
+
+/// The error for growing a fixed-size device (or writing past its end).
+fn no_space() -> io::Error {
+    io::Error::from(nix::errno::Errno::ENOSPC)
 }
 
 impl FileDevice {
@@ -102,21 +114,27 @@ impl FileDevice {
             .truncate(false)
             .open(path)?;
         let mut device = Self::from_file_locked(file, true, LockMode::CREATE)?;
-        device.file.set_len(0)?;
-        device.len = 0;
-        device.physical = 0;
+        if !device.fixed {
+            // A block device keeps its size (and contents: a new image
+            // writes what it uses, as QEMU does).
+            device.file.set_len(0)?;
+            device.len = 0;
+            device.physical = 0;
+        }
         device.set_lock_mode(LockMode::WRITE)?;
         Ok(device)
     }
 
     /// Wraps an open file, taking no locks (any the file holds stay).
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
-        let len = file.metadata()?.len();
+        let fixed = file.metadata()?.file_type().is_block_device();
+        let len = Self::length_of(&file)?;
         Ok(FileDevice {
             file,
             len,
             physical: len,
             writable,
+            fixed,
             lock: ImageLock::new(),
         })
     }
@@ -144,9 +162,27 @@ impl FileDevice {
         Ok(())
     }
 
-    /// The file's length in bytes.
+    /// The file's length in bytes (a block device's size).
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// The length of `file` in bytes; for a block device (whose metadata
+    /// says 0) the device's size, found by seeking to its end (the file
+    /// position moves; this device uses positional I/O only).
+    pub fn length_of(file: &File) -> io::Result<u64> {
+        let meta = file.metadata()?;
+        if meta.file_type().is_block_device() {
+            let mut f = file;
+            f.seek(SeekFrom::End(0))
+        } else {
+            Ok(meta.len())
+        }
+    }
+
+    /// Whether the size is fixed: the file is a block device.
+    pub fn is_fixed(&self) -> bool {
+        self.fixed
     }
 
     /// Whether the file is empty.
@@ -186,18 +222,25 @@ impl BlockDevice for FileDevice {
     async fn write(&mut self, first: u64, buf: &[Sector]) -> io::Result<()> {
         let at = first * SECTOR as u64;
         let bytes = buf.as_flattened();
-        self.file.write_all_at(bytes, at)?;
         let end = at + bytes.len() as u64;
+        if self.fixed && end > self.len {
+            return Err(no_space());
+        }
+        self.file.write_all_at(bytes, at)?;
         self.physical = self.physical.max(end);
         self.len = self.len.max(end);
         Ok(())
     }
 
     /// Past the physical end of the file nothing is written: the range is
-    /// a hole, which reads as zeros (and stays so across a crash).
+    /// a hole, which reads as zeros (and stays so across a crash). A block
+    /// device is never extended: zeros past its end fail with `ENOSPC`.
     async fn write_zeros(&mut self, first: u64, count: u64) -> io::Result<()> {
         let start = first * SECTOR as u64;
         let end = start + count * SECTOR as u64;
+        if self.fixed && end > self.len {
+            return Err(no_space());
+        }
         let mut at = start;
         while at < end.min(self.physical) {
             let n = ((end.min(self.physical) - at) as usize).min(ZEROS.len());
@@ -210,7 +253,7 @@ impl BlockDevice for FileDevice {
 
     async fn flush(&mut self) -> io::Result<()> {
         if self.writable {
-            if self.physical < self.len {
+            if self.physical < self.len && !self.fixed {
                 self.file.set_len(self.len)?;
                 self.physical = self.len;
             }
@@ -230,6 +273,15 @@ impl BlockDevice for FileDevice {
                 io::ErrorKind::PermissionDenied,
                 "read-only file",
             ));
+        }
+        if self.fixed {
+            // A block device keeps its size: shrinking is a no-op (as in
+            // QEMU), growing impossible.
+            return if len <= self.len {
+                Ok(())
+            } else {
+                Err(no_space())
+            };
         }
         if len < self.physical {
             self.file.set_len(len)?;

@@ -79,7 +79,7 @@ pub fn run(args: &ConvertArgs) -> CliResult<()> {
         .and_then(|()| dst.close().map_err(|e| core_error(&dst_name, &e)))
         .inspect_err(|_| {
             // A partial copy is of no use: do not leave it behind.
-            let _ = std::fs::remove_file(&args.target);
+            crate::disk::remove_unfinished(&args.target);
         })
 }
 
@@ -98,11 +98,13 @@ fn copy(
     let size = src.size();
     let buf_len = (BUFFER_BYTES / granule).max(1) * granule;
     let mut buf = vec![0u8; buf_len];
+    let zero_init = dst.has_zero_init();
     let mut offset = 0u64;
     while offset < size {
         let (extent, len) = src.extent(offset).map_err(read_err)?;
         let end = offset.saturating_add(len).min(size);
-        if extent == Extent::Zero {
+        // A target that does not start out as zeros gets the zeros too.
+        if extent == Extent::Zero && zero_init {
             offset = end;
             continue;
         }
@@ -112,8 +114,12 @@ fn copy(
             let n = usize::try_from(end - offset).map_or(room, |rest| rest.min(room));
             let chunk = &mut buf[..n];
             src.read_at(offset, chunk).map_err(read_err)?;
-            write_nonzero(dst, offset, chunk, granule)
-                .map_err(|e| core_error(&format!("error while writing {dst_name}"), &e))?;
+            let written = if zero_init {
+                write_nonzero(dst, offset, chunk, granule)
+            } else {
+                dst.write_at(offset, chunk)
+            };
+            written.map_err(|e| core_error(&format!("error while writing {dst_name}"), &e))?;
             offset += n as u64;
         }
     }

@@ -95,7 +95,7 @@ pub fn run(args: &CreateArgs) -> CliResult<()> {
         Disk::create(&args.file, args.format, size, &create).map_err(|e| e.create(&shown))?;
     disk.close().map_err(|e| {
         // Do not leave a half-written image behind.
-        let _ = std::fs::remove_file(&args.file);
+        crate::disk::remove_unfinished(&args.file);
         core_error(&shown, &e)
     })
 }

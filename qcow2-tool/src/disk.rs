@@ -6,7 +6,7 @@ use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
 use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 /// An image format the tool reads and writes.
@@ -209,6 +209,20 @@ fn lock_file(file: &File, mode: LockMode, shown: &str) -> Result<ImageLock, Open
     ImageLock::acquire(file, mode).map_err(|e| OpenError::from_io(shown, &e.into()))
 }
 
+/// Whether `file` is a block device (QEMU's `host_device`).
+fn is_block_device(file: &File) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Removes an image this process created and could not finish, if it is a
+/// regular file: a block device (or anything else) stays where it is.
+pub fn remove_unfinished(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Rounds `n` up to a whole sector, as QEMU sizes every block device.
 pub fn round_to_sector(n: u64) -> u64 {
     n.div_ceil(SECTOR as u64).saturating_mul(SECTOR as u64)
@@ -335,10 +349,9 @@ impl Disk {
                     .open(path)
                     .map_err(|e| open_error(&shown, &e))?;
                 let lock = lock_file(&file, access.lock_mode(format, force_share), &shown)?;
-                let len = file
-                    .metadata()
-                    .map_err(|e| io_error(&format!("Could not stat '{shown}'"), &e))?
-                    .len();
+                // A block device's size is the device's, not its metadata's.
+                let len = FileDevice::length_of(&file)
+                    .map_err(|e| io_error(&format!("Could not stat '{shown}'"), &e))?;
                 Ok(Disk::Raw(RawDisk {
                     file,
                     size: round_to_sector(len),
@@ -393,12 +406,20 @@ impl Disk {
                     .open(path)
                     .map_err(created)?;
                 let mut lock = lock_file(&file, LockMode::CREATE, &shown)?;
-                file.set_len(0)
-                    .and_then(|()| file.set_len(size))
-                    .map_err(|e| {
-                        let _ = std::fs::remove_file(path);
-                        created(e)
-                    })?;
+                if is_block_device(&file) {
+                    // A block device keeps its size and contents, as in QEMU.
+                    let len = FileDevice::length_of(&file).map_err(created)?;
+                    if size > len {
+                        return Err(CliError(format!("{shown}: Cannot grow device files")).into());
+                    }
+                } else {
+                    file.set_len(0)
+                        .and_then(|()| file.set_len(size))
+                        .map_err(|e| {
+                            remove_unfinished(path);
+                            created(e)
+                        })?;
+                }
                 lock.change(&file, Access::Write.lock_mode(format, false))
                     .map_err(|e| created(e.into()))?;
                 Ok(Disk::Raw(RawDisk {
@@ -413,11 +434,21 @@ impl Disk {
                 let options = CreateOptions { size, ..*options };
                 let image = Image::create(dev, &options).map_err(|e| {
                     // The file is ours and holds no valid image: remove it.
-                    let _ = std::fs::remove_file(path);
+                    remove_unfinished(path);
                     core_error(&shown, &e)
                 })?;
                 Ok(Disk::Qcow2(Box::new(image)))
             }
+        }
+    }
+
+    /// Whether a new image reads as zeros everywhere (QEMU's
+    /// `bdrv_has_zero_init`): not a raw image on a block device, which
+    /// keeps whatever the device held.
+    pub fn has_zero_init(&self) -> bool {
+        match self {
+            Disk::Raw(raw) => !is_block_device(&raw.file),
+            Disk::Qcow2(_) => true,
         }
     }
 

@@ -46,6 +46,8 @@ pub fn io_message(e: &io::Error) -> String {
 pub fn core_message(e: &CoreError) -> String {
     match e {
         Error::Io(e) => io_message(e),
+        // As QEMU words ENOSPC.
+        Error::NoSpace => errno_text(e),
         other => other.to_string(),
     }
 }

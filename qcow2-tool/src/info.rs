@@ -6,7 +6,8 @@ use crate::json::Json;
 use crate::size::size_to_str;
 use qcow2_core::format::incompatible;
 use qcow2_core::Version;
-use std::os::unix::fs::MetadataExt;
+use qcow2_std_shim::FileDevice;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
 /// Output styles of `info`.
@@ -57,6 +58,8 @@ struct Summary {
     actual_size: u64,
     /// Length of the image file, rounded up to a sector as QEMU does.
     file_length: u64,
+    /// QEMU's protocol driver for the file: `file` or `host_device`.
+    protocol: &'static str,
     cluster_size: Option<u64>,
     dirty: bool,
     qcow2: Option<Qcow2Details>,
@@ -82,12 +85,22 @@ fn summarize(args: &InfoArgs) -> CliResult<Summary> {
         .map_err(|e| e.img(&filename))?;
     let meta = std::fs::metadata(&args.file)
         .map_err(|e| io_error(&format!("Could not stat '{filename}'"), &e))?;
+    let host_device = meta.file_type().is_block_device();
+    // A block device's metadata says 0 bytes: its size is found at its end.
+    let length = if host_device {
+        std::fs::File::open(&args.file)
+            .and_then(|f| FileDevice::length_of(&f))
+            .map_err(|e| io_error(&format!("Could not stat '{filename}'"), &e))?
+    } else {
+        meta.len()
+    };
     let mut summary = Summary {
         filename,
         format,
         virtual_size: disk.size(),
         actual_size: meta.blocks().saturating_mul(512),
-        file_length: round_to_sector(meta.len()),
+        file_length: round_to_sector(length),
+        protocol: if host_device { "host_device" } else { "file" },
         cluster_size: None,
         dirty: false,
         qcow2: None,
@@ -143,9 +156,10 @@ fn human(s: &Summary) -> String {
         }
     }
     out += &format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    \
+        "Child node '/file':\n    filename: {}\n    protocol type: {}\n    \
          file length: {} ({} bytes)\n    disk size: {}\n",
         s.filename,
+        s.protocol,
         size_to_str(s.file_length),
         s.file_length,
         size_to_str(s.actual_size),
@@ -160,7 +174,7 @@ fn json(s: &Summary) -> Json {
         ("children", Json::Array(vec![])),
         ("virtual-size", Json::Number(s.file_length)),
         ("filename", Json::String(s.filename.clone())),
-        ("format", Json::String("file".into())),
+        ("format", Json::String(s.protocol.into())),
         ("actual-size", Json::Number(s.actual_size)),
         (
             "format-specific",
@@ -223,6 +237,7 @@ mod tests {
             virtual_size: 10 << 20,
             actual_size: 200704,
             file_length: 197120,
+            protocol: "file",
             cluster_size: Some(65536),
             dirty: false,
             qcow2: Some(Qcow2Details {
