@@ -90,15 +90,14 @@ where
         // Entries are judged as they will be once the new table is in force
         // (one pointing into the old table, refused now, counts then), so
         // that a check after the switch agrees with what is stored.
-        let old = (self.geo, self.header);
-        let table_host = p.table << self.geo.cluster_bits;
-        self.geo.reftable_offset = table_host;
-        self.geo.reftable_entries = p.table_clusters << self.geo.l2_bits;
-        self.header.refcount_table_offset = table_host;
-        self.header.refcount_table_clusters = table_clusters;
+        let old = (
+            self.header.refcount_table_offset,
+            self.header.refcount_table_clusters,
+        );
+        self.set_reftable(p.table << self.geo.cluster_bits, table_clusters);
         let switched = self.switch_refcounts(w, &p).await;
         if switched.is_err() {
-            (self.geo, self.header) = old;
+            self.set_reftable(old.0, old.1);
         }
         switched?;
         // Old refcount structures are free now; let allocation find them.
