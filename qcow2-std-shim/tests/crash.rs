@@ -26,6 +26,17 @@ enum Op {
         first: u64,
         len: u64,
     },
+    /// Discard (whole clusters read as zeros afterwards).
+    Discard {
+        first: u64,
+        len: u64,
+    },
+    /// Write zeroes, keeping the clusters allocated or releasing them.
+    Zero {
+        first: u64,
+        len: u64,
+        unmap: bool,
+    },
     Flush,
     Reopen,
     /// Let go of the image without closing it (its cache is lost, the
@@ -76,6 +87,45 @@ impl Model {
             self.current[s as usize] = u64::from_le_bytes(buf[i][..8].try_into().unwrap());
         }
         Ok(())
+    }
+
+    /// Sectors `[from, to)` read as zeros now; a crash may keep the old
+    /// contents or the zeros.
+    fn zeroed(&mut self, from: u64, to: u64) {
+        for s in from..to {
+            self.recent[s as usize].push(0);
+            self.current[s as usize] = 0;
+        }
+    }
+
+    fn discard(
+        &mut self,
+        img: &mut Image,
+        first: u64,
+        len: u64,
+        cluster_sectors: u64,
+    ) -> Result<(), Error<FaultError>> {
+        let end = first + len;
+        let stop = if end as usize == self.current.len() {
+            end
+        } else {
+            end / cluster_sectors * cluster_sectors
+        };
+        let start = first.next_multiple_of(cluster_sectors);
+        // Recorded before the call: a crash inside it may keep any part.
+        self.zeroed(start, stop.max(start));
+        block_on(img.discard(first, len))
+    }
+
+    fn zero(
+        &mut self,
+        img: &mut Image,
+        first: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), Error<FaultError>> {
+        self.zeroed(first, first + len);
+        block_on(img.write_zeroes(first, len, unmap))
     }
 
     fn flushed(&mut self) {
@@ -157,6 +207,11 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
     for op in &w.ops {
         let result = match *op {
             Op::Write { first, len } => model.write(&mut img, first, len),
+            Op::Discard { first, len } => {
+                let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
+                model.discard(&mut img, first, len, cluster_sectors)
+            }
+            Op::Zero { first, len, unmap } => model.zero(&mut img, first, len, unmap),
             Op::Flush => block_on(img.flush()).map(|()| model.flushed()),
             // A close is a finish and letting go of the device.
             Op::Reopen => match block_on(img.finish()) {
@@ -547,6 +602,88 @@ fn lazy_refcounts_workload() -> Workload {
 #[test]
 fn crash_with_lazy_refcounts_is_rebuilt_at_open() {
     run(&lazy_refcounts_workload(), Device::Growable);
+}
+
+/// Writes, then discards and write-zeroes (keeping and releasing
+/// clusters, whole and partial, over compressed-free data) mixed with
+/// writes that reuse the freed clusters (rule 6), flushes and reopens.
+fn free_path_workload(name: &'static str, options: CreateOptions, seed: u64) -> Workload {
+    let sectors = options.size / SECTOR as u64;
+    let cluster = 1u64 << (options.cluster_bits - 9);
+    let mut rng = Rng(seed);
+    let mut ops = vec![];
+    // Data everywhere first, so that the frees below release clusters.
+    for first in (0..sectors).step_by(64) {
+        ops.push(Op::Write {
+            first,
+            len: 64.min(sectors - first),
+        });
+    }
+    ops.push(Op::Flush);
+    for i in 0..120 {
+        let len = 1 + rng.below(4 * cluster);
+        let first = rng.below(sectors - len);
+        ops.push(match i % 6 {
+            0 | 3 => Op::Discard { first, len },
+            1 => Op::Zero {
+                first,
+                len,
+                unmap: true,
+            },
+            2 => Op::Zero {
+                first,
+                len,
+                unmap: false,
+            },
+            _ => Op::Write {
+                first,
+                len: len.min(2 * cluster),
+            },
+        });
+        match i % 20 {
+            9 => ops.push(Op::Flush),
+            17 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    // The disk's last cluster through its end, and everything at once.
+    ops.push(Op::Discard {
+        first: sectors - cluster - 1,
+        len: cluster + 1,
+    });
+    ops.push(Op::Flush);
+    ops.push(Op::Zero {
+        first: 0,
+        len: sectors,
+        unmap: true,
+    });
+    Workload {
+        name,
+        options,
+        ops,
+        base: None,
+    }
+}
+
+/// Discard and write-zeroes: every write index, the three survival modes,
+/// v3 (zero flags) and v2 (unallocated entries), lazy refcounts, growable
+/// and fixed-size devices.
+#[test]
+fn crash_during_discard_and_write_zeroes() {
+    let v3 = free_path_workload("free path, 4 KiB clusters", opts(256 << 10, 12, 4), 0xd15c);
+    run(&v3, Device::Growable);
+    let v3_small = free_path_workload("free path, 512 B clusters", opts(64 << 10, 9, 0), 0xf4ee);
+    run(&v3_small, Device::Fixed { spare_clusters: 0 });
+    let mut v2 = opts(128 << 10, 12, 4);
+    v2.version = Version::V2;
+    run(
+        &free_path_workload("free path, v2", v2, 0x0f2),
+        Device::Growable,
+    );
+    let mut lazy = opts(128 << 10, 11, 4);
+    lazy.lazy_refcounts = true;
+    let lazy = free_path_workload("free path, lazy refcounts", lazy, 0x1a2e);
+    run(&lazy, Device::Fixed { spare_clusters: 1 });
 }
 
 /// A lazy-refcounts image (512-byte clusters, 16-bit refcounts) whose
