@@ -1,84 +1,13 @@
 //! `qcow2-tool bench` against `qemu-img bench`: the same lines (except the
 //! time), the same bytes written, one-line errors.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Output;
+use test_support::output::bench_without_time;
+use test_support::{ok, qemu_img, run, stdout, Scratch};
 
-/// A scratch directory, removed with its contents when dropped.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "qcow2-tool-bench-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch { dir }
-    }
-
-    /// `name` inside the directory, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.dir
-            .join(name)
-            .to_str()
-            .expect("UTF-8 path")
-            .to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
+/// Runs the tool.
 fn tool(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_qcow2-tool"), args)
-}
-
-fn qemu_img(args: &[&str]) -> Output {
-    run("qemu-img", args)
-}
-
-/// Asserts success.
-fn ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Stdout lines with the run time replaced by `T`.
-fn lines_without_time(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|line| match line.strip_prefix("Run completed in ") {
-            Some(rest) => {
-                let secs = rest.strip_suffix(" seconds.").expect("seconds");
-                let (whole, frac) = secs.split_once('.').expect("decimal point");
-                assert!(whole.bytes().all(|b| b.is_ascii_digit()), "{line}");
-                assert_eq!(frac.len(), 3, "three decimals: {line}");
-                "Run completed in T seconds.".to_string()
-            }
-            None => line.to_string(),
-        })
-        .collect()
 }
 
 /// The first stderr line without the program prefix.
@@ -96,7 +25,7 @@ fn image_pair(s: &Scratch, tag: &str, format: &str, size: &str) -> (String, Stri
     );
     for path in [&pair.0, &pair.1] {
         ok(
-            &qemu_img(&["create", "-q", "-f", format, path, size]),
+            qemu_img(&["create", "-q", "-f", format, path, size]),
             "qemu-img create",
         );
     }
@@ -132,8 +61,8 @@ fn output_matches_qemu_img_bench() {
             let what = format!("bench {args:?} on {format}");
             assert_eq!(got.status.code(), expected.status.code(), "{what}");
             assert_eq!(
-                lines_without_time(&got),
-                lines_without_time(&expected),
+                bench_without_time(&stdout(&got)),
+                bench_without_time(&stdout(&expected)),
                 "{what}"
             );
             assert_eq!(
@@ -160,7 +89,7 @@ fn writes_leave_the_bytes_qemu_img_bench_leaves() {
             // Some data underneath, so partial writes must merge with it.
             for path in [&theirs, &ours] {
                 ok(
-                    &run(
+                    run(
                         "qemu-io",
                         &["-f", format, "-c", "write -P 0x55 1M 3M", path],
                     ),
@@ -171,16 +100,16 @@ fn writes_leave_the_bytes_qemu_img_bench_leaves() {
             bench.extend_from_slice(args);
             let mut qemu_args = bench.clone();
             qemu_args.push(&theirs);
-            ok(&qemu_img(&qemu_args), "qemu-img bench");
+            ok(qemu_img(&qemu_args), "qemu-img bench");
             bench.push(&ours);
-            ok(&tool(&bench), "qcow2-tool bench");
+            ok(tool(&bench), "qcow2-tool bench");
             let what = format!("{args:?} on {format}");
             ok(
-                &qemu_img(&["compare", "-f", format, "-F", format, &theirs, &ours]),
+                qemu_img(&["compare", "-f", format, "-F", format, &theirs, &ours]),
                 &format!("qemu-img compare after {what}"),
             );
             if format == "qcow2" {
-                ok(&qemu_img(&["check", &ours]), &format!("check after {what}"));
+                ok(qemu_img(&["check", &ours]), &format!("check after {what}"));
             }
         }
     }

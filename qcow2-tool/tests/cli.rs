@@ -2,120 +2,20 @@
 //! `qemu-io` as the oracle.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+use test_support::output::{as_ours, io_without_timing};
+use test_support::qemu::{check_json, data_ranges, guest_map, json};
+use test_support::raw::poke;
+use test_support::{noise, ok, qemu_img, run, stderr, stdout, Scratch};
 
-/// A scratch directory, removed with its contents when dropped.
-struct Scratch {
-    dir: PathBuf,
-}
+/// The tool under test.
+const TOOL: &str = env!("CARGO_BIN_EXE_qcow2-tool");
 
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "qcow2-tool-{name}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch { dir }
-    }
-
-    /// `name` inside the directory, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.dir
-            .join(name)
-            .to_str()
-            .expect("UTF-8 path")
-            .to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
+/// Runs the tool.
 fn tool(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_qcow2-tool"), args)
-}
-
-fn qemu_img(args: &[&str]) -> Output {
-    run("qemu-img", args)
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts success and returns stdout.
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}"))
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
-/// Guest ranges `qemu-img map` reports as holding data, merged.
-fn data_ranges(image: &str) -> Vec<(u64, u64)> {
-    let map = json(&ok(
-        qemu_img(&["map", "--output", "json", image]),
-        "qemu-img map",
-    ));
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for entry in map.as_array().expect("map is an array") {
-        if entry["data"] != Value::Bool(true) {
-            continue;
-        }
-        let start = entry["start"].as_u64().expect("start");
-        let end = start + entry["length"].as_u64().expect("length");
-        match ranges.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => ranges.push((start, end)),
-        }
-    }
-    ranges
+    run(TOOL, args)
 }
 
 #[test]
@@ -413,14 +313,6 @@ fn convert_huge_sparse_image_quickly() {
     );
 }
 
-/// Output lines without the timing-dependent statistics.
-fn without_timing(text: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| !l.contains(" ops; "))
-        .map(String::from)
-        .collect()
-}
-
 /// Runs the same qemu-io commands through `qemu-io` and `qcow2-tool io` on
 /// two copies of `image`, checks that stdout (without timings), stderr and
 /// exit status agree, and that the images end up with equal contents.
@@ -440,15 +332,11 @@ fn compare_io(s: &Scratch, image: &str, flags: &[&str], commands: &[&str], tag: 
     targs.push(&b);
     let ours = tool(&targs);
     assert_eq!(
-        without_timing(&stdout(&ours)),
-        without_timing(&stdout(&theirs)),
+        io_without_timing(&stdout(&ours)),
+        io_without_timing(&stdout(&theirs)),
         "stdout of {tag}"
     );
-    assert_eq!(
-        stderr(&ours),
-        stderr(&theirs).replace("qemu-io: ", "qcow2-tool: "),
-        "stderr of {tag}"
-    );
+    assert_eq!(stderr(&ours), as_ours(&stderr(&theirs)), "stderr of {tag}");
     assert_eq!(
         ours.status.code(),
         theirs.status.code(),
@@ -522,29 +410,6 @@ fn io_matches_qemu_io() {
 
     let read_only = ["read -P 0 0 4k", "write 0 4k", "read -v 0 16", "flush"];
     assert_eq!(compare_io(&s, &base, &["-r"], &read_only, "ro"), 1);
-}
-
-/// `qemu-img map` without host offsets, adjacent runs of the same kind
-/// merged: what the guest sees of allocation, whatever the host layout.
-fn guest_map(image: &str) -> Vec<(u64, u64, bool, bool)> {
-    let map = json(&ok(
-        qemu_img(&["map", "--output", "json", image]),
-        "qemu-img map",
-    ));
-    let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
-    for entry in map.as_array().expect("map is an array") {
-        let start = entry["start"].as_u64().expect("start");
-        let end = start + entry["length"].as_u64().expect("length");
-        let kind = (
-            entry["data"] == Value::Bool(true),
-            entry["zero"] == Value::Bool(true),
-        );
-        match runs.last_mut() {
-            Some(last) if last.1 == start && (last.2, last.3) == kind => last.1 = end,
-            _ => runs.push((start, end, kind.0, kind.1)),
-        }
-    }
-    runs
 }
 
 #[test]
@@ -734,32 +599,6 @@ fn damaged_images_do_not_panic() {
     assert!(failures > 10 && successes > 10, "{failures} / {successes}");
 }
 
-/// Writes big-endian `value` of `width` bytes at byte `at` of `path`.
-fn poke(path: &str, at: u64, value: u64, width: usize) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open for poke");
-    f.write_all_at(&value.to_be_bytes()[8 - width..], at)
-        .expect("poke");
-}
-
-/// `check --output json` without the file name, and the exit code.
-fn check_json(program: &str, args: &[&str], image: &str) -> (Value, Option<i32>) {
-    let mut all = vec!["check", "--output", "json"];
-    all.extend_from_slice(args);
-    all.push(image);
-    let out = if program == "qemu-img" {
-        qemu_img(&all)
-    } else {
-        tool(&all)
-    };
-    let mut value = json(&stdout(&out));
-    value.as_object_mut().expect("object").remove("filename");
-    (value, out.status.code())
-}
-
 #[test]
 fn check_and_repair_agree_with_qemu_img() {
     let s = Scratch::new("check");
@@ -784,21 +623,21 @@ fn check_and_repair_agree_with_qemu_img() {
         .unwrap()
         .set_len(7 << 16)
         .unwrap();
-    poke(&leaked, refblock + 2 * 6, 1, 2);
+    poke(&leaked, refblock + 2 * 6, &1u16.to_be_bytes());
 
     let corrupt = s.path("corrupt.qcow2");
     std::fs::copy(&leaked, &corrupt).expect("copy");
-    poke(&corrupt, refblock + 2 * 5, 0, 2);
+    poke(&corrupt, refblock + 2 * 5, &0u16.to_be_bytes());
 
     for (image, expected_code) in [(&base, 0), (&leaked, 3), (&corrupt, 2)] {
-        let ours = check_json("ours", &[], image);
+        let ours = check_json(TOOL, &[], image);
         let theirs = check_json("qemu-img", &[], image);
         assert_eq!(ours, theirs, "{image}");
         assert_eq!(ours.1, Some(expected_code), "{image}");
     }
     // Repairs: afterwards qemu-img finds nothing, and the data is intact.
     for (image, mode) in [(&leaked, "leaks"), (&corrupt, "all")] {
-        let (report, code) = check_json("ours", &["-r", mode], image);
+        let (report, code) = check_json(TOOL, &["-r", mode], image);
         assert_eq!(code, Some(0), "{image}: {report}");
         assert_eq!(report["leaks-fixed"], 1, "{image}: {report}");
         assert_eq!(check_json("qemu-img", &[], image).1, Some(0), "{image}");
@@ -809,7 +648,7 @@ fn check_and_repair_agree_with_qemu_img() {
     // repair refuses without writing: the check fails (exit 1), as qemu-img's.
     let corrupt2 = s.path("corrupt2.qcow2");
     std::fs::copy(&base, &corrupt2).expect("copy");
-    poke(&corrupt2, refblock + 2 * 5, 0, 2);
+    poke(&corrupt2, refblock + 2 * 5, &0u16.to_be_bytes());
     let before = std::fs::read(&corrupt2).expect("read");
     let ours = tool(&["check", "-r", "leaks", &corrupt2]);
     assert_eq!(ours.status.code(), Some(1), "{}", stderr(&ours));
