@@ -251,6 +251,21 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    /// Punches a hole in a regular file (the space goes back to the file
+    /// system, the range reads as zeros); on a block device, or a file
+    /// system without holes, does nothing (a discard is a hint).
+    async fn discard(&mut self, first: u64, count: u64) -> io::Result<()> {
+        let start = first * SECTOR as u64;
+        let end = (start + count * SECTOR as u64).min(self.physical);
+        if !self.writable || self.fixed || start >= end {
+            return Ok(());
+        }
+        match crate::punch_hole(&self.file, start, end - start) {
+            Err(e) if e.kind() != io::ErrorKind::Unsupported => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     async fn flush(&mut self) -> io::Result<()> {
         if self.writable {
             if self.physical < self.len && !self.fixed {
