@@ -10,93 +10,36 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use test_support::output::as_ours;
+use test_support::{ok, qemu_img, qemu_io, run, text, Scratch};
 
 /// How long a holder may take to open its image, or to exit after its
 /// input ends.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A scratch directory, removed with its contents when dropped.
-struct Scratch {
-    dir: PathBuf,
+/// A new 4 MiB qcow2 image `name` in `s` made by qemu-img, with 64 KiB of
+/// 0x5a at 0.
+fn image(s: &Scratch, name: &str) -> String {
+    let path = s.path(name);
+    ok(
+        qemu_img(&["create", "-q", "-f", "qcow2", &path, "4M"]),
+        "qemu-img create",
+    );
+    ok(
+        qemu_io(&["-c", "write -q -P 0x5a 0 64k", &path]),
+        "qemu-io write",
+    );
+    path
 }
 
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "qcow2-lock-{name}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch { dir }
-    }
-
-    /// `name` inside the directory, as a string for command lines.
-    fn path(&self, name: &str) -> String {
-        self.dir
-            .join(name)
-            .to_str()
-            .expect("UTF-8 path")
-            .to_string()
-    }
-
-    /// A new 4 MiB qcow2 image made by qemu-img, with 64 KiB of 0x5a at 0.
-    fn image(&self, name: &str) -> String {
-        let path = self.path(name);
-        ok(
-            run("qemu-img", &["create", "-q", "-f", "qcow2", &path, "4M"]),
-            "qemu-img create",
-        );
-        ok(
-            run("qemu-io", &["-c", "write -q -P 0x5a 0 64k", &path]),
-            "qemu-io write",
-        );
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
+/// The tool under test.
 const TOOL: &str = env!("CARGO_BIN_EXE_qcow2-tool");
 
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
+/// Runs the tool.
 fn tool(args: &[&str]) -> Output {
     run(TOOL, args)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts success and returns stdout.
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// The QEMU equivalent of a `qcow2-tool` command line: `io` is `qemu-io`,
@@ -121,13 +64,6 @@ fn both(args: &[&str]) -> (Output, Output) {
     (ours, run(program, &qargs))
 }
 
-/// QEMU's stderr with its program prefix turned into ours.
-fn as_ours(stderr: &[u8]) -> String {
-    text(stderr)
-        .replace("qemu-io: ", "qcow2-tool: ")
-        .replace("qemu-img: ", "qcow2-tool: ")
-}
-
 /// Runs `args` through `qcow2-tool` and QEMU and asserts both are refused
 /// with the same message (QEMU's, with our prefix), which must contain
 /// `expected`, and the same exit code.
@@ -135,7 +71,7 @@ fn refused_alike(args: &[&str], expected: &str) {
     let (ours, theirs) = both(args);
     assert_eq!(
         text(&ours.stderr),
-        as_ours(&theirs.stderr),
+        as_ours(&text(&theirs.stderr)),
         "stderr of {args:?} (ours, then QEMU's)"
     );
     assert!(
@@ -311,7 +247,7 @@ impl Drop for Holder {
 #[test]
 fn our_io_takes_exactly_qemus_bytes() {
     let s = Scratch::new("bytes");
-    let img = s.image("a.qcow2");
+    let img = image(&s, "a.qcow2");
     for (flags, bytes) in [
         (&[][..], WRITER),
         (&["-r"][..], READER),
@@ -332,8 +268,8 @@ fn our_io_takes_exactly_qemus_bytes() {
 #[test]
 fn qemu_io_writer_keeps_the_tool_out() {
     let s = Scratch::new("qemu-writer");
-    let img = s.image("a.qcow2");
-    let other = s.image("b.qcow2");
+    let img = image(&s, "a.qcow2");
+    let other = image(&s, "b.qcow2");
     let (out1, out2) = (s.path("out1.raw"), s.path("out2.raw"));
     let holder = Holder::holding("qemu-io", &[], &img, &expected(&[WRITER]));
     let write_lock = "Failed to get \"write\" lock";
@@ -353,7 +289,7 @@ fn qemu_io_writer_keeps_the_tool_out() {
         tool(&["convert", "-O", "raw", &img, &out1]),
         run("qemu-img", &["convert", "-O", "raw", &img, &out2]),
     );
-    assert_eq!(text(&ours.stderr), as_ours(&theirs.stderr));
+    assert_eq!(text(&ours.stderr), as_ours(&text(&theirs.stderr)));
     assert!(text(&ours.stderr).contains(shared_write));
     assert_eq!(
         (ours.status.code(), theirs.status.code()),
@@ -371,7 +307,7 @@ fn qemu_io_writer_keeps_the_tool_out() {
         tool(&["convert", "-O", "qcow2", &other, &img]),
         run("qemu-img", &["convert", "-O", "qcow2", &other, &img]),
     );
-    assert_eq!(text(&ours.stderr), as_ours(&theirs.stderr));
+    assert_eq!(text(&ours.stderr), as_ours(&text(&theirs.stderr)));
     assert!(text(&ours.stderr).contains("error while converting qcow2: "));
     assert_eq!(ours.status.code(), theirs.status.code());
     assert_eq!(std::fs::read(&img).expect("read image"), before);
@@ -437,7 +373,7 @@ fn qemu_against_writer(img: &str) -> Vec<(Output, bool)> {
 #[test]
 fn our_io_writer_keeps_qemu_out() {
     let s = Scratch::new("our-writer");
-    let img = s.image("a.qcow2");
+    let img = image(&s, "a.qcow2");
     // What QEMU gives while another qemu-io holds the image...
     let holder = Holder::holding("qemu-io", &[], &img, &expected(&[WRITER]));
     let with_qemu = qemu_against_writer(&img);
@@ -491,7 +427,7 @@ fn our_io_writer_keeps_qemu_out() {
 #[test]
 fn our_writers_exclude_each_other_and_readers_share() {
     let s = Scratch::new("ours");
-    let img = s.image("a.qcow2");
+    let img = image(&s, "a.qcow2");
     let write_lock = "Failed to get \"write\" lock";
     let shared_write = "Failed to get shared \"write\" lock";
 
@@ -564,7 +500,7 @@ fn raw_images_share_like_qemus() {
         "qemu-img",
         &["convert", "-f", "raw", "-O", "qcow2", &img, &out],
     );
-    assert_eq!(text(&ours.stderr), as_ours(&theirs.stderr));
+    assert_eq!(text(&ours.stderr), as_ours(&text(&theirs.stderr)));
     assert!(text(&ours.stderr).contains("Failed to get shared \"write\" lock"));
     assert_eq!(
         (ours.status.code(), theirs.status.code()),
@@ -576,7 +512,7 @@ fn raw_images_share_like_qemus() {
 #[test]
 fn qemu_nbd_and_our_io_exclude_each_other() {
     let s = Scratch::new("nbd");
-    let img = s.image("a.qcow2");
+    let img = image(&s, "a.qcow2");
     let socket = s.path("nbd.sock");
     let nbd = ["-k", socket.as_str(), "-f", "qcow2"];
     // A running NBD server keeps our writers and readers out, as it keeps

@@ -6,83 +6,27 @@
 //! are poked into it, as a hostile or crashed image would have them.
 
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Output;
+use test_support::qemu::check_json;
+use test_support::raw::header::{
+    AUTOCLEAR_FEATURES, CLUSTER_BITS, EXTENSIONS, INCOMPATIBLE_FEATURES, L1_TABLE_OFFSET,
+    REFCOUNT_TABLE_CLUSTERS, REFCOUNT_TABLE_OFFSET, SIZE, SNAPSHOTS_OFFSET,
+};
+use test_support::raw::{peek32, peek64, poke, poke64, OFFSET_MASK};
+use test_support::{run, succeeded, Scratch};
 
-/// A scratch directory, removed with its contents when dropped.
-struct Scratch(PathBuf);
+/// The tool under test.
+const TOOL: &str = env!("CARGO_BIN_EXE_qcow2-tool");
 
-impl Scratch {
-    fn new(name: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "qcow2-repair-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create scratch directory");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().expect("UTF-8 path").to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
+/// Runs the tool.
 fn tool(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_qcow2-tool"), args)
+    run(TOOL, args)
 }
-
-fn must(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn peek64(path: &str, at: u64) -> u64 {
-    let bytes = std::fs::read(path).expect("read image");
-    let at = at as usize;
-    u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn poke(path: &str, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open image");
-    file.write_all_at(bytes, at).expect("poke");
-}
-
-fn poke64(path: &str, at: u64, value: u64) {
-    poke(path, at, &value.to_be_bytes());
-}
-
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Host offset of the L1 entry and of the L2 entry of guest byte `guest`.
 fn entries(path: &str, guest: u64) -> (u64, u64) {
-    let cluster_bits = peek64(path, 16) & 0xffff_ffff;
-    let cs = 1u64 << cluster_bits;
-    let l1 = peek64(path, 40) + guest / (cs * (cs / 8)) * 8;
+    let cs = 1u64 << peek32(path, CLUSTER_BITS);
+    let l1 = peek64(path, L1_TABLE_OFFSET) + guest / (cs * (cs / 8)) * 8;
     let l2 = (peek64(path, l1) & OFFSET_MASK) + (guest / cs % (cs / 8)) * 8;
     (l1, l2)
 }
@@ -95,7 +39,7 @@ fn data_cluster(path: &str, guest: u64) -> u64 {
 /// Makes an image with `qemu-img create -o options` and `qemu-io` writes.
 fn qemu_image(dir: &Scratch, name: &str, options: &str, size: &str, writes: &[&str]) -> String {
     let path = dir.path(name);
-    must(
+    succeeded(
         run(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", options, &path, size],
@@ -103,7 +47,7 @@ fn qemu_image(dir: &Scratch, name: &str, options: &str, size: &str, writes: &[&s
         "qemu-img create",
     );
     for w in writes {
-        must(run("qemu-io", &["-c", w, &path]), w);
+        succeeded(run("qemu-io", &["-c", w, &path]), w);
     }
     path
 }
@@ -111,35 +55,16 @@ fn qemu_image(dir: &Scratch, name: &str, options: &str, size: &str, writes: &[&s
 /// Guest contents as QEMU reads them.
 fn guest(dir: &Scratch, image: &str) -> Vec<u8> {
     let raw = dir.path("guest.raw");
-    must(
+    succeeded(
         run("qemu-img", &["convert", "-O", "raw", image, &raw]),
         "qemu-img convert",
     );
     std::fs::read(&raw).expect("read raw")
 }
 
-/// `check --output=json` of `program` ("qemu-img" or our tool) and its exit code.
-fn check_json(program: &str, image: &str) -> (Value, i32) {
-    let args = ["check", "--output=json", image];
-    let out = if program == "qemu-img" {
-        run("qemu-img", &args)
-    } else {
-        tool(&args)
-    };
-    let code = out.status.code().unwrap_or(-1);
-    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{program} check of {image}: {e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (value, code)
-}
-
 /// The counts both checks report, and the exit code.
-fn findings(program: &str, image: &str) -> (Vec<(String, u64)>, i32) {
-    let (json, code) = check_json(program, image);
+fn findings(program: &str, image: &str) -> (Vec<(String, u64)>, Option<i32>) {
+    let (json, code) = check_json(program, &[], image);
     let fields = [
         "corruptions",
         "leaks",
@@ -170,14 +95,18 @@ enum Expect {
 /// our result clean in qemu-img's eyes.
 fn repair_case(dir: &Scratch, case: &str, image: &str, expect: Expect) {
     let before = guest(dir, image);
-    let (ours, our_code) = findings("tool", image);
+    let (ours, our_code) = findings(TOOL, image);
     let (qemu, qemu_code) = findings("qemu-img", image);
     match expect {
         Expect::SameFindings => {
             assert_eq!((&ours, our_code), (&qemu, qemu_code), "{case}: check");
         }
         Expect::BothCorrupt => {
-            assert_eq!((our_code, qemu_code), (2, 2), "{case}: {ours:?} {qemu:?}");
+            assert_eq!(
+                (our_code, qemu_code),
+                (Some(2), Some(2)),
+                "{case}: {ours:?} {qemu:?}"
+            );
         }
     }
     let copy = dir.path(&format!("{case}-qemu.qcow2"));
@@ -201,8 +130,12 @@ fn repair_case(dir: &Scratch, case: &str, image: &str, expect: Expect) {
             "{case}: QEMU's repair changed guest data"
         );
     }
-    let (after, code) = check_json("qemu-img", image);
-    assert_eq!(code, 0, "{case}: qemu-img check after our repair: {after}");
+    let (after, code) = check_json("qemu-img", &[], image);
+    assert_eq!(
+        code,
+        Some(0),
+        "{case}: qemu-img check after our repair: {after}"
+    );
 }
 
 #[test]
@@ -217,10 +150,10 @@ fn refcount_block_on_guest_data_is_rebuilt_elsewhere() {
             "1M",
             &["write -P 0x55 0 3k", "write -P 0x01 1047552 1k"],
         );
-        let reftable = peek64(&image, 48);
+        let reftable = peek64(&image, REFCOUNT_TABLE_OFFSET);
         poke64(&image, reftable, data_cluster(&image, 1047552));
         repair_case(&dir, &case, &image, Expect::SameFindings);
-        must(
+        succeeded(
             run("qemu-io", &["-c", "read -P 0x01 1047552 1k", &image]),
             "read back",
         );
@@ -273,12 +206,16 @@ fn dirty_lazy_image_keeps_entries_with_reserved_bits() {
     let (_, l2) = entries(&image, 0);
     poke64(&image, l2, peek64(&image, l2) | 2);
     // The dirty bit, as a crash with lazy refcounts leaves it.
-    poke64(&image, 72, peek64(&image, 72) | 1);
-    must(
+    poke64(
+        &image,
+        INCOMPATIBLE_FEATURES,
+        peek64(&image, INCOMPATIBLE_FEATURES) | 1,
+    );
+    succeeded(
         tool(&["io", "-c", "write -P 0x77 6M 4k", &image]),
         "write to the dirty image",
     );
-    must(
+    succeeded(
         run(
             "qemu-io",
             &[
@@ -291,7 +228,7 @@ fn dirty_lazy_image_keeps_entries_with_reserved_bits() {
         ),
         "data after the rebuild at open",
     );
-    assert_eq!(check_json("qemu-img", &image).1, 0);
+    assert_eq!(check_json("qemu-img", &[], &image).1, Some(0));
 }
 
 #[test]
@@ -299,7 +236,7 @@ fn refcount_tables_qemu_repairs_are_repaired() {
     let dir = Scratch::new("reftable");
     // The refcount table stretched over the refcount block and the L1 table.
     let image = two_clusters(&dir, "reftable-over-l1.qcow2");
-    poke(&image, 56, &3u32.to_be_bytes());
+    poke(&image, REFCOUNT_TABLE_CLUSTERS, &3u32.to_be_bytes());
     repair_case(&dir, "reftable-over-l1", &image, Expect::BothCorrupt);
     // The refcount table far past the end of the file, and absurdly far.
     for (case, offset) in [
@@ -307,7 +244,7 @@ fn refcount_tables_qemu_repairs_are_repaired() {
         ("reftable-2-55", 1 << 55),
     ] {
         let image = two_clusters(&dir, &format!("{case}.qcow2"));
-        poke64(&image, 48, offset);
+        poke64(&image, REFCOUNT_TABLE_OFFSET, offset);
         repair_case(&dir, case, &image, Expect::BothCorrupt);
     }
 }
@@ -327,7 +264,7 @@ fn fragmentation_counts_as_qemu_img() {
             "write -z 8k 4k",
         ],
     );
-    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    assert_eq!(findings(TOOL, &image), findings("qemu-img", &image));
     let image = qemu_image(
         &dir,
         "compressed.qcow2",
@@ -340,7 +277,7 @@ fn fragmentation_counts_as_qemu_img() {
             "write 12k 4k",
         ],
     );
-    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    assert_eq!(findings(TOOL, &image), findings("qemu-img", &image));
 }
 
 #[test]
@@ -350,7 +287,7 @@ fn v2_zero_flag_is_not_a_check_finding() {
     let (_, l2) = entries(&image, 0);
     poke64(&image, l2, peek64(&image, l2) | 1);
     poke64(&image, l2 + 8, 1);
-    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    assert_eq!(findings(TOOL, &image), findings("qemu-img", &image));
 }
 
 #[test]
@@ -359,14 +296,16 @@ fn headers_qemu_refuses_are_refused() {
     type Damage = (&'static str, fn(&str));
     let cases: [Damage; 4] = [
         ("bitmaps-extension-empty", |p| {
-            poke(p, 112, &[0x23, 0x85, 0x28, 0x75, 0, 0, 0, 0])
+            poke(p, EXTENSIONS, &[0x23, 0x85, 0x28, 0x75, 0, 0, 0, 0])
         }),
         ("backing-format-16", |p| {
-            poke(p, 112, &[0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 16]);
-            poke(p, 120, b"qcow2qcow2qcow2q\0\0\0\0\0\0\0\0");
+            poke(p, EXTENSIONS, &[0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 16]);
+            poke(p, EXTENSIONS + 8, b"qcow2qcow2qcow2q\0\0\0\0\0\0\0\0");
         }),
-        ("snapshot-offset-unaligned", |p| poke64(p, 64, 3)),
-        ("data-file-raw-alone", |p| poke64(p, 88, 2)),
+        ("snapshot-offset-unaligned", |p| {
+            poke64(p, SNAPSHOTS_OFFSET, 3)
+        }),
+        ("data-file-raw-alone", |p| poke64(p, AUTOCLEAR_FEATURES, 2)),
     ];
     for (case, damage) in cases {
         let image = qemu_image(
@@ -392,18 +331,18 @@ fn headers_qemu_refuses_are_refused() {
 fn unaligned_virtual_size_is_rounded_down_everywhere() {
     let dir = Scratch::new("unaligned-size");
     let image = qemu_image(&dir, "size.qcow2", "cluster_size=65536", "1M", &[]);
-    poke64(&image, 24, 1000);
+    poke64(&image, SIZE, 1000);
     let size = |out: Output| -> u64 {
-        let v: Value = serde_json::from_slice(&must(out, "info").stdout).expect("json");
+        let v: Value = serde_json::from_slice(&succeeded(out, "info").stdout).expect("json");
         v["virtual-size"].as_u64().expect("virtual-size")
     };
     let theirs = size(run("qemu-img", &["info", "--output=json", &image]));
     let ours = size(tool(&["info", "--output=json", &image]));
     assert_eq!((ours, theirs), (512, 512));
     let raw = dir.path("ours.raw");
-    must(tool(&["convert", "-O", "raw", &image, &raw]), "convert");
+    succeeded(tool(&["convert", "-O", "raw", &image, &raw]), "convert");
     assert_eq!(std::fs::metadata(&raw).expect("raw").len(), 512);
-    assert_eq!(findings("tool", &image), findings("qemu-img", &image));
+    assert_eq!(findings(TOOL, &image), findings("qemu-img", &image));
     for cmd in ["read 0 1000", "write 512 512"] {
         // Past the rounded-down size both refuse, as qemu-io does.
         let theirs = run("qemu-io", &["-c", cmd, &image]);
@@ -417,10 +356,10 @@ fn unaligned_virtual_size_is_rounded_down_everywhere() {
         );
         assert_eq!(ours.status.code(), theirs.status.code(), "{cmd}");
     }
-    must(tool(&["io", "-c", "write -P 0x11 0 512", &image]), "write");
-    must(
+    succeeded(tool(&["io", "-c", "write -P 0x11 0 512", &image]), "write");
+    succeeded(
         run("qemu-io", &["-c", "read -P 0x11 0 512", &image]),
         "read back",
     );
-    assert_eq!(peek64(&image, 24), 1000, "the header keeps its size");
+    assert_eq!(peek64(&image, SIZE), 1000, "the header keeps its size");
 }
