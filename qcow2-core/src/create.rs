@@ -210,7 +210,8 @@ async fn format<D: BlockDevice>(
                 .copy_from_slice(&host.to_be_bytes());
             j += 1;
         }
-        let at = layout.reftable * cluster_sectors + first / per_sector;
+        // 64 entries per sector.
+        let at = layout.reftable * cluster_sectors + (first >> 6);
         dev.write(at, core::slice::from_ref(&sector))
             .await
             .map_err(Error::Io)?;

@@ -214,7 +214,9 @@ where
     /// crash at that point would: at most leaked clusters, which a later
     /// read-write open or repair reclaims.
     pub async fn open(dev: D, cache: S, options: OpenOptions) -> Result<Self, OpenError<D, S>> {
-        let mut scratch = [0u8; 1024];
+        // 128 host clusters per rebuild pass: small, so that this future
+        // stays under 4 KiB on firmware; more passes on larger images.
+        let mut scratch = [0u8; 512];
         Self::open_with_scratch(dev, cache, options, &mut scratch).await
     }
 
