@@ -110,12 +110,32 @@ fn ci() -> Result<(), String> {
             EMBEDDED_TARGET,
         ],
     )?;
+    // The trimmed and the logging builds of the core: lint-clean, and they
+    // build for the target.
+    for features in CORE_FEATURE_SETS {
+        let mut clippy = vec!["clippy", "-p", "qcow2-core"];
+        clippy.extend_from_slice(features);
+        clippy.extend_from_slice(&["--", "-D", "warnings"]);
+        run(&cargo, &clippy)?;
+        let mut build = vec!["build", "-p", "qcow2-core", "--release", "--target"];
+        build.push(EMBEDDED_TARGET);
+        build.extend_from_slice(features);
+        run(&cargo, &build)?;
+    }
     firmware::lint()?;
     let firmware_out = std::path::Path::new("target/firmware-ci");
     let figures = firmware::run_checked(firmware_out)?;
     run(&cargo, &["test", "--workspace"])?;
     size::report(&figures, true)
 }
+
+/// Feature sets of the core that CI lints and builds besides the default:
+/// read-only, read-only with `check`, and with `defmt` logging.
+const CORE_FEATURE_SETS: &[&[&str]] = &[
+    &["--no-default-features"],
+    &["--no-default-features", "--features", "check"],
+    &["--features", "defmt"],
+];
 
 /// The fuzz targets, as named in `fuzz/Cargo.toml`.
 const FUZZ_TARGETS: &[&str] = &["header", "open_read", "ops", "check_repair"];
