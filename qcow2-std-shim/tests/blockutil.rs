@@ -16,7 +16,7 @@
 //! * devices of different sizes, empty buffers, read-only destinations;
 //! * a 2 PiB image is crossed with L1 lookups only.
 //!
-//! Set `QCOW2_INTEROP_KEEP=1` to keep the temporary directories.
+//! Set `QCOW2_TEST_KEEP=1` to keep the temporary directories.
 
 use qcow2_core::blockutil::{
     compare, copy, fold, fold_mapped, fold_unmapped, sparse_copy, UtilError,
@@ -26,167 +26,10 @@ use qcow2_core::{BlockDevice, CreateOptions, Error, Mapping, OpenOptions, Qcow2,
 use qcow2_std_shim::{block_on, host_cache, FileDevice, HostQcow2, RamDevice};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use test_support::qemu;
+use test_support::{noise, path_str, Scratch, KIB, MIB, PIB};
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const PIB: u64 = 1 << 50;
 const S: u64 = SECTOR as u64;
-
-// ---------------------------------------------------------------------------
-// Temporary directories and QEMU
-// ---------------------------------------------------------------------------
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("qcow2-blockutil-{}-{n}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir { path }
-    }
-
-    fn join(&self, file: &str) -> PathBuf {
-        self.path.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("QCOW2_INTEROP_KEEP").is_some() {
-            eprintln!("keeping {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is QEMU installed?): {e}"))
-}
-
-fn describe(program: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "{program} {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `qemu-img`, asserts success, returns stdout.
-fn qemu_img(args: &[&str]) -> String {
-    let out = run("qemu-img", args);
-    assert!(out.status.success(), "{}", describe("qemu-img", args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `qemu-io` commands on a qcow2 image (discards honoured).
-fn qemu_io(path: &Path, commands: &[String]) {
-    let mut args = vec!["-f", "qcow2", "-d", "unmap"];
-    for c in commands {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(s(path));
-    let out = run("qemu-io", &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("failed:"),
-        "{}",
-        describe("qemu-io", &args, &out)
-    );
-}
-
-fn qemu_create(path: &Path, options: &str, size: u64) {
-    let size = size.to_string();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", options, s(path), &size]);
-}
-
-/// `qemu-img check`: exit 0 and no corruption or leak reported.
-fn qemu_check_clean(path: &Path) {
-    let args = ["check", "-f", "qcow2", s(path)];
-    let out = run("qemu-img", &args);
-    let text = describe("qemu-img", &args, &out);
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("No errors"),
-        "{text}"
-    );
-}
-
-/// `qemu-img compare -f FA -F FB a b`: its exit status and, on a
-/// mismatch, the byte offset QEMU reports (the start of the sector).
-fn qemu_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> (i32, Option<u64>) {
-    let args = ["compare", "-f", fa, "-F", fb, s(a), s(b)];
-    let out = run("qemu-img", &args);
-    let code = out.status.code().expect("exit code");
-    assert!(
-        code == 0 || code == 1,
-        "{}",
-        describe("qemu-img", &args, &out)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text
-        .split("Content mismatch at offset ")
-        .nth(1)
-        .map(|rest| {
-            rest.split('!')
-                .next()
-                .expect("offset")
-                .parse()
-                .expect("number")
-        });
-    (code, at)
-}
-
-/// `data: true` extents of `qemu-img map --output json`, adjacent ones
-/// merged, as byte ranges `[start, end)`.
-fn qemu_data_extents(path: &Path) -> Vec<(u64, u64)> {
-    let text = qemu_img(&["map", "-f", "qcow2", "--output", "json", s(path)]);
-    let field = |obj: &str, key: &str| -> String {
-        let rest = obj
-            .split(&format!("\"{key}\":"))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {key} in {obj}"));
-        rest.trim_start()
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect()
-    };
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for obj in text.split('{').skip(1) {
-        let start: u64 = field(obj, "start").parse().expect("start");
-        let length: u64 = field(obj, "length").parse().expect("length");
-        if field(obj, "data") != "true" {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 += length,
-            _ => out.push((start, start + length)),
-        }
-    }
-    out
-}
 
 /// The complement of `extents` within `[0, size)`.
 fn holes_between(extents: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
@@ -284,19 +127,6 @@ fn sectors(bytes: &[u8]) -> Vec<Sector> {
         .collect()
 }
 
-/// Deterministic bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// FNV-1a over bytes.
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
@@ -377,14 +207,14 @@ struct Scattered {
     v2: bool,
 }
 
-fn scattered(dir: &TempDir, name: &str, cluster_bits: u32, v2: bool) -> Scattered {
+fn scattered(dir: &Scratch, name: &str, cluster_bits: u32, v2: bool) -> Scattered {
     let cs = 1u64 << cluster_bits;
     // Guest bytes one L2 table covers.
     let table = cs * (cs / 8);
     let size = 3 * table + 3 * cs + 1024;
     let path = dir.join(name);
     let compat = if v2 { "0.10" } else { "1.1" };
-    qemu_create(&path, &format!("cluster_size={cs},compat={compat}"), size);
+    qemu::create(&path, &format!("cluster_size={cs},compat={compat}"), size);
     let mut cmds = vec![
         "write -P 0x11 0 1".to_string(),
         format!("write -P 0x22 {} {}", cs * 3 + 100, cs * 2),
@@ -405,7 +235,7 @@ fn scattered(dir: &TempDir, name: &str, cluster_bits: u32, v2: bool) -> Scattere
         // No zero flag in v2: QEMU writes zeros, and discards deallocate.
         cmds.retain(|c| !c.starts_with("write -z -u"));
     }
-    qemu_io(&path, &cmds);
+    qemu::io(&path, &cmds);
     Scattered {
         path,
         size,
@@ -414,9 +244,9 @@ fn scattered(dir: &TempDir, name: &str, cluster_bits: u32, v2: bool) -> Scattere
     }
 }
 
-fn for_each_layout(f: impl Fn(&TempDir, &Scattered)) {
+fn for_each_layout(f: impl Fn(&Scratch, &Scattered)) {
     for (bits, v2) in [(9, false), (12, false), (16, false), (12, true)] {
-        let dir = TempDir::new(&format!("layout-{bits}-{v2}"));
+        let dir = Scratch::new(&format!("layout-{bits}-{v2}"));
         let img = scattered(&dir, "src.qcow2", bits, v2);
         f(&dir, &img);
     }
@@ -429,12 +259,19 @@ fn for_each_layout(f: impl Fn(&TempDir, &Scattered)) {
 #[test]
 fn seeks_agree_with_qemu_img_map() {
     for_each_layout(|_, img| {
-        let expected = qemu_data_extents(&img.path);
+        let expected = qemu::data_ranges(&img.path);
         assert!(expected.len() >= 4, "too few extents: {expected:?}");
         if !img.v2 {
             // The layout has zero clusters with and without a preallocated
             // offset, which must count as holes.
-            let map = qemu_img(&["map", "-f", "qcow2", "--output", "json", s(&img.path)]);
+            let map = qemu::img(&[
+                "map",
+                "-f",
+                "qcow2",
+                "--output",
+                "json",
+                path_str(&img.path),
+            ]);
             let zero = r#""present": true, "zero": true, "data": false, "compressed": false"#;
             assert!(map.contains(&format!("{zero}, \"offset\"")), "{map}");
             assert!(map.contains(&format!("{zero}}}")), "{map}");
@@ -485,16 +322,16 @@ fn read_range(file: &std::fs::File, a: u64, b: u64) -> Vec<u8> {
 #[test]
 fn folds_agree_with_qemu() {
     for_each_layout(|dir, img| {
-        let expected = qemu_data_extents(&img.path);
+        let expected = qemu::data_ranges(&img.path);
         let raw_path = dir.join("src.raw");
-        qemu_img(&[
+        qemu::img(&[
             "convert",
             "-f",
             "qcow2",
             "-O",
             "raw",
-            s(&img.path),
-            s(&raw_path),
+            path_str(&img.path),
+            path_str(&raw_path),
         ]);
         let raw = std::fs::File::open(&raw_path).expect("open raw");
         let mut image = open_ro(&img.path);
@@ -562,22 +399,22 @@ fn folds_agree_with_qemu() {
 #[test]
 fn sparse_copy_into_fresh_images_qemu_compares_identical() {
     for_each_layout(|dir, img| {
-        let src_extents = qemu_data_extents(&img.path);
+        let src_extents = qemu::data_ranges(&img.path);
         let src_bytes: u64 = src_extents.iter().map(|(a, b)| b - a).sum();
         let bits = img.cluster.trailing_zeros();
         // Same cluster size, and smaller clusters (4 KiB, or 512 B).
         for dst_bits in [bits, if bits > 12 { 12 } else { 9 }] {
-            let dst_path = dir.join(&format!("copy-{dst_bits}.qcow2"));
+            let dst_path = dir.join(format!("copy-{dst_bits}.qcow2"));
             let mut src = open_ro(&img.path);
             let mut dst = create_ours(&dst_path, img.size, dst_bits);
             let mut buf = vec![[0u8; SECTOR]; 16];
             block_on(sparse_copy(&mut src, &mut dst, &mut buf)).unwrap();
             close(dst);
 
-            let (code, at) = qemu_compare(&img.path, "qcow2", &dst_path, "qcow2");
+            let (code, at) = qemu::compare(&img.path, "qcow2", &dst_path, "qcow2");
             assert_eq!((code, at), (0, None), "sparse copy differs");
-            qemu_check_clean(&dst_path);
-            let dst_extents = qemu_data_extents(&dst_path);
+            qemu::check_clean(&dst_path);
+            let dst_extents = qemu::data_ranges(&dst_path);
             let dst_bytes: u64 = dst_extents.iter().map(|(a, b)| b - a).sum();
             if dst_bits == bits {
                 assert_eq!(dst_extents, src_extents);
@@ -611,7 +448,7 @@ fn sparse_copy_into_fresh_images_qemu_compares_identical() {
         assert_eq!(file.written(), src_extents);
         drop(file);
         assert_eq!(
-            qemu_compare(&img.path, "qcow2", &raw_path, "raw"),
+            qemu::compare(&img.path, "qcow2", &raw_path, "raw"),
             (0, None)
         );
         if img.size <= SMALL {
@@ -625,25 +462,25 @@ fn sparse_copy_into_fresh_images_qemu_compares_identical() {
 
 #[test]
 fn compare_finds_the_first_difference_as_qemu_img_compare() {
-    let dir = TempDir::new("compare");
+    let dir = Scratch::new("compare");
     let size = 8 * MIB;
     for (i, diff_at) in [0u64, 511, 512, 200_000, 3 * MIB + 4097, size - 1]
         .into_iter()
         .enumerate()
     {
-        let a = dir.join(&format!("a{i}.qcow2"));
-        let b = dir.join(&format!("b{i}.qcow2"));
+        let a = dir.join(format!("a{i}.qcow2"));
+        let b = dir.join(format!("b{i}.qcow2"));
         let common = [
             "write -P 0x71 4096 100000".to_string(),
             format!("write -P 0x72 {} 65536", 5 * MIB),
         ];
         for (path, pat) in [(&a, 0x01), (&b, 0x02)] {
-            qemu_create(path, "cluster_size=65536", size);
+            qemu::create(path, "cluster_size=65536", size);
             let mut cmds = common.to_vec();
             cmds.push(format!("write -P {pat} {diff_at} 1"));
-            qemu_io(path, &cmds);
+            qemu::io(path, &cmds);
         }
-        let (code, qemu_at) = qemu_compare(&a, "qcow2", &b, "qcow2");
+        let (code, qemu_at) = qemu::compare(&a, "qcow2", &b, "qcow2");
         assert_eq!(code, 1);
         let qemu_sector = qemu_at.expect("mismatch offset") / S;
         assert_eq!(qemu_sector, diff_at / S);
@@ -665,7 +502,15 @@ fn compare_finds_the_first_difference_as_qemu_img_compare() {
     // more on the raw side is a size difference.
     let img = dir.join("a0.qcow2");
     let raw = dir.join("a0.raw");
-    qemu_img(&["convert", "-f", "qcow2", "-O", "raw", s(&img), s(&raw)]);
+    qemu::img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        path_str(&img),
+        path_str(&raw),
+    ]);
     let mut image = open_ro(&img);
     let mut file = FileDevice::open(&raw, false).expect("open raw");
     let mut ba = vec![[0u8; SECTOR]; 64];
@@ -693,7 +538,7 @@ fn compare_finds_the_first_difference_as_qemu_img_compare() {
 #[test]
 fn copy_between_ram_devices_images_and_files() {
     // RAM to RAM, in odd chunks.
-    let bytes = pattern(1, 300 * SECTOR);
+    let bytes = noise(300 * SECTOR, 1);
     let mut src = RamDevice::from_bytes(&bytes);
     let mut dst = RamDevice::fixed(300);
     let mut buf = vec![[0u8; SECTOR]; 7];
@@ -707,7 +552,7 @@ fn copy_between_ram_devices_images_and_files() {
 
     // Image to a raw file: what qemu-img reads; raw file into an image of
     // ours: qemu-img compares it identical too.
-    let dir = TempDir::new("copy");
+    let dir = Scratch::new("copy");
     let img = scattered(&dir, "src.qcow2", 12, false);
     let raw = dir.join("out.raw");
     let mut file = FileDevice::create(&raw).expect("create raw");
@@ -715,15 +560,15 @@ fn copy_between_ram_devices_images_and_files() {
     let mut image = open_ro(&img.path);
     block_on(copy(&mut image, &mut file, &mut buf)).unwrap();
     drop(file);
-    assert_eq!(qemu_compare(&img.path, "qcow2", &raw, "raw"), (0, None));
+    assert_eq!(qemu::compare(&img.path, "qcow2", &raw, "raw"), (0, None));
 
     let copy_path = dir.join("copy.qcow2");
     let mut dst = create_ours(&copy_path, img.size, 16);
     let mut file = FileDevice::open(&raw, false).expect("open raw");
     block_on(copy(&mut file, &mut dst, &mut buf)).unwrap();
     close(dst);
-    assert_eq!(qemu_compare(&raw, "raw", &copy_path, "qcow2"), (0, None));
-    qemu_check_clean(&copy_path);
+    assert_eq!(qemu::compare(&raw, "raw", &copy_path, "qcow2"), (0, None));
+    qemu::check_clean(&copy_path);
 }
 
 #[test]
@@ -759,7 +604,7 @@ fn sizes_buffers_and_read_only_destinations_are_refused() {
     );
 
     // A device error names its side: a read-only file as destination.
-    let dir = TempDir::new("readonly");
+    let dir = Scratch::new("readonly");
     let raw = dir.join("ten.raw");
     std::fs::write(&raw, vec![0u8; 10 * SECTOR]).expect("write raw");
     let mut file = FileDevice::open(&raw, false).expect("open raw");
@@ -772,9 +617,9 @@ fn sizes_buffers_and_read_only_destinations_are_refused() {
     let src = dir.join("src.qcow2");
     let dst = dir.join("dst.qcow2");
     for p in [&src, &dst] {
-        qemu_create(p, "cluster_size=65536", 4 * MIB);
+        qemu::create(p, "cluster_size=65536", 4 * MIB);
     }
-    qemu_io(&src, &["write -P 9 1M 64k".to_string()]);
+    qemu::io(&src, &["write -P 9 1M 64k".to_string()]);
     let mut source = open_ro(&src);
     let mut target = open_ro(&dst);
     let r = block_on(sparse_copy(&mut source, &mut target, &mut buf));
@@ -788,16 +633,16 @@ fn sizes_buffers_and_read_only_destinations_are_refused() {
     let mut target = open_rw(&dst);
     block_on(sparse_copy(&mut source, &mut target, &mut buf)).unwrap();
     close(target);
-    assert_eq!(qemu_compare(&src, "qcow2", &dst, "qcow2"), (0, None));
-    assert_eq!(qemu_data_extents(&dst), vec![(MIB, MIB + 64 * KIB)]);
+    assert_eq!(qemu::compare(&src, "qcow2", &dst, "qcow2"), (0, None));
+    assert_eq!(qemu::data_ranges(&dst), vec![(MIB, MIB + 64 * KIB)]);
 }
 
 #[test]
 fn two_pib_image_is_crossed_by_l1_lookups() {
-    let dir = TempDir::new("2pib");
+    let dir = Scratch::new("2pib");
     let path = dir.join("big.qcow2");
-    qemu_create(&path, "cluster_size=65536", 2 * PIB);
-    qemu_io(
+    qemu::create(&path, "cluster_size=65536", 2 * PIB);
+    qemu::io(
         &path,
         &[
             format!("write -P 1 {} 4096", PIB),
@@ -846,7 +691,7 @@ fn two_pib_image_is_crossed_by_l1_lookups() {
 
 #[test]
 fn seeks_of_images_we_wrote_agree_with_qemu() {
-    let dir = TempDir::new("ours");
+    let dir = Scratch::new("ours");
     let path = dir.join("ours.qcow2");
     let mut image = create_ours(&path, 64 * MIB, 12);
     let writes = [
@@ -857,7 +702,7 @@ fn seeks_of_images_we_wrote_agree_with_qemu() {
         64 * MIB - 4096,
     ];
     for (i, at) in writes.into_iter().enumerate() {
-        let data = sectors(&pattern(i as u64 + 10, 3 * SECTOR));
+        let data = sectors(&noise(3 * SECTOR, i as u64 + 10));
         block_on(image.write(at / S, &data)).unwrap();
     }
     // Seeks on the open, written image (its cache dirty), then reopened.
@@ -870,8 +715,8 @@ fn seeks_of_images_we_wrote_agree_with_qemu() {
     ];
     assert_eq!(our_data_extents(&mut image), expected);
     close(image);
-    qemu_check_clean(&path);
-    assert_eq!(qemu_data_extents(&path), expected);
+    qemu::check_clean(&path);
+    assert_eq!(qemu::data_ranges(&path), expected);
     let mut image = open_ro(&path);
     assert_eq!(our_data_extents(&mut image), expected);
     let (mapping, _) = block_on(image.map(2 * MIB - 512)).unwrap();

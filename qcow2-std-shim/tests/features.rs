@@ -3,39 +3,13 @@
 
 use qcow2_core::{CreateOptions, Error, OpenOptions};
 use qcow2_std_shim::{FileDevice, Image};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// A fresh directory for one test (tests run in parallel).
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qcow2-features-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is installed");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_io(path: &Path, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-c", cmd, path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use std::path::Path;
+use test_support::qemu;
+use test_support::raw::header::{
+    AUTOCLEAR_FEATURES, CRYPT_METHOD, EXTENSIONS, INCOMPATIBLE_FEATURES,
+};
+use test_support::raw::{peek, poke};
+use test_support::{path_str, Scratch};
 
 fn open(path: &Path, read_only: bool) -> Result<Image<FileDevice>, Error<std::io::Error>> {
     let opts = if read_only {
@@ -54,30 +28,14 @@ fn unsupported(path: &Path, read_only: bool) -> &'static str {
     }
 }
 
-fn patch(path: &Path, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, at).unwrap();
-}
-
-fn read_back(path: &Path, at: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0; len];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, at)
-        .unwrap();
-    buf
-}
-
 #[test]
 fn unimplemented_features_are_refused_by_name() {
-    let d = dir("refused");
+    let d = Scratch::new("features-refused");
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+    qemu::create(&base, "", 1 << 20);
 
     let backed = d.join("backed.qcow2");
-    qemu_img(&[
+    qemu::img(&[
         "create",
         "-q",
         "-f",
@@ -91,16 +49,7 @@ fn unimplemented_features_are_refused_by_name() {
     assert_eq!(unsupported(&backed, true), "backing files");
 
     let ext_l2 = d.join("extl2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        ext_l2.to_str().unwrap(),
-        "1M",
-    ]);
+    qemu::create(&ext_l2, "extended_l2=on", 1 << 20);
     assert_eq!(
         unsupported(&ext_l2, true),
         "extended L2 entries (subclusters)"
@@ -109,35 +58,19 @@ fn unimplemented_features_are_refused_by_name() {
     let data_file = d.join("external.qcow2");
     let raw = d.join("external.raw");
     let opt = format!("data_file={}", raw.display());
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &opt,
-        data_file.to_str().unwrap(),
-        "1M",
-    ]);
+    qemu::create(&data_file, &opt, 1 << 20);
     assert_eq!(unsupported(&data_file, true), "external data files");
 
     // Encryption: crypt_method 1 (AES) patched into a plain image.
     let enc = d.join("enc.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", enc.to_str().unwrap(), "1M"]);
-    patch(&enc, 32, &1u32.to_be_bytes());
+    qemu::create(&enc, "", 1 << 20);
+    poke(&enc, CRYPT_METHOD, &1u32.to_be_bytes());
     assert_eq!(unsupported(&enc, true), "encryption");
 
     // An incompatible bit nobody knows.
     let unknown = d.join("unknown.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        unknown.to_str().unwrap(),
-        "1M",
-    ]);
-    patch(&unknown, 72, &(1u64 << 40).to_be_bytes());
+    qemu::create(&unknown, "", 1 << 20);
+    poke(&unknown, INCOMPATIBLE_FEATURES, &(1u64 << 40).to_be_bytes());
     assert_eq!(
         unsupported(&unknown, true),
         "unknown incompatible feature bits"
@@ -145,10 +78,10 @@ fn unimplemented_features_are_refused_by_name() {
 
     // Compressed clusters: the image opens, reading them is refused.
     let plain = d.join("plain.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "1M"]);
-    qemu_io(&plain, "write -P 0x61 0 64k");
+    qemu::create(&plain, "", 1 << 20);
+    qemu::io(&plain, &["write -P 0x61 0 64k"]);
     let compressed = d.join("compressed.qcow2");
-    qemu_img(&[
+    qemu::img(&[
         "convert",
         "-c",
         "-O",
@@ -165,17 +98,16 @@ fn unimplemented_features_are_refused_by_name() {
     // Unallocated parts of the same image still read as zeros.
     img.read_at(512 << 10, &mut buf).unwrap();
     assert!(buf.iter().all(|b| *b == 0));
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
 fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
-    let d = dir("read-only");
+    let d = Scratch::new("features-read-only");
     let snap = d.join("snap.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", snap.to_str().unwrap(), "1M"]);
-    qemu_io(&snap, "write -P 0x42 0 4k");
-    qemu_img(&["snapshot", "-c", "s1", snap.to_str().unwrap()]);
-    qemu_io(&snap, "write -P 0x43 0 512");
+    qemu::create(&snap, "", 1 << 20);
+    qemu::io(&snap, &["write -P 0x42 0 4k"]);
+    qemu::img(&["snapshot", "-c", "s1", snap.to_str().unwrap()]);
+    qemu::io(&snap, &["write -P 0x43 0 512"]);
     let mut img = open(&snap, true).unwrap();
     let mut buf = vec![0; 4096];
     img.read_at(0, &mut buf).unwrap();
@@ -188,29 +120,20 @@ fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
 
     for (bit, name) in [(1u64, "dirty"), (2u64, "corrupt")] {
         let p = d.join(format!("{name}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            p.to_str().unwrap(),
-            "1M",
-        ]);
-        qemu_io(&p, "write -P 0x44 0 8k");
-        patch(&p, 72, &bit.to_be_bytes());
+        qemu::create(&p, "lazy_refcounts=on", 1 << 20);
+        qemu::io(&p, &["write -P 0x44 0 8k"]);
+        poke(&p, INCOMPATIBLE_FEATURES, &bit.to_be_bytes());
         let img = open(&p, true).unwrap();
         assert_eq!(img.info().dirty, name == "dirty");
         assert_eq!(img.info().corrupt, name == "corrupt");
         drop(img);
         // A read-only open leaves the header untouched.
-        assert_eq!(read_back(&p, 72, 8), bit.to_be_bytes());
+        assert_eq!(peek(&p, INCOMPATIBLE_FEATURES, 8), bit.to_be_bytes());
     }
     // Corrupt: read-write refused, header untouched.
     let corrupt = d.join("corrupt.qcow2");
     assert!(matches!(open(&corrupt, false), Err(Error::Corrupt { .. })));
-    assert_eq!(read_back(&corrupt, 72, 8), 2u64.to_be_bytes());
+    assert_eq!(peek(&corrupt, INCOMPATIBLE_FEATURES, 8), 2u64.to_be_bytes());
     // Dirty: read-write rebuilds the refcounts and clears the bit.
     let dirty = d.join("dirty.qcow2");
     let mut img = open(&dirty, false).unwrap();
@@ -219,22 +142,13 @@ fn snapshots_corrupt_and_dirty_images_open_read_only_only() {
     assert!(buf.iter().all(|b| *b == 0x44));
     assert!(!img.info().dirty);
     img.close().unwrap();
-    assert_eq!(read_back(&dirty, 72, 8), [0; 8]);
-    let out = Command::new("qemu-img")
-        .args(["check", dirty.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    std::fs::remove_dir_all(&d).ok();
+    assert_eq!(peek(&dirty, INCOMPATIBLE_FEATURES, 8), [0; 8]);
+    qemu::img(&["check", path_str(&dirty)]);
 }
 
 #[test]
 fn unknown_extensions_survive_and_autoclear_bits_are_cleared_on_write() {
-    let d = dir("extensions");
+    let d = Scratch::new("features-extensions");
     let p = d.join("ext.qcow2");
     let img = Image::create(
         FileDevice::create(&p).unwrap(),
@@ -248,29 +162,28 @@ fn unknown_extensions_survive_and_autoclear_bits_are_cleared_on_write() {
     ext.extend_from_slice(&5u32.to_be_bytes());
     ext.extend_from_slice(b"hello\0\0\0");
     ext.extend_from_slice(&[0; 8]);
-    patch(&p, 112, &ext);
+    poke(&p, EXTENSIONS, &ext);
     // Autoclear: an unknown bit 7 (bit 0, bitmaps, refuses writes instead).
-    patch(&p, 88, &0x80u64.to_be_bytes());
+    poke(&p, AUTOCLEAR_FEATURES, &0x80u64.to_be_bytes());
 
     // Read-only: nothing changes.
     drop(open(&p, true).unwrap());
-    assert_eq!(read_back(&p, 88, 8), 0x80u64.to_be_bytes());
+    assert_eq!(peek(&p, AUTOCLEAR_FEATURES, 8), 0x80u64.to_be_bytes());
 
     let mut img = open(&p, false).unwrap();
     img.write_at(100_000, &[7; 3000]).unwrap();
     img.close().unwrap();
-    assert_eq!(read_back(&p, 88, 8), [0; 8], "autoclear bits not cleared");
-    assert_eq!(read_back(&p, 112, ext.len()), ext, "unknown extension lost");
-    let out = Command::new("qemu-img")
-        .args(["check", p.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    assert_eq!(
+        peek(&p, AUTOCLEAR_FEATURES, 8),
+        [0; 8],
+        "autoclear bits not cleared"
     );
-    std::fs::remove_dir_all(&d).ok();
+    assert_eq!(
+        peek(&p, EXTENSIONS, ext.len()),
+        ext,
+        "unknown extension lost"
+    );
+    qemu::img(&["check", path_str(&p)]);
 }
 
 /// A failed open or create gives the device and cache back untouched, so

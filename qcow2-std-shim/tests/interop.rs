@@ -17,554 +17,19 @@
 //!   QEMU-grown refcount tables and L1 tables, empty disks.
 //! * Ping-pong: QEMU and we take turns writing one image.
 //!
-//! Set `QCOW2_INTEROP_KEEP=1` to keep the temporary directories.
+//! Set `QCOW2_TEST_KEEP=1` to keep the temporary directories.
 
 use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, Version};
 use qcow2_std_shim::{FileDevice, Image};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::time::Instant;
-
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const PIB: u64 = 1 << 50;
-
-// ---------------------------------------------------------------------------
-// Temporary directories
-// ---------------------------------------------------------------------------
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("qcow2-interop-{}-{n}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir { path }
-    }
-
-    fn join(&self, file: &str) -> PathBuf {
-        self.path.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("QCOW2_INTEROP_KEEP").is_some() {
-            eprintln!("keeping {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-// ---------------------------------------------------------------------------
-// Running QEMU
-// ---------------------------------------------------------------------------
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is QEMU installed?): {e}"))
-}
-
-fn describe(program: &str, args: &[&str], out: &Output) -> String {
-    format!(
-        "{program} {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs `qemu-img`, asserts success, returns stdout.
-fn qemu_img(args: &[&str]) -> String {
-    let out = run("qemu-img", args);
-    assert!(out.status.success(), "{}", describe("qemu-img", args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `qemu-io` commands on a qcow2 image (discards honoured), asserts
-/// that all of them succeeded, returns stdout.
-fn qemu_io(path: &Path, commands: &[String]) -> String {
-    let mut args = vec!["-f", "qcow2", "-d", "unmap"];
-    for c in commands {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(s(path));
-    let out = run("qemu-io", &args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success()
-            && !text.contains("Pattern verification failed")
-            && !text.contains("failed:"),
-        "{}",
-        describe("qemu-io", &args, &out)
-    );
-    text
-}
-
-/// `qemu-img create -f qcow2 -o OPTIONS path size`.
-fn qemu_create(path: &Path, options: &str, size: u64) {
-    let size = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !options.is_empty() {
-        args.extend(["-o", options]);
-    }
-    args.extend([s(path), &size]);
-    qemu_img(&args);
-}
-
-/// `qemu-img check`: exit status 0, and no corruptions, leaks or check
-/// errors in the JSON report.
-fn qemu_check_clean(path: &Path) {
-    let args = ["check", "-f", "qcow2", "--output", "json", s(path)];
-    let out = run("qemu-img", &args);
-    let report = describe("qemu-img", &args, &out);
-    assert!(out.status.success(), "qemu-img check failed:\n{report}");
-    let json = Json::parse(&String::from_utf8_lossy(&out.stdout));
-    for key in [
-        "corruptions",
-        "leaks",
-        "check-errors",
-        "corruptions-fixed",
-        "leaks-fixed",
-    ] {
-        let n = json.get(key).map_or(0, |v| v.as_u64().expect("number"));
-        assert_eq!(n, 0, "qemu-img check reports {key} = {n}:\n{report}");
-    }
-    // Every cluster the refcounts hold lies inside the file.
-    let end = json.u64_at("image-end-offset");
-    let len = std::fs::metadata(path).expect("stat image").len();
-    assert!(
-        end <= len.next_multiple_of(512),
-        "image end {end} beyond the file's {len} bytes:\n{report}"
-    );
-}
-
-/// `qemu-img compare -f raw -F qcow2 raw qcow2`: exit 0 means identical.
-fn qemu_compare_identical(raw: &Path, qcow2: &Path) {
-    let args = ["compare", "-f", "raw", "-F", "qcow2", s(raw), s(qcow2)];
-    let out = run("qemu-img", &args);
-    assert!(
-        out.status.code() == Some(0),
-        "images differ: {}",
-        describe("qemu-img", &args, &out)
-    );
-}
-
-/// `qemu-img info` of a qcow2 image.
-fn qemu_info(path: &Path) -> Json {
-    Json::parse(&qemu_img(&[
-        "info",
-        "-f",
-        "qcow2",
-        "--output",
-        "json",
-        s(path),
-    ]))
-}
-
-/// Guest bytes `[offset, offset + len)` of a qcow2 image as QEMU reads them,
-/// through a `raw` driver window (works at any offset, unlike `qemu-img dd`).
-fn qemu_extract(dir: &TempDir, path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let start = offset / 512 * 512;
-    let end = (offset + len).div_ceil(512) * 512;
-    let spec = format!(
-        r#"json:{{"driver":"raw","offset":{start},"size":{},"file":{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}}}}}}"#,
-        end - start,
-        s(path)
-    );
-    let out = dir.join("window.raw");
-    qemu_img(&["convert", "-O", "raw", &spec, s(&out)]);
-    let bytes = std::fs::read(&out).expect("read window");
-    std::fs::remove_file(&out).expect("remove window");
-    assert_eq!(bytes.len() as u64, end - start, "window size");
-    let skip = (offset - start) as usize;
-    bytes[skip..skip + len as usize].to_vec()
-}
-
-/// One extent of `qemu-img map --output json`.
-#[derive(Debug, Clone, Copy)]
-struct Extent {
-    start: u64,
-    length: u64,
-    present: bool,
-    data: bool,
-    offset: Option<u64>,
-}
-
-fn qemu_map(path: &Path) -> Vec<Extent> {
-    let json = Json::parse(&qemu_img(&[
-        "map",
-        "-f",
-        "qcow2",
-        "--output",
-        "json",
-        s(path),
-    ]));
-    let Json::Arr(items) = json else {
-        panic!("qemu-img map: not an array")
-    };
-    items
-        .iter()
-        .map(|e| Extent {
-            start: e.u64_at("start"),
-            length: e.u64_at("length"),
-            present: e.bool_at("present"),
-            data: e.bool_at("data"),
-            offset: e.get("offset").and_then(Json::as_u64),
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------
-// A minimal JSON reader (enough for qemu-img's output)
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Int(i128),
-    Float(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(text: &str) -> Json {
-        let mut p = JsonParser {
-            b: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value();
-        p.ws();
-        assert_eq!(p.i, p.b.len(), "trailing characters in JSON:\n{text}");
-        v
-    }
-
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn as_u64(&self) -> Option<u64> {
-        match self {
-            Json::Int(n) => u64::try_from(*n).ok(),
-            _ => None,
-        }
-    }
-
-    fn u64_at(&self, key: &str) -> u64 {
-        self.get(key)
-            .and_then(Json::as_u64)
-            .unwrap_or_else(|| panic!("no integer {key} in {self:?}"))
-    }
-
-    fn bool_at(&self, key: &str) -> bool {
-        match self.get(key) {
-            Some(Json::Bool(b)) => *b,
-            other => panic!("no boolean {key} in {self:?}: {other:?}"),
-        }
-    }
-
-    fn str_at(&self, key: &str) -> &str {
-        match self.get(key) {
-            Some(Json::Str(v)) => v,
-            other => panic!("no string {key} in {self:?}: {other:?}"),
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&mut self) -> u8 {
-        self.ws();
-        *self.b.get(self.i).expect("unexpected end of JSON")
-    }
-
-    fn eat(&mut self, c: u8) {
-        assert_eq!(
-            self.peek(),
-            c,
-            "JSON: expected {:?} at {}",
-            c as char,
-            self.i
-        );
-        self.i += 1;
-    }
-
-    fn literal(&mut self, word: &str, v: Json) -> Json {
-        assert!(self.b[self.i..].starts_with(word.as_bytes()), "bad JSON");
-        self.i += word.len();
-        v
-    }
-
-    fn value(&mut self) -> Json {
-        match self.peek() {
-            b'{' => {
-                self.eat(b'{');
-                let mut fields = Vec::new();
-                if self.peek() == b'}' {
-                    self.i += 1;
-                    return Json::Obj(fields);
-                }
-                loop {
-                    let Json::Str(k) = self.value() else {
-                        panic!("JSON key is not a string")
-                    };
-                    self.eat(b':');
-                    fields.push((k, self.value()));
-                    if self.peek() == b',' {
-                        self.i += 1;
-                    } else {
-                        self.eat(b'}');
-                        return Json::Obj(fields);
-                    }
-                }
-            }
-            b'[' => {
-                self.eat(b'[');
-                let mut items = Vec::new();
-                if self.peek() == b']' {
-                    self.i += 1;
-                    return Json::Arr(items);
-                }
-                loop {
-                    items.push(self.value());
-                    if self.peek() == b',' {
-                        self.i += 1;
-                    } else {
-                        self.eat(b']');
-                        return Json::Arr(items);
-                    }
-                }
-            }
-            b'"' => {
-                self.i += 1;
-                let mut out = String::new();
-                loop {
-                    let c = self.b[self.i];
-                    self.i += 1;
-                    match c {
-                        b'"' => return Json::Str(out),
-                        b'\\' => {
-                            let e = self.b[self.i];
-                            self.i += 1;
-                            match e {
-                                b'n' => out.push('\n'),
-                                b't' => out.push('\t'),
-                                b'r' => out.push('\r'),
-                                b'b' => out.push('\u{8}'),
-                                b'f' => out.push('\u{c}'),
-                                b'u' => {
-                                    let hex = std::str::from_utf8(&self.b[self.i..self.i + 4])
-                                        .expect("hex");
-                                    let code = u32::from_str_radix(hex, 16).expect("hex");
-                                    out.push(char::from_u32(code).unwrap_or('?'));
-                                    self.i += 4;
-                                }
-                                other => out.push(other as char),
-                            }
-                        }
-                        _ => {
-                            // Copy a whole UTF-8 sequence.
-                            let start = self.i - 1;
-                            let mut end = self.i;
-                            while end < self.b.len() && (self.b[end] & 0xc0) == 0x80 {
-                                end += 1;
-                            }
-                            out.push_str(std::str::from_utf8(&self.b[start..end]).expect("utf8"));
-                            self.i = end;
-                        }
-                    }
-                }
-            }
-            b't' => self.literal("true", Json::Bool(true)),
-            b'f' => self.literal("false", Json::Bool(false)),
-            b'n' => self.literal("null", Json::Null),
-            _ => {
-                let start = self.i;
-                while self.i < self.b.len() && b"+-0123456789.eE".contains(&self.b[self.i]) {
-                    self.i += 1;
-                }
-                let t = std::str::from_utf8(&self.b[start..self.i]).expect("number");
-                match t.parse::<i128>() {
-                    Ok(n) => Json::Int(n),
-                    Err(_) => Json::Float(t.parse().unwrap_or_else(|_| panic!("bad number {t}"))),
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Data patterns and models
-// ---------------------------------------------------------------------------
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Deterministic pseudo-random bytes for guest range `[offset, offset+len)`:
-/// byte `p` depends only on `(seed, p)`, so misplaced data is detected.
-fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {
-    let key = splitmix64(seed ^ 0x5eed_0000_0000_0000);
-    (offset..offset + len)
-        .map(|p| (splitmix64(key ^ (p / 8)) >> ((p % 8) * 8)) as u8)
-        .collect()
-}
-
-/// xorshift64*: a small deterministic generator for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The expected guest contents as a list of writes applied in order over
-/// zeros; cheap for huge sparse disks.
-#[derive(Default)]
-struct SparseModel {
-    writes: Vec<(u64, Vec<u8>)>,
-}
-
-impl SparseModel {
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.writes.push((offset, data.to_vec()));
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) {
-        buf.fill(0);
-        let end = offset + buf.len() as u64;
-        for (at, data) in &self.writes {
-            let (from, to) = ((*at).max(offset), (at + data.len() as u64).min(end));
-            if from < to {
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
-            }
-        }
-    }
-}
-
-/// A flat model of the guest disk as a (sparse) raw file on the host, for
-/// `qemu-img compare`.
-struct RawModel {
-    path: PathBuf,
-    file: File,
-}
-
-impl RawModel {
-    fn create(path: &Path, size: u64) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .expect("create raw model");
-        file.set_len(size).expect("size raw model");
-        RawModel {
-            path: path.to_path_buf(),
-            file,
-        }
-    }
-
-    /// An existing raw file (say from `qemu-img convert`) as the model.
-    fn open(path: &Path) -> Self {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .expect("open raw model");
-        RawModel {
-            path: path.to_path_buf(),
-            file,
-        }
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.file
-            .write_all_at(data, offset)
-            .expect("write raw model");
-    }
-}
-
-/// Reads `buf.len()` bytes of a raw file at `offset`.
-fn read_raw(file: &File, offset: u64, buf: &mut [u8]) {
-    file.read_exact_at(buf, offset).expect("read raw file");
-}
-
-/// Panics with the first differing byte of two equal-length buffers.
-fn assert_same_bytes(what: &str, offset: u64, ours: &[u8], expected: &[u8]) {
-    assert_eq!(ours.len(), expected.len());
-    if ours == expected {
-        return;
-    }
-    if let Some(i) = ours.iter().zip(expected).position(|(a, b)| a != b) {
-        let j = ours[i..]
-            .iter()
-            .zip(&expected[i..])
-            .rposition(|(a, b)| a != b)
-            .map_or(i, |k| i + k);
-        panic!(
-            "{what}: mismatch at guest offset {:#x} (first of a differing span up to {:#x}): \
-             ours {:#04x}, expected {:#04x}",
-            offset + i as u64,
-            offset + j as u64,
-            ours[i],
-            expected[i]
-        );
-    }
-}
+use test_support::model::{assert_same_bytes, read_file_at, RawModel, SparseModel};
+use test_support::process::describe;
+use test_support::qemu::{self, Extent};
+use test_support::{path_str, pattern_at, run, stdout, Rng, Scratch, GIB, KIB, MIB, PIB};
 
 // ---------------------------------------------------------------------------
 // Our side
@@ -682,7 +147,7 @@ fn random_writes(
     seed: u64,
     first: Option<Image<FileDevice>>,
 ) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut img = first.unwrap_or_else(|| open_rw(path));
     let mut written = 0;
     let mut reopened = false;
@@ -690,7 +155,7 @@ fn random_writes(
     while written < total {
         let len = 1 + rng.below(12 * KIB);
         let offset = rng.below(size - len);
-        let data = pattern(seed.wrapping_add(n), offset, len);
+        let data = pattern_at(seed.wrapping_add(n), offset, len);
         our_write(&mut img, offset, &data);
         model.write(offset, &data);
         written += len;
@@ -706,10 +171,10 @@ fn random_writes(
 
 /// Full verification of one of our images against a flat model.
 fn verify_ours_fully(path: &Path, model: &RawModel, size: u64) {
-    qemu_check_clean(path);
-    qemu_compare_identical(&model.path, path);
-    let expected = |at: u64, buf: &mut [u8]| read_raw(&model.file, at, buf);
-    let extents = qemu_map(path);
+    qemu::check_clean(path);
+    model.assert_matches(path);
+    let expected = |at: u64, buf: &mut [u8]| model.read(at, buf);
+    let extents = qemu::map(path);
     let mut img = open_ro(path);
     assert_eq!(img.virtual_size(), size);
     verify_against_qemu(&mut img, &extents, &expected, u64::MAX);
@@ -870,7 +335,7 @@ impl Op {
     /// are written as data).
     fn our_bytes(&self) -> Vec<u8> {
         match self.kind {
-            OpKind::Data(tag) => pattern(u64::from(tag), self.offset, self.len),
+            OpKind::Data(tag) => pattern_at(u64::from(tag), self.offset, self.len),
             _ => vec![0; self.len as usize],
         }
     }
@@ -923,23 +388,17 @@ fn followup_plan(cs: u64, size: u64) -> Vec<Op> {
 
 /// Checks `qemu-img info` against the configuration we created.
 fn assert_qemu_info(path: &Path, c: &Config, size: u64) {
-    let info = qemu_info(path);
-    assert_eq!(info.u64_at("virtual-size"), size, "{info:?}");
-    assert_eq!(info.u64_at("cluster-size"), c.cluster_size(), "{info:?}");
-    assert!(!info.bool_at("dirty-flag"), "{info:?}");
-    let data = info
-        .get("format-specific")
-        .and_then(|f| f.get("data"))
-        .expect("format-specific data");
-    assert_eq!(data.str_at("compat"), c.version.compat(), "{info:?}");
-    assert_eq!(
-        data.u64_at("refcount-bits"),
-        1 << c.refcount_order,
-        "{info:?}"
-    );
+    let info = qemu::info(path);
+    assert_eq!(info["virtual-size"], size, "{info:?}");
+    assert_eq!(info["cluster-size"], c.cluster_size(), "{info:?}");
+    assert_eq!(info["dirty-flag"], false, "{info:?}");
+    let data = &info["format-specific"]["data"];
+    assert!(data.is_object(), "format-specific data: {info:?}");
+    assert_eq!(data["compat"], c.version.compat(), "{info:?}");
+    assert_eq!(data["refcount-bits"], 1u64 << c.refcount_order, "{info:?}");
     if c.version == Version::V3 {
-        assert_eq!(data.bool_at("lazy-refcounts"), c.lazy, "{info:?}");
-        assert!(!data.bool_at("corrupt"), "{info:?}");
+        assert_eq!(data["lazy-refcounts"], c.lazy, "{info:?}");
+        assert_eq!(data["corrupt"], false, "{info:?}");
     }
 }
 
@@ -976,26 +435,26 @@ fn for_each_config(configs: &[Config], f: impl Fn(&Config)) {
 // ---------------------------------------------------------------------------
 
 fn qemu_writes_we_read(c: &Config) {
-    let dir = TempDir::new(&format!("qemu-writes-{}", c.name()));
+    let dir = Scratch::new(&format!("qemu-writes-{}", c.name()));
     let path = dir.join("qemu.qcow2");
     let raw_path = dir.join("expected.raw");
     let cs = c.cluster_size();
     let size = matrix_size(cs);
-    qemu_create(&path, &c.qemu_options(), size);
+    qemu::create(&path, &c.qemu_options(), size);
     let plan = matrix_plan(cs, size);
-    qemu_io(
+    qemu::io(
         &path,
         &plan.iter().map(Op::qemu_command).collect::<Vec<_>>(),
     );
-    qemu_check_clean(&path);
-    qemu_img(&[
+    qemu::check_clean(&path);
+    qemu::img(&[
         "convert",
         "-f",
         "qcow2",
         "-O",
         "raw",
-        s(&path),
-        s(&raw_path),
+        path_str(&path),
+        path_str(&raw_path),
     ]);
     let raw = File::open(&raw_path).expect("open converted raw");
     assert_eq!(raw.metadata().unwrap().len(), size, "converted size");
@@ -1008,7 +467,7 @@ fn qemu_writes_we_read(c: &Config) {
     for o in &plan {
         let mut from_raw = vec![0; o.len as usize];
         let mut from_model = vec![0; o.len as usize];
-        read_raw(&raw, o.offset, &mut from_raw);
+        read_file_at(&raw, o.offset, &mut from_raw);
         model.read(o.offset, &mut from_model);
         assert_same_bytes(
             "QEMU's converted image vs plan",
@@ -1018,8 +477,8 @@ fn qemu_writes_we_read(c: &Config) {
         );
     }
 
-    let expected = |at: u64, buf: &mut [u8]| read_raw(&raw, at, buf);
-    let extents = qemu_map(&path);
+    let expected = |at: u64, buf: &mut [u8]| read_file_at(&raw, at, buf);
+    let extents = qemu::map(&path);
     {
         let mut img = open_ro(&path);
         let info = img.info();
@@ -1034,8 +493,8 @@ fn qemu_writes_we_read(c: &Config) {
 
     // Opening read-write and closing changes nothing QEMU cares about.
     open_rw(&path).close().expect("close");
-    qemu_check_clean(&path);
-    qemu_compare_identical(&raw_path, &path);
+    qemu::check_clean(&path);
+    qemu::compare_identical(&raw_path, &path);
 
     // Our writes into QEMU's layout.
     let model = RawModel::open(&raw_path);
@@ -1046,9 +505,9 @@ fn qemu_writes_we_read(c: &Config) {
         model.write(o.offset, &data);
     }
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_compare_identical(&raw_path, &path);
-    let extents = qemu_map(&path);
+    qemu::check_clean(&path);
+    qemu::compare_identical(&raw_path, &path);
+    let extents = qemu::map(&path);
     let mut img = open_ro(&path);
     verify_against_qemu(&mut img, &extents, &expected, u64::MAX);
 }
@@ -1078,7 +537,7 @@ fn qemu_writes_we_read_2m_clusters() {
 // ---------------------------------------------------------------------------
 
 fn we_write_qemu_reads(c: &Config) {
-    let dir = TempDir::new(&format!("we-write-{}", c.name()));
+    let dir = Scratch::new(&format!("we-write-{}", c.name()));
     let path = dir.join("ours.qcow2");
     let raw_path = dir.join("expected.raw");
     let cs = c.cluster_size();
@@ -1106,13 +565,12 @@ fn we_write_qemu_reads(c: &Config) {
     }
     img.close().expect("close");
 
-    qemu_check_clean(&path);
+    qemu::check_clean(&path);
     assert_qemu_info(&path, c, size);
-    qemu_compare_identical(&raw_path, &path);
+    qemu::compare_identical(&raw_path, &path);
 
-    let raw = &model.file;
-    let expected = |at: u64, buf: &mut [u8]| read_raw(raw, at, buf);
-    let extents = qemu_map(&path);
+    let expected = |at: u64, buf: &mut [u8]| model.read(at, buf);
+    let extents = qemu::map(&path);
     let mut img = open_ro(&path);
     verify_against_qemu(&mut img, &extents, &expected, u64::MAX);
     drop(img);
@@ -1128,15 +586,15 @@ fn we_write_qemu_reads(c: &Config) {
         op(OpKind::Discard, l2 - cs, cs),
         op(OpKind::Data(0xc2), fresh, 3 * cs),
     ];
-    qemu_io(
+    qemu::io(
         &path,
         &theirs.iter().map(Op::qemu_command).collect::<Vec<_>>(),
     );
     for o in &theirs {
         model.write(o.offset, &o.qemu_bytes());
     }
-    qemu_check_clean(&path);
-    qemu_compare_identical(&raw_path, &path);
+    qemu::check_clean(&path);
+    qemu::compare_identical(&raw_path, &path);
     let mut img = open_rw(&path);
     for o in [
         op(OpKind::Data(0xd1), 100, 200),
@@ -1148,9 +606,9 @@ fn we_write_qemu_reads(c: &Config) {
         model.write(o.offset, &o.our_bytes());
     }
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_compare_identical(&raw_path, &path);
-    let extents = qemu_map(&path);
+    qemu::check_clean(&path);
+    qemu::compare_identical(&raw_path, &path);
+    let extents = qemu::map(&path);
     let mut img = open_ro(&path);
     verify_against_qemu(&mut img, &extents, &expected, u64::MAX);
 }
@@ -1197,11 +655,11 @@ fn two_pib_plan() -> Vec<Op> {
 
 #[test]
 fn qemu_writes_2_pib_sparse_image_we_read() {
-    let dir = TempDir::new("qemu-2pib");
+    let dir = Scratch::new("qemu-2pib");
     let path = dir.join("qemu.qcow2");
-    qemu_create(&path, "", TWO_PIB);
+    qemu::create(&path, "", TWO_PIB);
     let plan = two_pib_plan();
-    qemu_io(
+    qemu::io(
         &path,
         &plan.iter().map(Op::qemu_command).collect::<Vec<_>>(),
     );
@@ -1232,8 +690,8 @@ fn qemu_writes_2_pib_sparse_image_we_read() {
     let tail = op(OpKind::Data(0x6a), TWO_PIB - 5 * 64 * KIB - 300, 64 * KIB);
     our_write(&mut img, tail.offset, &tail.qemu_bytes());
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_io(
+    qemu::check_clean(&path);
+    qemu::io(
         &path,
         &[
             format!("read -P 0x6a {} {}", tail.offset, tail.len),
@@ -1248,7 +706,7 @@ fn qemu_writes_2_pib_sparse_image_we_read() {
 
 #[test]
 fn we_write_2_pib_sparse_image_qemu_reads() {
-    let dir = TempDir::new("ours-2pib");
+    let dir = Scratch::new("ours-2pib");
     let path = dir.join("ours.qcow2");
     let dev = FileDevice::create(&path).expect("create image file");
     let mut img = Image::create(dev, &CreateOptions::new(TWO_PIB)).expect("create 2 PiB");
@@ -1269,9 +727,9 @@ fn we_write_2_pib_sparse_image_qemu_reads() {
     model.write(noise.offset, &noise.our_bytes());
     img.close().expect("close");
 
-    qemu_check_clean(&path);
-    let info = qemu_info(&path);
-    assert_eq!(info.u64_at("virtual-size"), TWO_PIB);
+    qemu::check_clean(&path);
+    let info = qemu::info(&path);
+    assert_eq!(info["virtual-size"], TWO_PIB);
     let mut commands = Vec::new();
     for o in &plan {
         let OpKind::Data(tag) = o.kind else {
@@ -1283,8 +741,8 @@ fn we_write_2_pib_sparse_image_qemu_reads() {
             commands.push(format!("read -P 0 {} 512", (o.offset - 512) / 512 * 512));
         }
     }
-    qemu_io(&path, &commands);
-    let window = qemu_extract(&dir, &path, noise.offset - 1000, noise.len + 2000);
+    qemu::io(&path, &commands);
+    let window = qemu::extract(&dir, &path, noise.offset - 1000, noise.len + 2000);
     let mut want = vec![0; window.len()];
     model.read(noise.offset - 1000, &mut want);
     assert_same_bytes(
@@ -1320,7 +778,7 @@ fn small_clusters_wide_refcounts_grow_and_move_refcount_table() {
         });
     }
     for_each_config(&configs, |c| {
-        let dir = TempDir::new(&format!("growth-{}", c.name()));
+        let dir = Scratch::new(&format!("growth-{}", c.name()));
         let path = dir.join("ours.qcow2");
         let size = 32 * MIB;
         let model = RawModel::create(&dir.join("ours.qcow2.raw"), size);
@@ -1353,13 +811,13 @@ fn small_clusters_every_refcount_width_refcount_table_relocation() {
         })
         .collect();
     for_each_config(&configs, |c| {
-        let dir = TempDir::new(&format!("relocate-{}", c.name()));
+        let dir = Scratch::new(&format!("relocate-{}", c.name()));
         let path = dir.join("ours.qcow2");
         let size = 16 * MIB;
         let model = RawModel::create(&dir.join("ours.qcow2.raw"), size);
         let dev = FileDevice::create(&path).expect("create image file");
         let mut img = Image::create(dev, &c.create_options(size)).expect("create");
-        let data = pattern(1, 0, 300 * KIB);
+        let data = pattern_at(1, 0, 300 * KIB);
         our_write(&mut img, 0, &data);
         model.write(0, &data);
         img.close().expect("close");
@@ -1399,17 +857,17 @@ fn small_clusters_every_refcount_width_refcount_table_relocation() {
 fn qemu_preallocated_metadata_host_offsets_beyond_4_gib() {
     // preallocation=metadata gives every guest cluster a host cluster, so
     // guest data at 4.5 GiB lives at a host offset beyond 4 GiB (sparse).
-    let dir = TempDir::new("qemu-prealloc");
+    let dir = Scratch::new("qemu-prealloc");
     let path = dir.join("qemu.qcow2");
     let size = 5 * GIB;
-    qemu_create(&path, "preallocation=metadata", size);
+    qemu::create(&path, "preallocation=metadata", size);
     let plan = [
         op(OpKind::Data(0x21), 4 * GIB + GIB / 2 - 700, 200 * KIB),
         op(OpKind::Data(0x22), 100, 1000),
         op(OpKind::Zero, 4 * GIB + GIB / 2 + 64 * KIB, 64 * KIB),
         op(OpKind::Data(0x23), size - 1024, 1024),
     ];
-    qemu_io(
+    qemu::io(
         &path,
         &plan.iter().map(Op::qemu_command).collect::<Vec<_>>(),
     );
@@ -1418,7 +876,7 @@ fn qemu_preallocated_metadata_host_offsets_beyond_4_gib() {
         model.write(o.offset, &o.qemu_bytes());
     }
     let expected = |at: u64, buf: &mut [u8]| model.read(at, buf);
-    let extents = qemu_map(&path);
+    let extents = qemu::map(&path);
     let mut img = open_ro(&path);
     let (m, _) = img.map(4 * GIB + GIB / 2).expect("map");
     let Mapping::Data { host } = m else {
@@ -1438,8 +896,8 @@ fn qemu_preallocated_metadata_host_offsets_beyond_4_gib() {
     our_write(&mut img, o.offset, &o.qemu_bytes());
     model.write(o.offset, &o.qemu_bytes());
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_io(
+    qemu::check_clean(&path);
+    qemu::io(
         &path,
         &[
             format!("read -P 0x31 {} {}", o.offset, o.len),
@@ -1447,7 +905,7 @@ fn qemu_preallocated_metadata_host_offsets_beyond_4_gib() {
         ],
     );
     let expected = |at: u64, buf: &mut [u8]| model.read(at, buf);
-    let extents = qemu_map(&path);
+    let extents = qemu::map(&path);
     let mut img = open_ro(&path);
     verify_against_qemu(&mut img, &extents, &expected, 64 * MIB);
     for (at, len) in windows(&[o], size) {
@@ -1470,7 +928,7 @@ fn we_allocate_host_offsets_beyond_4_gib_in_sparse_file() {
     };
     let configs = [config(16, 4), config(12, 3), config(9, 6)];
     for_each_config(&configs, |c| {
-        let dir = TempDir::new(&format!("host-4g-{}", c.name()));
+        let dir = Scratch::new(&format!("host-4g-{}", c.name()));
         let path = dir.join("ours.qcow2");
         let size = 8 * GIB;
         let model = RawModel::create(&dir.join("ours.qcow2.raw"), size);
@@ -1520,18 +978,18 @@ fn we_allocate_host_offsets_beyond_4_gib_in_sparse_file() {
 
 #[test]
 fn qemu_zstd_compression_type_image_uncompressed_data_works() {
-    let dir = TempDir::new("zstd");
+    let dir = Scratch::new("zstd");
     let path = dir.join("zstd.qcow2");
     let size = 64 * MIB;
-    qemu_create(&path, "compression_type=zstd", size);
-    qemu_io(&path, &["write -P 0x17 1000 200000".to_string()]);
+    qemu::create(&path, "compression_type=zstd", size);
+    qemu::io(&path, &["write -P 0x17 1000 200000".to_string()]);
     let mut img = open_rw(&path);
     assert_eq!(img.info().compression_type, 1);
     assert_eq!(our_read(&mut img, 1000, 200_000), vec![0x17; 200_000]);
     our_write(&mut img, 150_000, &[0x18; 100_000]);
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_io(
+    qemu::check_clean(&path);
+    qemu::io(
         &path,
         &[
             "read -P 0x17 1000 149000".to_string(),
@@ -1542,11 +1000,11 @@ fn qemu_zstd_compression_type_image_uncompressed_data_works() {
 
 #[test]
 fn qemu_compressed_clusters_are_reported_not_misread() {
-    let dir = TempDir::new("compressed");
+    let dir = Scratch::new("compressed");
     let path = dir.join("compressed.qcow2");
     let cs = 64 * KIB;
-    qemu_create(&path, "", 64 * MIB);
-    qemu_io(
+    qemu::create(&path, "", 64 * MIB);
+    qemu::io(
         &path,
         &[
             format!("write -c -P 0x33 {} {}", 2 * cs, 2 * cs),
@@ -1567,8 +1025,8 @@ fn qemu_compressed_clusters_are_reported_not_misread() {
     assert!(matches!(e, qcow2_core::Error::Unsupported(_)), "{e:?}");
     our_write(&mut img, 7 * cs - 10, &[0x55; 20]);
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_io(
+    qemu::check_clean(&path);
+    qemu::io(
         &path,
         &[
             format!("read -P 0x33 {} {}", 2 * cs, 2 * cs),
@@ -1581,9 +1039,9 @@ fn qemu_compressed_clusters_are_reported_not_misread() {
 fn qemu_crashed_lazy_refcount_image_we_repair_at_open() {
     // QEMU flushes data and L2 tables, then dies with the dirty bit set and
     // stale refcounts (qemu-img check reports errors).
-    let dir = TempDir::new("qemu-dirty");
+    let dir = Scratch::new("qemu-dirty");
     let path = dir.join("dirty.qcow2");
-    qemu_create(&path, "lazy_refcounts=on", 64 * MIB);
+    qemu::create(&path, "lazy_refcounts=on", 64 * MIB);
     let args = [
         "-f",
         "qcow2",
@@ -1593,7 +1051,7 @@ fn qemu_crashed_lazy_refcount_image_we_repair_at_open() {
         "flush",
         "-c",
         "abort",
-        s(&path),
+        path_str(&path),
     ];
     let out = run("qemu-io", &args);
     assert!(
@@ -1601,7 +1059,7 @@ fn qemu_crashed_lazy_refcount_image_we_repair_at_open() {
         "{}",
         describe("qemu-io", &args, &out)
     );
-    let out = run("qemu-img", &["check", "-f", "qcow2", s(&path)]);
+    let out = run("qemu-img", &["check", "-f", "qcow2", path_str(&path)]);
     assert!(!out.status.success(), "QEMU sees stale refcounts");
 
     let mut img = open_ro(&path);
@@ -1613,9 +1071,9 @@ fn qemu_crashed_lazy_refcount_image_we_repair_at_open() {
     let mut img = open_rw(&path);
     our_write(&mut img, 250_000, &[0x67; 200_000]);
     img.close().expect("close");
-    qemu_check_clean(&path);
-    assert!(!qemu_info(&path).bool_at("dirty-flag"));
-    qemu_io(
+    qemu::check_clean(&path);
+    assert_eq!(qemu::info(&path)["dirty-flag"], false);
+    qemu::io(
         &path,
         &[
             "read -P 0x66 1000 249000".to_string(),
@@ -1629,7 +1087,7 @@ fn our_crashed_lazy_refcount_image_qemu_repairs() {
     // We write with lazy refcounts, flush, write more and vanish without
     // closing: the dirty bit is set; QEMU must repair it and keep what was
     // flushed.
-    let dir = TempDir::new("ours-dirty");
+    let dir = Scratch::new("ours-dirty");
     let path = dir.join("dirty.qcow2");
     let c = Config {
         cluster_bits: 16,
@@ -1643,10 +1101,10 @@ fn our_crashed_lazy_refcount_image_qemu_repairs() {
     img.flush().expect("flush");
     our_write(&mut img, 5 * MIB, &[0x69; 300_000]);
     drop(img);
-    assert!(qemu_info(&path).bool_at("dirty-flag"));
-    qemu_img(&["check", "-q", "-r", "all", "-f", "qcow2", s(&path)]);
-    qemu_check_clean(&path);
-    qemu_io(&path, &["read -P 0x68 1000 300000".to_string()]);
+    assert_eq!(qemu::info(&path)["dirty-flag"], true);
+    qemu::img(&["check", "-q", "-r", "all", "-f", "qcow2", path_str(&path)]);
+    qemu::check_clean(&path);
+    qemu::io(&path, &["read -P 0x68 1000 300000".to_string()]);
     let mut img = open_ro(&path);
     assert!(!img.info().dirty);
     assert_eq!(our_read(&mut img, 1000, 300_000), vec![0x68; 300_000]);
@@ -1654,12 +1112,12 @@ fn our_crashed_lazy_refcount_image_qemu_repairs() {
 
 #[test]
 fn qemu_internal_snapshot_image_read_only_then_writable_after_delete() {
-    let dir = TempDir::new("snapshot");
+    let dir = Scratch::new("snapshot");
     let path = dir.join("snap.qcow2");
-    qemu_create(&path, "", 64 * MIB);
-    qemu_io(&path, &["write -P 0x71 0 300000".to_string()]);
-    qemu_img(&["snapshot", "-c", "s1", s(&path)]);
-    qemu_io(&path, &["write -P 0x72 100000 100000".to_string()]);
+    qemu::create(&path, "", 64 * MIB);
+    qemu::io(&path, &["write -P 0x71 0 300000".to_string()]);
+    qemu::img(&["snapshot", "-c", "s1", path_str(&path)]);
+    qemu::io(&path, &["write -P 0x72 100000 100000".to_string()]);
     let mut img = open_ro(&path);
     assert_eq!(img.info().snapshots, 1);
     let got = our_read(&mut img, 0, 300_000);
@@ -1673,12 +1131,12 @@ fn qemu_internal_snapshot_image_read_only_then_writable_after_delete() {
         .expect("writing a snapshotted image is refused");
     assert!(matches!(e, qcow2_core::Error::Unsupported(_)), "{e:?}");
     // Deleting the snapshot restores refcount 1 and the COPIED flags.
-    qemu_img(&["snapshot", "-d", "s1", s(&path)]);
+    qemu::img(&["snapshot", "-d", "s1", path_str(&path)]);
     let mut img = open_rw(&path);
     our_write(&mut img, 250_000, &[0x73; 100_000]);
     img.close().expect("close");
-    qemu_check_clean(&path);
-    qemu_io(
+    qemu::check_clean(&path);
+    qemu::io(
         &path,
         &[
             "read -P 0x71 0 100000".to_string(),
@@ -1693,14 +1151,14 @@ fn qemu_internal_snapshot_image_read_only_then_writable_after_delete() {
 fn qemu_bitmap_image_reads_but_refuses_writes() {
     // Persistent dirty bitmaps are not maintained: a read-write open is
     // refused rather than leaving QEMU's bitmap clusters as leaks.
-    let dir = TempDir::new("bitmap");
+    let dir = Scratch::new("bitmap");
     let path = dir.join("bitmap.qcow2");
-    qemu_create(&path, "", 64 * MIB);
-    qemu_io(&path, &["write -P 0x81 0 100000".to_string()]);
-    qemu_img(&["bitmap", "--add", s(&path), "b0"]);
-    qemu_img(&["bitmap", "--add", s(&path), "b1"]);
+    qemu::create(&path, "", 64 * MIB);
+    qemu::io(&path, &["write -P 0x81 0 100000".to_string()]);
+    qemu::img(&["bitmap", "--add", path_str(&path), "b0"]);
+    qemu::img(&["bitmap", "--add", path_str(&path), "b1"]);
     // Writes while the bitmaps are enabled give them data clusters.
-    qemu_io(&path, &["write -P 0x80 1M 1M".to_string()]);
+    qemu::io(&path, &["write -P 0x80 1M 1M".to_string()]);
     let before = std::fs::read(&path).expect("read image");
     let dev = FileDevice::open(&path, true).expect("open file");
     match Image::open(dev, &OpenOptions::read_write()) {
@@ -1721,7 +1179,7 @@ fn qemu_bitmap_image_reads_but_refuses_writes() {
     // Our check accounts for the bitmap directory, tables and data.
     let report = img.check().expect("check");
     assert!(report.is_clean(), "{report:?}");
-    let out = run("qemu-img", &["check", s(&path)]);
+    let out = run("qemu-img", &["check", path_str(&path)]);
     assert!(
         out.status.success(),
         "{}",
@@ -1737,25 +1195,25 @@ fn qemu_bitmap_image_reads_but_refuses_writes() {
 fn qemu_grown_refcount_table_then_we_write() {
     // 512-byte clusters with 64-bit refcounts: QEMU itself outgrows the
     // initial refcount table and moves it; we then allocate in its layout.
-    let dir = TempDir::new("qemu-grown");
+    let dir = Scratch::new("qemu-grown");
     let path = dir.join("qemu.qcow2");
     let raw_path = dir.join("qemu.qcow2.raw");
     let size = 16 * MIB;
-    qemu_create(&path, "cluster_size=512,refcount_bits=64", size);
+    qemu::create(&path, "cluster_size=512,refcount_bits=64", size);
     let commands: Vec<String> = (0..48)
         .map(|i| format!("write -P {:#04x} {} 60000", i + 1, i * 300_000 + 77))
         .collect();
-    qemu_io(&path, &commands);
+    qemu::io(&path, &commands);
     let (_, clusters) = reftable(&path);
     assert!(clusters > 1, "QEMU grew its refcount table");
-    qemu_img(&[
+    qemu::img(&[
         "convert",
         "-f",
         "qcow2",
         "-O",
         "raw",
-        s(&path),
-        s(&raw_path),
+        path_str(&path),
+        path_str(&raw_path),
     ]);
     let model = RawModel::open(&raw_path);
     random_writes(&path, &model, size, 3 * MIB, 0x9999, None);
@@ -1766,12 +1224,19 @@ fn qemu_grown_refcount_table_then_we_write() {
 fn qemu_resized_image_relocated_l1_then_we_write() {
     let cases = [(9u32, 32 * MIB, 300 * MIB), (16, GIB, 3 * PIB / 2)];
     for (cluster_bits, from, to) in cases {
-        let dir = TempDir::new(&format!("resize-{cluster_bits}"));
+        let dir = Scratch::new(&format!("resize-{cluster_bits}"));
         let path = dir.join("qemu.qcow2");
         let cs = 1u64 << cluster_bits;
-        qemu_create(&path, &format!("cluster_size={cs}"), from);
-        qemu_io(&path, &[format!("write -P 0x91 {} {}", from - 1000, 1000)]);
-        qemu_img(&["resize", "-q", "-f", "qcow2", s(&path), &to.to_string()]);
+        qemu::create(&path, &format!("cluster_size={cs}"), from);
+        qemu::io(&path, &[format!("write -P 0x91 {} {}", from - 1000, 1000)]);
+        qemu::img(&[
+            "resize",
+            "-q",
+            "-f",
+            "qcow2",
+            path_str(&path),
+            &to.to_string(),
+        ]);
         let mut img = open_rw(&path);
         assert_eq!(img.virtual_size(), to);
         assert_eq!(our_read(&mut img, from - 1000, 1000), vec![0x91; 1000]);
@@ -1779,8 +1244,8 @@ fn qemu_resized_image_relocated_l1_then_we_write() {
         our_write(&mut img, from - 10, &[0x92; 20]);
         our_write(&mut img, to - 4096 - cs - 5, &[0x93; 4096]);
         img.close().expect("close");
-        qemu_check_clean(&path);
-        qemu_io(
+        qemu::check_clean(&path);
+        qemu::io(
             &path,
             &[
                 format!("read -P 0x91 {} 990", from - 1000),
@@ -1797,7 +1262,7 @@ fn qemu_resized_image_relocated_l1_then_we_write() {
 
 #[test]
 fn empty_and_one_sector_disks_both_ways() {
-    let dir = TempDir::new("tiny");
+    let dir = Scratch::new("tiny");
     for size in [0u64, 512] {
         for version in [Version::V2, Version::V3] {
             let c = Config {
@@ -1806,7 +1271,7 @@ fn empty_and_one_sector_disks_both_ways() {
                 version,
                 lazy: false,
             };
-            let ours = dir.join(&format!("ours-{size}-{}.qcow2", version.compat()));
+            let ours = dir.join(format!("ours-{size}-{}.qcow2", version.compat()));
             let dev = FileDevice::create(&ours).expect("create image file");
             let mut img = Image::create(dev, &c.create_options(size)).expect("create");
             if size > 0 {
@@ -1814,23 +1279,23 @@ fn empty_and_one_sector_disks_both_ways() {
             }
             assert!(img.write_at(size, &[1]).is_err(), "write past the end");
             img.close().expect("close");
-            qemu_check_clean(&ours);
+            qemu::check_clean(&ours);
             assert_qemu_info(&ours, &c, size);
             if size > 0 {
-                qemu_io(&ours, &["read -P 0xa5 0 512".to_string()]);
+                qemu::io(&ours, &["read -P 0xa5 0 512".to_string()]);
             }
 
-            let theirs = dir.join(&format!("qemu-{size}-{}.qcow2", version.compat()));
-            qemu_create(&theirs, &c.qemu_options(), size);
+            let theirs = dir.join(format!("qemu-{size}-{}.qcow2", version.compat()));
+            qemu::create(&theirs, &c.qemu_options(), size);
             if size > 0 {
-                qemu_io(&theirs, &["write -P 0x5a 0 512".to_string()]);
+                qemu::io(&theirs, &["write -P 0x5a 0 512".to_string()]);
             }
             let mut img = open_rw(&theirs);
             assert_eq!(img.virtual_size(), size);
             assert_eq!(our_read(&mut img, 0, size), vec![0x5a; size as usize]);
             assert!(img.read_at(size, &mut [0]).is_err(), "read past the end");
             img.close().expect("close");
-            qemu_check_clean(&theirs);
+            qemu::check_clean(&theirs);
         }
     }
 }
@@ -1862,16 +1327,16 @@ fn random_qemu_ops(rng: &mut Rng, cs: u64, size: u64, n: usize) -> Vec<Op> {
 }
 
 fn ping_pong(c: &Config) {
-    let dir = TempDir::new(&format!("ping-pong-{}", c.name()));
+    let dir = Scratch::new(&format!("ping-pong-{}", c.name()));
     let path = dir.join("image.qcow2");
     let raw_path = dir.join("image.qcow2.raw");
     let cs = c.cluster_size();
     let size = 8 * MIB + 3 * 512;
     let model = RawModel::create(&raw_path, size);
-    let mut rng = Rng(0x1234_5678 ^ u64::from(c.cluster_bits * 8 + c.refcount_order));
+    let mut rng = Rng::new(0x1234_5678 ^ u64::from(c.cluster_bits * 8 + c.refcount_order));
     // Alternate who creates the image.
     if c.refcount_order.is_multiple_of(2) {
-        qemu_create(&path, &c.qemu_options(), size);
+        qemu::create(&path, &c.qemu_options(), size);
     } else {
         let dev = FileDevice::create(&path).expect("create image file");
         Image::create(dev, &c.create_options(size))
@@ -1881,21 +1346,21 @@ fn ping_pong(c: &Config) {
     }
     for round in 0..8 {
         let ops = random_qemu_ops(&mut rng, cs, size, 12);
-        qemu_io(&path, &ops.iter().map(Op::qemu_command).collect::<Vec<_>>());
+        qemu::io(&path, &ops.iter().map(Op::qemu_command).collect::<Vec<_>>());
         for o in &ops {
             model.write(o.offset, &o.qemu_bytes());
         }
-        qemu_check_clean(&path);
+        qemu::check_clean(&path);
         let mut img = open_rw(&path);
         for i in 0..12 {
             let len = 1 + rng.below(3 * cs);
             let offset = rng.below(size - len);
-            let data = pattern(round * 100 + i, offset, len);
+            let data = pattern_at(round * 100 + i, offset, len);
             our_write(&mut img, offset, &data);
             model.write(offset, &data);
         }
         img.close().expect("close");
-        qemu_check_clean(&path);
+        qemu::check_clean(&path);
     }
     verify_ours_fully(&path, &model, size);
 }
@@ -1930,7 +1395,7 @@ fn ping_pong_qemu_and_we_take_turns_on_one_image() {
 fn qemu_amend_rewrites_our_refcounts_and_version_then_we_continue() {
     // `qemu-img amend` rebuilds the refcount structures for a new width and
     // downgrades the version; we keep reading and writing after each step.
-    let dir = TempDir::new("amend");
+    let dir = Scratch::new("amend");
     let path = dir.join("ours.qcow2");
     let raw_path = dir.join("ours.qcow2.raw");
     let size = 32 * MIB;
@@ -1953,8 +1418,8 @@ fn qemu_amend_rewrites_our_refcounts_and_version_then_we_continue() {
     .into_iter()
     .enumerate()
     {
-        qemu_img(&["amend", "-f", "qcow2", "-o", amend, s(&path)]);
-        qemu_check_clean(&path);
+        qemu::img(&["amend", "-f", "qcow2", "-o", amend, path_str(&path)]);
+        qemu::check_clean(&path);
         random_writes(&path, &model, size, MIB, 0xa2 + i as u64, None);
         verify_ours_fully(&path, &model, size);
     }
@@ -1975,20 +1440,20 @@ fn our_process_crash_without_close_leaves_at_most_leaks() {
         lazy: false,
     };
     for_each_config(&[config(9, 4), config(12, 6), config(16, 0)], |c| {
-        let dir = TempDir::new(&format!("crash-{}", c.name()));
+        let dir = Scratch::new(&format!("crash-{}", c.name()));
         let path = dir.join("ours.qcow2");
         let cs = c.cluster_size();
         let size = (64 * GIB).min(cs * (cs / 8) * 16384);
         let half = size / 2;
         let mut model = SparseModel::default();
-        let mut rng = Rng(0xc4a5 + u64::from(c.cluster_bits));
+        let mut rng = Rng::new(0xc4a5 + u64::from(c.cluster_bits));
         let dev = FileDevice::create(&path).expect("create image file");
         let mut img = Image::create(dev, &c.create_options(size)).expect("create");
         let mut flushed = Vec::new();
         for i in 0..1500 {
             let len = 1 + rng.below(2 * cs);
             let offset = rng.below(half - len);
-            let data = pattern(i, offset, len);
+            let data = pattern_at(i, offset, len);
             our_write(&mut img, offset, &data);
             model.write(offset, &data);
             flushed.push((offset, len));
@@ -1997,30 +1462,30 @@ fn our_process_crash_without_close_leaves_at_most_leaks() {
         for i in 0..1500 {
             let len = 1 + rng.below(2 * cs);
             let offset = half + rng.below(half - len);
-            our_write(&mut img, offset, &pattern(10_000 + i, offset, len));
+            our_write(&mut img, offset, &pattern_at(10_000 + i, offset, len));
         }
         drop(img);
 
-        let args = ["check", "-f", "qcow2", "--output", "json", s(&path)];
+        let args = ["check", "-f", "qcow2", "--output", "json", path_str(&path)];
         let out = run("qemu-img", &args);
         let report = describe("qemu-img", &args, &out);
-        let json = Json::parse(&String::from_utf8_lossy(&out.stdout));
+        let json = qemu::json(&stdout(&out));
         assert_eq!(json.get("corruptions"), None, "{report}");
-        assert_eq!(json.u64_at("check-errors"), 0, "{report}");
+        assert_eq!(json["check-errors"], 0, "{report}");
         eprintln!(
             "{}: {} leaked clusters after the crash",
             c.name(),
-            json.get("leaks").and_then(Json::as_u64).unwrap_or(0)
+            json["leaks"].as_u64().unwrap_or(0)
         );
-        qemu_img(&["check", "-q", "-r", "leaks", "-f", "qcow2", s(&path)]);
-        qemu_check_clean(&path);
+        qemu::img(&["check", "-q", "-r", "leaks", "-f", "qcow2", path_str(&path)]);
+        qemu::check_clean(&path);
         let expected = |at: u64, buf: &mut [u8]| model.read(at, buf);
         let mut img = open_ro(&path);
         for &(offset, len) in &flushed {
             compare_range(&mut img, offset, len, &expected);
         }
         let (offset, len) = flushed[flushed.len() / 2];
-        let window = qemu_extract(&dir, &path, offset, len);
+        let window = qemu::extract(&dir, &path, offset, len);
         let mut want = vec![0; len as usize];
         model.read(offset, &mut want);
         assert_same_bytes("QEMU's read of flushed data", offset, &window, &want);

@@ -6,38 +6,10 @@ use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, Version, SECTOR,
 };
 use qcow2_std_shim::{block_on, RamDevice};
-use std::path::PathBuf;
-use std::process::Command;
-
-/// xorshift64*: small, deterministic, good enough for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use test_support::model::assert_image_matches;
+use test_support::{ok, path_str, qemu_img, qemu_io, Rng, Scratch};
 
 type Tiny<const K: usize> = Qcow2<RamDevice, [Slot<K>; 3], K>;
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("qcow2-model-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is installed")
-}
 
 /// Runs `ops` random operations on a fresh image and checks every read
 /// against the model; returns the final device and model.
@@ -50,7 +22,7 @@ fn run_model<const K: usize>(
     let sectors = (size / SECTOR) as u64;
     let cluster_sectors = (1u64 << options.cluster_bits) / SECTOR as u64;
     let mut model = vec![0u8; size];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let cache = || [const { Slot::<K>::EMPTY }; 3];
     let mut img: Tiny<K> = block_on(Qcow2::create(RamDevice::new(), cache(), options)).unwrap();
     for op in 0..ops {
@@ -61,7 +33,7 @@ fn run_model<const K: usize>(
         let range = first as usize * SECTOR..(first + len) as usize * SECTOR;
         match rng.below(12) {
             0..=3 => {
-                let tag = rng.next();
+                let tag = rng.next_u64();
                 let mut buf = vec![[0u8; SECTOR]; len as usize];
                 for (i, s) in buf.iter_mut().enumerate() {
                     s.fill((tag as u8).wrapping_add(i as u8));
@@ -121,35 +93,10 @@ fn run_model<const K: usize>(
     (dev, model)
 }
 
-/// `qemu-img check` exits 0 with no leaks, and the contents equal the model.
+/// `qemu-img check` finds the image clean, and its contents equal the model.
 fn qemu_agrees(dev: &RamDevice, model: &[u8], name: &str) {
-    let image = tmp(&format!("{name}.qcow2"));
-    let raw = tmp(&format!("{name}.raw"));
-    std::fs::write(&image, dev.as_bytes()).unwrap();
-    std::fs::write(&raw, model).unwrap();
-    let check = qemu_img(&["check", image.to_str().unwrap()]);
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        check.status.success(),
-        "{name}: qemu-img check failed:\n{report}"
-    );
-    assert!(report.contains("No errors were found"), "{name}: {report}");
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        raw.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "{name}: qemu-img compare: {}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
-    std::fs::remove_file(image).ok();
-    std::fs::remove_file(raw).ok();
+    let dir = Scratch::new(&format!("model-{name}"));
+    assert_image_matches(&dir, name, dev.as_bytes(), model);
 }
 
 fn options(size: u64, cluster_bits: u32, refcount_order: u32, version: Version) -> CreateOptions {
@@ -286,7 +233,8 @@ fn image_on_a_fixed_partition_uses_the_space_inside_it() {
 #[test]
 fn host_offsets_beyond_4_gib_round_trip_through_qemu() {
     use qcow2_std_shim::{FileDevice, Image};
-    let path = tmp("beyond-4g.qcow2");
+    let dir = Scratch::new("model-beyond-4g");
+    let path = dir.join("beyond-4g.qcow2");
     let img = Image::create(
         FileDevice::create(&path).unwrap(),
         &CreateOptions::new(8 << 30),
@@ -312,29 +260,20 @@ fn host_offsets_beyond_4_gib_round_trip_through_qemu() {
         other => panic!("guest offset 0 not mapped to data: {other:?}"),
     }
     img.close().unwrap();
-    let p = path.to_str().unwrap();
-    let check = qemu_img(&["check", p]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
-    let io = Command::new("qemu-io")
-        .args([
-            "-r",
-            "-c",
-            "read -P 0x11 0 64k",
-            "-c",
-            "read -P 0x22 6442451456 70000",
-            "-c",
-            "read -P 0 6442521456 512",
-            p,
-        ])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&io.stdout);
-    assert!(io.status.success() && !out.contains("failed"), "{out}");
-    std::fs::remove_file(&path).ok();
+    let p = path_str(&path);
+    ok(qemu_img(&["check", p]), "qemu-img check");
+    let io = qemu_io(&[
+        "-r",
+        "-c",
+        "read -P 0x11 0 64k",
+        "-c",
+        "read -P 0x22 6442451456 70000",
+        "-c",
+        "read -P 0 6442521456 512",
+        p,
+    ]);
+    let out = ok(io, "qemu-io");
+    assert!(!out.contains("failed"), "{out}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Models of the guest disk: what a test expects an image to read as.
 
+use crate::Scratch;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -121,13 +122,42 @@ pub fn assert_same_bytes(what: &str, offset: u64, ours: &[u8], expected: &[u8]) 
     }
 }
 
-/// Writes `model` (guest bytes) to `raw` and `image` (an image's bytes) to
-/// `qcow2`, then asserts that `qemu-img check` finds the image clean and
-/// `qemu-img compare` finds it equal to the model. For images that live in
-/// memory (RAM devices).
-pub fn assert_image_matches(image: &[u8], model: &[u8], qcow2: &Path, raw: &Path) {
-    std::fs::write(qcow2, image).expect("write image");
-    std::fs::write(raw, model).expect("write model");
-    crate::qemu::check_clean(qcow2);
-    crate::qemu::compare_identical(raw, qcow2);
+/// Writes `image` (an image's bytes, say from a RAM device) and `model`
+/// (the guest bytes it should hold) to `NAME.qcow2` and `NAME.raw` in
+/// `dir`, asserts that `qemu-img check` finds the image clean and `qemu-img
+/// compare` finds it equal to the model, then removes both files.
+pub fn assert_image_matches(dir: &Scratch, name: &str, image: &[u8], model: &[u8]) {
+    let (qcow2, raw) = (
+        dir.join(format!("{name}.qcow2")),
+        dir.join(format!("{name}.raw")),
+    );
+    std::fs::write(&qcow2, image).expect("write image");
+    std::fs::write(&raw, model).expect("write model");
+    crate::qemu::check_clean(&qcow2);
+    crate::qemu::compare_identical(&raw, &qcow2);
+    std::fs::remove_file(qcow2).expect("remove image");
+    std::fs::remove_file(raw).expect("remove model");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_writes_win_and_the_rest_reads_zeros() {
+        let mut model = SparseModel::default();
+        model.write(2, &[1, 1, 1, 1]);
+        model.write(4, &[2, 2, 2]);
+        let mut buf = [9; 8];
+        model.read(1, &mut buf);
+        assert_eq!(buf, [0, 1, 1, 2, 2, 2, 0, 0]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "mismatch at guest offset 0x102 (first of a differing span up to 0x104)"
+    )]
+    fn a_difference_is_named_by_guest_offset() {
+        assert_same_bytes("test", 0x100, &[0, 0, 1, 0, 1], &[0, 0, 0, 0, 0]);
+    }
 }

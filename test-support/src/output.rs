@@ -34,3 +34,30 @@ pub fn as_ours(text: &str) -> String {
     text.replace("qemu-io: ", "qcow2-tool: ")
         .replace("qemu-img: ", "qcow2-tool: ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_are_taken_out() {
+        let io = "wrote 512/512 bytes at offset 0\n\
+                  512 bytes, 1 ops; 00.00 sec (1.2 MiB/sec and 2400 ops/sec)\n";
+        assert_eq!(io_without_timing(io), ["wrote 512/512 bytes at offset 0"]);
+        let bench = "Sending 1 read requests\nRun completed in 0.012 seconds.\n";
+        assert_eq!(
+            bench_without_time(bench),
+            ["Sending 1 read requests", "Run completed in T seconds."]
+        );
+        assert_eq!(
+            as_ours("qemu-img: no\nqemu-io: nor"),
+            "qcow2-tool: no\nqcow2-tool: nor"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "three decimals")]
+    fn a_bench_time_of_another_form_is_refused() {
+        bench_without_time("Run completed in 1.5 seconds.");
+    }
+}

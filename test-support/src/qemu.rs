@@ -211,3 +211,66 @@ pub fn extract(dir: &Scratch, path: impl AsRef<Path>, offset: u64, len: u64) -> 
     let skip = (offset - start) as usize;
     bytes[skip..skip + len as usize].to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raw::{header, peek64, poke};
+
+    #[test]
+    fn an_image_qemu_wrote_is_read_back_through_json() {
+        let dir = Scratch::new("support-qemu");
+        let image = dir.join("a.qcow2");
+        create(&image, "cluster_size=4096", 1 << 20);
+        io(&image, &["write -P 7 4096 8192", "write -z 65536 4096"]);
+        check_clean(&image);
+        assert_eq!(info(&image)["cluster-size"], 4096);
+        assert_eq!(data_ranges(&image), [(4096, 12288)]);
+        let map = map(&image);
+        assert!(map[1].data && map[1].offset.is_some(), "{map:?}");
+        assert_eq!(
+            guest_map(&image),
+            [
+                (0, 4096, false, true),
+                (4096, 12288, true, false),
+                (12288, 1 << 20, false, true)
+            ]
+        );
+        assert_eq!(extract(&dir, &image, 4000, 200)[96..], [7; 104]);
+        let raw = dir.join("a.raw");
+        img(&["convert", "-O", "raw", path_str(&image), path_str(&raw)]);
+        compare_identical(&raw, &image);
+        let (report, code) = check_json("qemu-img", &[], path_str(&image));
+        assert_eq!(
+            (report["allocated-clusters"].as_u64(), code),
+            (Some(2), Some(0))
+        );
+        assert_eq!(report.get("filename"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "qemu-img check failed")]
+    fn a_leak_fails_check_clean() {
+        let dir = Scratch::new("support-leak");
+        let image = dir.join("a.qcow2");
+        create(&image, "cluster_size=65536", 1 << 20);
+        // A refcount of 1 for the (unused) fifth cluster: a leak, exit 3.
+        let block = peek64(&image, header::REFCOUNT_TABLE_OFFSET) + 65536;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .and_then(|f| f.set_len(6 * 65536))
+            .expect("grow image");
+        poke(&image, block + 2 * 5, &1u16.to_be_bytes());
+        check_clean(&image);
+    }
+
+    #[test]
+    #[should_panic(expected = "Pattern verification failed")]
+    fn a_failed_pattern_fails_io() {
+        let dir = Scratch::new("support-pattern");
+        let image = dir.join("a.qcow2");
+        create(&image, "", 1 << 20);
+        io(&image, &["read -P 1 0 512"]);
+    }
+}

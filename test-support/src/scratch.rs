@@ -37,7 +37,7 @@ impl Scratch {
     }
 
     /// `name` inside the directory.
-    pub fn join(&self, name: &str) -> PathBuf {
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
         self.dir.join(name)
     }
 
