@@ -2,7 +2,7 @@
 //! refcount table on demand.
 
 use crate::cache::{Kind, Order, Slot};
-use crate::format::{refcount, shr_ceil, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Each round of allocation either succeeds or creates refcount metadata;
@@ -167,20 +167,18 @@ where
         let old_entries = self.geo.reftable_entries;
         let old_clusters = self.geo.cluster_of(self.geo.reftable_bytes());
         let start = old_entries << self.geo.refblock_bits;
-        let wanted_entries = (cluster >> self.geo.refblock_bits) + 1;
-        let mut table_clusters = old_clusters + (old_clusters / 2).max(1);
-        let mut blocks = 1u64;
-        for _ in 0..8 {
-            let end = start + blocks + table_clusters;
-            let new_blocks = shr_ceil(end, self.geo.refblock_bits) - old_entries;
-            let entries = (old_entries + new_blocks).max(wanted_entries);
-            let new_table = table_clusters.max(self.geo.clusters_for(entries * 8));
-            if new_blocks == blocks && new_table == table_clusters {
-                break;
-            }
-            blocks = new_blocks;
-            table_clusters = new_table;
-        }
+        // Grow by half at least, cover the cluster that asked, and cover
+        // the new blocks and table themselves.
+        let (blocks, table_clusters) = refcount::self_covering_layout_with(
+            self.geo.refblock_entries,
+            cs,
+            cluster + 1,
+            start,
+            0,
+            old_entries,
+            old_clusters + (old_clusters / 2).max(1),
+        )
+        .ok_or(Error::NoSpace)?;
         if table_clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::NoSpace);
         }

@@ -88,17 +88,40 @@ pub fn self_covering_layout_before(
     start: u64,
     after: u64,
 ) -> Option<(u64, u64)> {
+    self_covering_layout_with(per_block, cluster_size, covered, start, after, 0, 1)
+}
+
+/// The one sizing of refcount structures that every placement uses
+/// (create, refcount-table growth, rebuild): `(new_blocks, table_clusters)`
+/// for new blocks and a new table placed contiguously from cluster `start`,
+/// followed by `after` other clusters, such that the `existing_blocks`
+/// blocks (covering clusters from 0) plus the new ones cover every cluster
+/// below `covered` and everything placed, and the table (at least
+/// `min_table` clusters) has an entry for every block. `per_block` and
+/// `cluster_size` are powers of two.
+///
+/// Returns `None` when the sizes overflow or do not settle (impossible for
+/// sane inputs: each round only grows them, by less each time).
+pub fn self_covering_layout_with(
+    per_block: u64,
+    cluster_size: u64,
+    covered: u64,
+    start: u64,
+    after: u64,
+    existing_blocks: u64,
+    min_table: u64,
+) -> Option<(u64, u64)> {
     // Powers of two: shifts, no division (firmware has no 64-bit divide).
     let (block_bits, cluster_bits) = (per_block.trailing_zeros(), cluster_size.trailing_zeros());
-    let (mut blocks, mut table) = (1u64, 1u64);
+    let (mut blocks, mut table) = (1u64, min_table.max(1));
     for _ in 0..64 {
         let end = start
             .checked_add(blocks)?
             .checked_add(table)?
             .checked_add(after)?;
-        let end = covered.max(end);
-        let need_blocks = super::shr_ceil(end, block_bits);
-        let need_table = super::shr_ceil(need_blocks.checked_mul(8)?, cluster_bits);
+        let total = super::shr_ceil(covered.max(end), block_bits);
+        let need_blocks = total.saturating_sub(existing_blocks);
+        let need_table = super::shr_ceil(total.checked_mul(8)?, cluster_bits).max(min_table);
         if need_blocks <= blocks && need_table <= table {
             return Some((blocks, table));
         }
