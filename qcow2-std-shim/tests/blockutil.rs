@@ -324,15 +324,7 @@ fn folds_agree_with_qemu() {
     for_each_layout(|dir, img| {
         let expected = qemu::data_ranges(&img.path);
         let raw_path = dir.join("src.raw");
-        qemu::img(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            path_str(&img.path),
-            path_str(&raw_path),
-        ]);
+        qemu::convert_to_raw(&img.path, &raw_path);
         let raw = std::fs::File::open(&raw_path).expect("open raw");
         let mut image = open_ro(&img.path);
 
@@ -502,15 +494,7 @@ fn compare_finds_the_first_difference_as_qemu_img_compare() {
     // more on the raw side is a size difference.
     let img = dir.join("a0.qcow2");
     let raw = dir.join("a0.raw");
-    qemu::img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        path_str(&img),
-        path_str(&raw),
-    ]);
+    qemu::convert_to_raw(&img, &raw);
     let mut image = open_ro(&img);
     let mut file = FileDevice::open(&raw, false).expect("open raw");
     let mut ba = vec![[0u8; SECTOR]; 64];

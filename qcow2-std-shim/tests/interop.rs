@@ -447,15 +447,7 @@ fn qemu_writes_we_read(c: &Config) {
         &plan.iter().map(Op::qemu_command).collect::<Vec<_>>(),
     );
     qemu::check_clean(&path);
-    qemu::img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        path_str(&path),
-        path_str(&raw_path),
-    ]);
+    qemu::convert_to_raw(&path, &raw_path);
     let raw = File::open(&raw_path).expect("open converted raw");
     assert_eq!(raw.metadata().unwrap().len(), size, "converted size");
 
@@ -1206,15 +1198,7 @@ fn qemu_grown_refcount_table_then_we_write() {
     qemu::io(&path, &commands);
     let (_, clusters) = reftable(&path);
     assert!(clusters > 1, "QEMU grew its refcount table");
-    qemu::img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        path_str(&path),
-        path_str(&raw_path),
-    ]);
+    qemu::convert_to_raw(&path, &raw_path);
     let model = RawModel::open(&raw_path);
     random_writes(&path, &model, size, 3 * MIB, 0x9999, None);
     verify_ours_fully(&path, &model, size);

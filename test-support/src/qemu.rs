@@ -54,6 +54,13 @@ pub fn io(path: impl AsRef<Path>, commands: &[impl AsRef<str>]) -> String {
     text
 }
 
+/// `qemu-img convert -f qcow2 -O raw`: the guest contents of a qcow2
+/// image as QEMU reads them, in the (sparse) raw file `raw`.
+pub fn convert_to_raw(qcow2: impl AsRef<Path>, raw: impl AsRef<Path>) {
+    let (qcow2, raw) = (path_str(qcow2.as_ref()), path_str(raw.as_ref()));
+    img(&["convert", "-f", "qcow2", "-O", "raw", qcow2, raw]);
+}
+
 /// `qemu-img info` of a qcow2 image, as JSON.
 pub fn info(path: impl AsRef<Path>) -> Value {
     let path = path_str(path.as_ref());
@@ -238,7 +245,7 @@ mod tests {
         );
         assert_eq!(extract(&dir, &image, 4000, 200)[96..], [7; 104]);
         let raw = dir.join("a.raw");
-        img(&["convert", "-O", "raw", path_str(&image), path_str(&raw)]);
+        convert_to_raw(&image, &raw);
         compare_identical(&raw, &image);
         let (report, code) = check_json("qemu-img", &[], path_str(&image));
         assert_eq!(
