@@ -621,9 +621,14 @@ where
     /// A clean close clears the dirty bit of lazy refcounts.
     ///
     /// Cancelled, as [`Qcow2::finish`]; the device is dropped with it.
-    pub async fn close(mut self) -> Result<(D, S), Error<D::Error>> {
-        self.finish().await?;
-        Ok((self.dev, self.cache.into_slots()))
+    pub fn close(self) -> impl core::future::Future<Output = Result<(D, S), Error<D::Error>>> {
+        // Not an `async fn`: its argument would be stored in the future and
+        // then moved into a second slot for `mut self` (the image twice).
+        let mut image = self;
+        async move {
+            image.finish().await?;
+            Ok((image.dev, image.cache.into_slots()))
+        }
     }
 }
 
