@@ -9,8 +9,6 @@ use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
 };
 use qcow2_std_shim::{block_on, FaultDevice, FaultError, RamDevice, Survival};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 const SLOTS: usize = 4;
 type Cache = [Slot<1>; SLOTS];
@@ -254,41 +252,21 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
 
 /// Runs `qemu-img check` and returns its (corruptions, leaks).
 fn qemu_check(bytes: &[u8], what: &str) -> (u64, u64) {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("qcow2-crash-{}-{n}.qcow2", std::process::id()));
+    let dir = test_support::Scratch::new("crash");
+    let path = dir.path("survivor.qcow2");
     std::fs::write(&path, bytes).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["check", "--output", "json", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
+    let out = test_support::qemu_img(&["check", "--output", "json", &path]);
+    let report = test_support::stdout(&out);
     // 0: clean, 3: leaks only (allowed after a crash).
     assert!(
         matches!(out.status.code(), Some(0 | 3)),
         "{what}: qemu-img check: {report}{}",
-        String::from_utf8_lossy(&out.stderr)
+        test_support::stderr(&out)
     );
-    assert!(!report.contains("\"corruptions\""), "{what}: {report}");
-    std::fs::remove_file(path).ok();
-    (
-        json_field(&report, "corruptions"),
-        json_field(&report, "leaks"),
-    )
-}
-
-/// The integer value of `"name": N` in qemu-img's JSON, 0 when absent.
-fn json_field(json: &str, name: &str) -> u64 {
-    let key = format!("\"{name}\": ");
-    json.find(&key)
-        .map(|i| {
-            json[i + key.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    let json = test_support::qemu::json(&report);
+    assert!(json["corruptions"].is_null(), "{what}: {report}");
+    let count = |name: &str| json[name].as_u64().unwrap_or(0);
+    (count("corruptions"), count("leaks"))
 }
 
 /// Whether the refcount blocks are consecutive clusters directly followed
