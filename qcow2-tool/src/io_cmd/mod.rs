@@ -185,6 +185,14 @@ fn parse_pattern(arg: &str) -> Option<u8> {
     value
 }
 
+/// The `off len` operands of read, write and discard, parsed as qemu-io
+/// does (each error printed as qemu-io prints it).
+fn offset_and_length(off_arg: &str, len_arg: &str) -> Option<(u64, u64)> {
+    let offset = cvtnum(off_arg)?;
+    let count = cvtnum(len_arg)?;
+    check_length(count, len_arg).then_some((offset, count))
+}
+
 /// Checks that a length is within qemu-io's request limit; prints its
 /// message otherwise.
 fn check_length(count: u64, arg: &str) -> bool {
@@ -326,15 +334,9 @@ impl Session<'_> {
         let [off_arg, len_arg] = operands.as_slice() else {
             return usage(&READ);
         };
-        let Some(offset) = cvtnum(off_arg) else {
+        let Some((offset, count)) = offset_and_length(off_arg, len_arg) else {
             return Status::Failed;
         };
-        let Some(count) = cvtnum(len_arg) else {
-            return Status::Failed;
-        };
-        if !check_length(count, len_arg) {
-            return Status::Failed;
-        }
         if pattern.is_none() && (pattern_offset.is_some() || pattern_count.is_some()) {
             return usage(&READ);
         }
@@ -431,15 +433,9 @@ impl Session<'_> {
             outln!("Only one of -z, -P, and -s can be specified at the same time");
             return Status::Failed;
         }
-        let Some(offset) = cvtnum(off_arg) else {
+        let Some((offset, count)) = offset_and_length(off_arg, len_arg) else {
             return Status::Failed;
         };
-        let Some(count) = cvtnum(len_arg) else {
-            return Status::Failed;
-        };
-        if !check_length(count, len_arg) {
-            return Status::Failed;
-        }
         let start = Instant::now();
         let result = if zero {
             self.check_range(offset, count)
@@ -483,15 +479,9 @@ impl Session<'_> {
         let [off_arg, len_arg] = operands.as_slice() else {
             return usage(&DISCARD);
         };
-        let Some(offset) = cvtnum(off_arg) else {
+        let Some((offset, count)) = offset_and_length(off_arg, len_arg) else {
             return Status::Failed;
         };
-        let Some(count) = cvtnum(len_arg) else {
-            return Status::Failed;
-        };
-        if !check_length(count, len_arg) {
-            return Status::Failed;
-        }
         let start = Instant::now();
         let result = self
             .check_range(offset, count)
