@@ -52,6 +52,28 @@ fn check_range<D: BlockDevice>(
     Ok(())
 }
 
+/// The next piece of a byte range at `pos` with `len` bytes left.
+enum Piece {
+    /// Part of one sector: the offset in it, and the byte count.
+    Partial { skip: usize, len: usize },
+    /// Whole sectors: the byte count.
+    Whole { len: usize },
+}
+
+fn next_piece(pos: u64, len: usize) -> Piece {
+    let skip = (pos & (SECTOR_BYTES - 1)) as usize;
+    if skip != 0 || len < SECTOR {
+        Piece::Partial {
+            skip,
+            len: (SECTOR - skip).min(len),
+        }
+    } else {
+        Piece::Whole {
+            len: len & !(SECTOR - 1),
+        }
+    }
+}
+
 /// Reads `buf.len()` bytes at byte `offset` of `dev`. Whole sectors go
 /// straight into `buf`; a partial sector at either end is read into
 /// `scratch` first.
@@ -65,26 +87,28 @@ pub async fn read_at<D: BlockDevice>(
     let mut pos = offset;
     let mut rest = buf;
     while !rest.is_empty() {
-        let skip = (pos & (SECTOR_BYTES - 1)) as usize;
-        if skip != 0 || rest.len() < SECTOR {
-            dev.read(pos >> 9, core::slice::from_mut(scratch))
-                .await
-                .map_err(BytesError::Device)?;
-            let n = (SECTOR - skip).min(rest.len());
-            let Some((now, later)) = rest.split_at_mut_checked(n) else {
-                return Err(BytesError::OutOfRange);
-            };
-            now.copy_from_slice(scratch.get(skip..skip + n).unwrap_or(&[]));
-            rest = later;
-            pos += n as u64;
-            continue;
+        let piece = next_piece(pos, rest.len());
+        let n = match piece {
+            Piece::Partial { len, .. } | Piece::Whole { len } => len,
+        };
+        let Some((now, later)) = rest.split_at_mut_checked(n) else {
+            return Err(BytesError::OutOfRange);
+        };
+        match piece {
+            Piece::Partial { skip, len } => {
+                dev.read(pos >> 9, core::slice::from_mut(scratch))
+                    .await
+                    .map_err(BytesError::Device)?;
+                now.copy_from_slice(scratch.get(skip..skip + len).unwrap_or(&[]));
+            }
+            Piece::Whole { .. } => {
+                let (whole, _) = now.as_chunks_mut::<SECTOR>();
+                dev.read(pos >> 9, whole)
+                    .await
+                    .map_err(BytesError::Device)?;
+            }
         }
-        let (whole, _) = rest.as_chunks_mut::<SECTOR>();
-        let n = whole.len() * SECTOR;
-        dev.read(pos >> 9, whole)
-            .await
-            .map_err(BytesError::Device)?;
-        rest = rest.get_mut(n..).unwrap_or(&mut []);
+        rest = later;
         pos += n as u64;
     }
     Ok(())
@@ -103,32 +127,33 @@ pub async fn write_at<D: BlockDevice>(
     let mut pos = offset;
     let mut rest = buf;
     while !rest.is_empty() {
-        let skip = (pos & (SECTOR_BYTES - 1)) as usize;
-        if skip != 0 || rest.len() < SECTOR {
-            let sector = pos >> 9;
-            dev.read(sector, core::slice::from_mut(scratch))
-                .await
-                .map_err(BytesError::Device)?;
-            let n = (SECTOR - skip).min(rest.len());
-            let Some((now, later)) = rest.split_at_checked(n) else {
-                return Err(BytesError::OutOfRange);
-            };
-            if let Some(dst) = scratch.get_mut(skip..skip + n) {
-                dst.copy_from_slice(now);
+        let piece = next_piece(pos, rest.len());
+        let n = match piece {
+            Piece::Partial { len, .. } | Piece::Whole { len } => len,
+        };
+        let Some((now, later)) = rest.split_at_checked(n) else {
+            return Err(BytesError::OutOfRange);
+        };
+        match piece {
+            Piece::Partial { skip, len } => {
+                dev.read(pos >> 9, core::slice::from_mut(scratch))
+                    .await
+                    .map_err(BytesError::Device)?;
+                if let Some(dst) = scratch.get_mut(skip..skip + len) {
+                    dst.copy_from_slice(now);
+                }
+                dev.write(pos >> 9, core::slice::from_ref(scratch))
+                    .await
+                    .map_err(BytesError::Device)?;
             }
-            dev.write(sector, core::slice::from_ref(scratch))
-                .await
-                .map_err(BytesError::Device)?;
-            rest = later;
-            pos += n as u64;
-            continue;
+            Piece::Whole { .. } => {
+                let (whole, _) = now.as_chunks::<SECTOR>();
+                dev.write(pos >> 9, whole)
+                    .await
+                    .map_err(BytesError::Device)?;
+            }
         }
-        let (whole, _) = rest.as_chunks::<SECTOR>();
-        let n = whole.len() * SECTOR;
-        dev.write(pos >> 9, whole)
-            .await
-            .map_err(BytesError::Device)?;
-        rest = rest.get(n..).unwrap_or(&[]);
+        rest = later;
         pos += n as u64;
     }
     Ok(())
@@ -139,44 +164,20 @@ mod tests {
     use super::*;
     use embassy_futures::block_on;
 
-    struct Ram([Sector; 8]);
-
-    impl BlockDevice for Ram {
-        type Error = ();
-        async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), ()> {
-            for (i, s) in buf.iter_mut().enumerate() {
-                *s = *self.0.get(first as usize + i).ok_or(())?;
-            }
-            Ok(())
-        }
-        async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), ()> {
-            for (i, s) in buf.iter().enumerate() {
-                *self.0.get_mut(first as usize + i).ok_or(())? = *s;
-            }
-            Ok(())
-        }
-        async fn flush(&mut self) -> Result<(), ()> {
-            Ok(())
-        }
-        fn sector_count(&self) -> u64 {
-            8
-        }
-        async fn set_sector_count(&mut self, _: u64) -> Result<(), ()> {
-            Err(())
-        }
-    }
+    use crate::testing::ram;
 
     #[test]
     fn every_alignment_round_trips_against_a_byte_model() {
         block_on(async {
-            let mut dev = Ram([[0; SECTOR]; 8]);
-            let mut model = [0u8; 8 * SECTOR];
+            let mut dev = ram();
+            let mut model = [0u8; 64 * SECTOR];
+            model.copy_from_slice(dev.data.as_flattened());
             let mut scratch = [0u8; SECTOR];
             let mut seed = 7u32;
             for round in 0..400u32 {
                 seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                let offset = (seed >> 8) as usize % (8 * SECTOR);
-                let len = ((seed >> 20) as usize % 1500).min(8 * SECTOR - offset);
+                let offset = (seed >> 8) as usize % (64 * SECTOR);
+                let len = ((seed >> 20) as usize % 1500).min(64 * SECTOR - offset);
                 let mut data = [0u8; 1500];
                 for (i, b) in data.iter_mut().enumerate().take(len) {
                     *b = (round as u8).wrapping_mul(31).wrapping_add(i as u8);
@@ -191,10 +192,10 @@ mod tests {
                     .unwrap();
                 assert_eq!(&back[..len], &model[offset..offset + len], "round {round}");
             }
-            assert_eq!(dev.0.as_flattened(), &model[..]);
+            assert_eq!(dev.data.as_flattened(), &model[..]);
             let mut one = [0u8; 2];
             assert_eq!(
-                read_at(&mut dev, 8 * 512 - 1, &mut one, &mut scratch).await,
+                read_at(&mut dev, 64 * 512 - 1, &mut one, &mut scratch).await,
                 Err(BytesError::OutOfRange)
             );
             assert_eq!(

@@ -152,8 +152,7 @@ where
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }
-        let (entry, at) = self.l2_entry(l2, guest).await?;
-        let old = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
+        let (entry, at, old) = self.l2_entry_raw(l2, guest).await?;
         let release = match entry {
             L2Entry::Compressed { .. } => true,
             L2Entry::Data { .. } => unmap,

@@ -424,8 +424,8 @@ where
         &mut self.dev
     }
 
-    fn check_range(&self, first: u64, count: usize) -> Result<(), Error<D::Error>> {
-        match first.checked_add(count as u64) {
+    fn check_range(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
+        match first.checked_add(count) {
             Some(end) if end <= self.geo.sectors => Ok(()),
             _ => Err(Error::OutOfRange),
         }
@@ -436,7 +436,7 @@ where
     /// Cancelled, it leaves the image as it was (cached metadata it wrote
     /// back on the way went out in order).
     pub async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Error<D::Error>> {
-        self.check_range(first, buf.len())?;
+        self.check_range(first, buf.len() as u64)?;
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
@@ -489,10 +489,7 @@ where
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        match first.checked_add(count) {
-            Some(end) if end <= self.geo.sectors => {}
-            _ => return Err(Error::OutOfRange),
-        }
+        self.check_range(first, count)?;
         if self.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }

@@ -250,7 +250,9 @@ impl<D: BlockDevice> Seek for Cursor<'_, D> {
     }
 }
 
+// The tests create images: they need the `write` feature.
 #[cfg(test)]
+#[cfg(feature = "write")]
 mod tests {
     use super::*;
     use crate::{CreateOptions, OpenOptions, Qcow2, Slot};

@@ -45,6 +45,8 @@ mod image;
 mod map;
 #[cfg(feature = "check")]
 mod refcount;
+#[cfg(test)]
+mod testing;
 #[cfg(feature = "write")]
 mod write;
 

@@ -119,6 +119,17 @@ where
         l2: u64,
         guest: u64,
     ) -> Result<(L2Entry, u64), Error<D::Error>> {
+        let (entry, at, _) = self.l2_entry_raw(l2, guest).await?;
+        Ok((entry, at))
+    }
+
+    /// [`Self::l2_entry`] with the raw entry too (flags to keep when it is
+    /// rewritten).
+    pub(crate) async fn l2_entry_raw(
+        &mut self,
+        l2: u64,
+        guest: u64,
+    ) -> Result<(L2Entry, u64, u64), Error<D::Error>> {
         let at = l2 + (guest & (self.geo.l2_entries - 1)) * 8;
         let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
         if !self.geo.v3 && raw & ZERO != 0 && raw & COMPRESSED == 0 {
@@ -134,7 +145,7 @@ where
             }
             _ => {}
         }
-        Ok((entry, at))
+        Ok((entry, at, raw))
     }
 
     /// Mapping at guest `sector`, and how many sectors from there it is

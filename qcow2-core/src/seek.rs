@@ -233,7 +233,9 @@ where
     }
 }
 
+// The tests create images: they need the `write` feature.
 #[cfg(test)]
+#[cfg(feature = "write")]
 mod tests {
     use super::*;
     use crate::{CreateOptions, Mapping, OpenOptions, SECTOR};

@@ -113,7 +113,7 @@ fn ci() -> Result<(), String> {
     // The trimmed and the logging builds of the core: lint-clean, and they
     // build for the target.
     for features in CORE_FEATURE_SETS {
-        let mut clippy = vec!["clippy", "-p", "qcow2-core"];
+        let mut clippy = vec!["clippy", "-p", "qcow2-core", "--all-targets"];
         clippy.extend_from_slice(features);
         clippy.extend_from_slice(&["--", "-D", "warnings"]);
         run(&cargo, &clippy)?;

@@ -515,55 +515,7 @@ mod tests {
     use super::*;
     use embassy_futures::block_on;
 
-    /// A RAM device that counts operations, for cache tests.
-    struct Ram {
-        data: [Sector; 64],
-        writes: usize,
-        flushes: usize,
-        log: [(u64, bool); 64],
-    }
-
-    impl BlockDevice for Ram {
-        type Error = ();
-        async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), ()> {
-            for (i, s) in buf.iter_mut().enumerate() {
-                *s = *self.data.get(first as usize + i).ok_or(())?;
-            }
-            Ok(())
-        }
-        async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), ()> {
-            for (i, s) in buf.iter().enumerate() {
-                *self.data.get_mut(first as usize + i).ok_or(())? = *s;
-            }
-            self.log[self.writes + self.flushes] = (first, false);
-            self.writes += 1;
-            Ok(())
-        }
-        async fn flush(&mut self) -> Result<(), ()> {
-            self.log[self.writes + self.flushes] = (0, true);
-            self.flushes += 1;
-            Ok(())
-        }
-        fn sector_count(&self) -> u64 {
-            64
-        }
-        async fn set_sector_count(&mut self, _: u64) -> Result<(), ()> {
-            Err(())
-        }
-    }
-
-    fn ram() -> Ram {
-        let mut data = [[0u8; SECTOR]; 64];
-        for (i, s) in data.iter_mut().enumerate() {
-            s[0] = i as u8;
-        }
-        Ram {
-            data,
-            writes: 0,
-            flushes: 0,
-            log: [(0, false); 64],
-        }
-    }
+    use crate::testing::ram;
 
     #[test]
     fn hits_misses_and_eviction_keep_contents() {
