@@ -1,7 +1,9 @@
 //! Cluster allocation from the refcounts, growing refcount blocks and the
 //! refcount table on demand.
 
+use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
+use crate::compress::Workspace;
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
@@ -9,10 +11,12 @@ use crate::{BlockDevice, Error, Qcow2, SECTOR};
 /// a handful of rounds always suffices on a consistent image.
 const MAX_ALLOC_ROUNDS: usize = 16;
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
     ///

@@ -26,6 +26,14 @@ pub enum Error<E> {
         /// Host byte offset of the offending structure.
         offset: u64,
     },
+    /// The backing image is inconsistent: `what` went wrong at host byte
+    /// `offset` of the backing's device. Never marks this image corrupt.
+    BackingCorrupt {
+        /// What is wrong.
+        what: &'static str,
+        /// Host byte offset in the backing device.
+        offset: u64,
+    },
     /// A caller-supplied argument is out of range (named).
     InvalidArgument(&'static str),
     /// A write was attempted on an image opened read-only.
@@ -55,7 +63,9 @@ impl<E> Error<E> {
         use embedded_io::ErrorKind;
         match self {
             Error::Io(e) => e.kind(),
-            Error::NotQcow2 | Error::Corrupt { .. } => ErrorKind::InvalidData,
+            Error::NotQcow2 | Error::Corrupt { .. } | Error::BackingCorrupt { .. } => {
+                ErrorKind::InvalidData
+            }
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::InvalidArgument(_) | Error::OutOfRange => ErrorKind::InvalidInput,
             Error::ReadOnly => ErrorKind::PermissionDenied,
@@ -71,6 +81,7 @@ impl<E> Error<E> {
             Error::NotQcow2 => Error::NotQcow2,
             Error::Unsupported(w) => Error::Unsupported(w),
             Error::Corrupt { what, offset } => Error::Corrupt { what, offset },
+            Error::BackingCorrupt { what, offset } => Error::BackingCorrupt { what, offset },
             Error::InvalidArgument(w) => Error::InvalidArgument(w),
             Error::ReadOnly => Error::ReadOnly,
             Error::OutOfRange => Error::OutOfRange,
@@ -88,6 +99,12 @@ impl<E: fmt::Debug> fmt::Display for Error<E> {
             Error::Unsupported(what) => write!(f, "unsupported feature: {what}"),
             Error::Corrupt { what, offset } => {
                 write!(f, "corrupt image: {what} (at host offset {offset:#x})")
+            }
+            Error::BackingCorrupt { what, offset } => {
+                write!(
+                    f,
+                    "corrupt backing image: {what} (at host offset {offset:#x})"
+                )
             }
             Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
             Error::ReadOnly => f.write_str("image is read-only"),

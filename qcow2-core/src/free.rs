@@ -9,15 +9,19 @@
 //! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
 //! and switching order flushes).
 
+use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
+use crate::compress::Workspace;
 use crate::format::entry::ZERO;
 use crate::format::L2Entry;
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Discards `count` sectors from guest sector `first`: whole clusters in
     /// the range stop using host space and read as zeros (v3 images get the

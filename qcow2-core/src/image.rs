@@ -1,8 +1,10 @@
 //! The open image: [`Qcow2`] with open, read, write, flush and close.
 
+use crate::backing::{Backing, NoBacking};
 use crate::cache::{Cache, Slot};
 #[cfg(feature = "write")]
 use crate::check::Repair;
+use crate::compress::{NoWorkspace, Workspace};
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
@@ -176,9 +178,15 @@ impl Geometry {
 /// An open qcow2 image on device `D`, with metadata cache storage `S` of
 /// slices of `K` sectors.
 ///
-/// `Qcow2` is itself a [`BlockDevice`], so images stack.
-pub struct Qcow2<D, S, const K: usize = 1> {
+/// `Qcow2` is itself a [`BlockDevice`], so images stack: `B` is the backing
+/// device unallocated clusters read from (none by default, see
+/// [`Qcow2::with_backing`]) and `W` the working memory lent for compressed
+/// clusters and copy-on-write (none by default, see
+/// [`Qcow2::with_workspace`]).
+pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
     pub(crate) dev: D,
+    pub(crate) backing: B,
+    pub(crate) ws: W,
     pub(crate) cache: Cache<S, K>,
     pub(crate) geo: Geometry,
     pub(crate) header: Header,
@@ -259,6 +267,8 @@ where
         let dev_clusters = geo.clusters_for(dev_bytes);
         let mut image = Qcow2 {
             dev,
+            backing: NoBacking::new(),
+            ws: NoWorkspace::default(),
             cache,
             geo,
             header,
@@ -347,6 +357,67 @@ where
             dev.flush().await.map_err(Error::Io)?;
         }
         Ok((header, bitmaps))
+    }
+}
+
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
+where
+    D: BlockDevice,
+    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
+{
+    /// The image reading its unallocated clusters from `backing` (any
+    /// [`BlockDevice`]: a raw device, another image). Reads past the
+    /// backing's end are zeros. The backing is only ever read; open it
+    /// read-only. Any backing attached before is dropped.
+    pub fn with_backing<B2: Backing<D::Error>>(self, backing: B2) -> Qcow2<D, S, K, B2, W> {
+        Qcow2 {
+            dev: self.dev,
+            backing,
+            ws: self.ws,
+            cache: self.cache,
+            geo: self.geo,
+            header: self.header,
+            read_only: self.read_only,
+            lazy: self.lazy,
+            corrupt_detected: self.corrupt_detected,
+            bitmaps: self.bitmaps,
+            free_hint: self.free_hint,
+            dev_clusters: self.dev_clusters,
+            scratch: self.scratch,
+        }
+    }
+
+    /// The image using `workspace` as working memory (see
+    /// [`crate::compress`]): needed to read compressed clusters, and makes
+    /// copy-on-write faster. Any workspace lent before is dropped.
+    pub fn with_workspace<W2: Workspace>(self, workspace: W2) -> Qcow2<D, S, K, B, W2> {
+        Qcow2 {
+            dev: self.dev,
+            backing: self.backing,
+            ws: workspace,
+            cache: self.cache,
+            geo: self.geo,
+            header: self.header,
+            read_only: self.read_only,
+            lazy: self.lazy,
+            corrupt_detected: self.corrupt_detected,
+            bitmaps: self.bitmaps,
+            free_hint: self.free_hint,
+            dev_clusters: self.dev_clusters,
+            scratch: self.scratch,
+        }
+    }
+
+    /// The backing device.
+    pub fn backing(&self) -> &B {
+        &self.backing
+    }
+
+    /// The workspace.
+    pub fn workspace_mut(&mut self) -> &mut W {
+        &mut self.ws
     }
 
     /// The last steps of a read-write open: rebuild a dirty image's
@@ -629,10 +700,12 @@ where
     }
 }
 
-impl<D, S, const K: usize> BlockDevice for Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> BlockDevice for Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     type Error = Error<D::Error>;
 

@@ -30,9 +30,11 @@
 mod fmt;
 #[cfg(feature = "write")]
 mod alloc;
+pub mod backing;
 mod cache;
 #[cfg(feature = "check")]
 mod check;
+pub mod compress;
 #[cfg(feature = "write")]
 mod create;
 mod device;
@@ -55,9 +57,11 @@ pub mod bytes;
 pub mod io;
 pub mod seek;
 
+pub use backing::NoBacking;
 pub use cache::Slot;
 #[cfg(feature = "check")]
 pub use check::{CheckReport, Repair};
+pub use compress::{Compression, NoWorkspace, Workspace};
 #[cfg(feature = "write")]
 pub use create::CreateOptions;
 pub use device::{BlockDevice, Sector, SECTOR};

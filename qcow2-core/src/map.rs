@@ -1,6 +1,8 @@
 //! Guest offset to host mapping through the L1 and L2 tables.
 
+use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
+use crate::compress::Workspace;
 use crate::format::entry::{COMPRESSED, ZERO};
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
@@ -48,10 +50,12 @@ pub(crate) const REFCOUNT_BLOCK: ClusterErrors = [
     "refcount block overlaps the header, L1 or refcount table",
 ];
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Host byte offset of the L1 entry for guest cluster `guest`.
     pub(crate) fn l1_entry_offset(&self, guest: u64) -> Result<u64, Error<D::Error>> {

@@ -1,6 +1,8 @@
 //! Reading and changing cluster refcounts through the cache.
 
+use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
+use crate::compress::Workspace;
 use crate::format::{refcount, MAX_HOST_OFFSET};
 use crate::map::REFCOUNT_BLOCK;
 use crate::{BlockDevice, Error, Qcow2};
@@ -17,10 +19,12 @@ pub(crate) struct RefcountSlot {
     pub index: usize,
 }
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// log2 of the refcount entries per cache slice.
     pub(crate) fn refcounts_per_slice_bits(&self) -> u32 {

@@ -19,7 +19,9 @@
 //! empty `impl` (the trait's default methods), or, for a type from another
 //! crate, by wrapping it in [`AllMapped`].
 
+use crate::backing::Backing;
 use crate::cache::Slot;
+use crate::compress::Workspace;
 use crate::format::L2Entry;
 use crate::{BlockDevice, Error, Qcow2, Sector};
 
@@ -169,10 +171,12 @@ const fn reads_as_zeros(entry: &L2Entry) -> bool {
 /// L2 table's range crossed (an unallocated table is skipped whole) and
 /// one L2 entry per cluster crossed in allocated tables, all through the
 /// metadata cache; no guest data is read, and nothing is written.
-impl<D, S, const K: usize> SeekableDevice for Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> SeekableDevice for Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     async fn seek_mapped(&mut self, from: u64) -> Result<u64, Self::Error> {
         self.seek_where(from, false).await
@@ -183,10 +187,12 @@ where
     }
 }
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// The first sector at or after `from` that reads as zeros (`zeros`)
     /// or may hold data (`!zeros`); the virtual size in sectors when none.

@@ -1,6 +1,8 @@
 //! The write path: in-place overwrites and allocating writes.
 
+use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
+use crate::compress::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
@@ -27,10 +29,12 @@ impl Placement {
     };
 }
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Writes `buf` at guest sector `first` in batches of clusters: first
     /// every cluster of the batch gets its host location (allocating where

@@ -12,7 +12,9 @@ mod rebuild;
 mod repair;
 mod walk;
 
+use crate::backing::Backing;
 use crate::cache::Slot;
+use crate::compress::Workspace;
 use crate::{BlockDevice, Error, Qcow2};
 
 /// Findings of a check, in `qemu-img check` terms.
@@ -184,10 +186,12 @@ impl Walk<'_> {
     }
 }
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Checks the image's consistency; `scratch` holds the reference counts
     /// (4 bytes per host cluster per pass). Counts as `qemu-img check`.

@@ -17,7 +17,9 @@
 //! before the header switch leaves the old image as it was.
 
 use super::Walk;
+use crate::backing::Backing;
 use crate::cache::Slot;
+use crate::compress::Workspace;
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
 use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
 
@@ -56,10 +58,12 @@ impl Placement {
     }
 }
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Writes a complete new set of refcount structures computed from the
     /// references into clusters nothing references (see the module

@@ -2,15 +2,19 @@
 //! place, COPIED flags and header bits.
 
 use super::{Fix, Walk};
+use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
 use crate::check::CheckReport;
+use crate::compress::Workspace;
 use crate::format::{incompatible, L1Entry, L2Entry};
 use crate::{header_io, BlockDevice, Error, Qcow2};
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// The `Repair::All` steps after the audit: entries, refcounts, COPIED
     /// flags, header bits.

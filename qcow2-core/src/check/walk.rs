@@ -2,7 +2,9 @@
 //! host cluster, noting faulty entries (and fixing them during a repair).
 
 use super::Walk;
+use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
+use crate::compress::Workspace;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{L1Entry, L2Entry};
 use crate::{header_io, BlockDevice, Error, Qcow2};
@@ -13,10 +15,12 @@ const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 const MAX_BITMAPS: u32 = 65535;
 const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
 
-impl<D, S, const K: usize> Qcow2<D, S, K>
+impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
     S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    B: Backing<D::Error>,
+    W: Workspace,
 {
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
     /// the device and clear of the header, L1 table and refcount table.
