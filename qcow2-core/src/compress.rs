@@ -92,9 +92,11 @@ pub trait Decoder {
 
     /// Consumes a prefix of `input` and returns the output it produced.
     /// `last` says that no input follows `input`. Over one cluster the
-    /// output never exceeds `cluster_size` bytes in total; a step that
-    /// neither consumes nor produces anything means the decoder needs more
-    /// input (with `last`: the stream is too short).
+    /// output never exceeds `cluster_size` bytes in total. A decoder keeps
+    /// any partial input it needs itself: a step that neither consumes nor
+    /// produces anything means it needs more input (with `last`: the stream
+    /// is too short), and is only allowed once `input` is used up (or with
+    /// `last`).
     fn step(&mut self, input: &[u8], last: bool) -> Result<Step<'_>, DecodeError>;
 }
 

@@ -74,6 +74,13 @@ where
         };
         let mut guest = start;
         while guest < stop {
+            if self.names_backing && self.geo.v3 {
+                // Unallocated would show the backing: flag zero instead,
+                // even where nothing is allocated yet (as QEMU does).
+                self.zero_cluster(guest, true).await?;
+                guest += 1;
+                continue;
+            }
             let l2 = self.l2_table_for_write(guest).await?;
             if l2 == 0 {
                 // No table: every cluster it would map is unallocated.
@@ -115,11 +122,15 @@ where
     /// Whether guest cluster `guest` reads as zeros as it is mapped now.
     async fn reads_as_zeros(&mut self, guest: u64) -> Result<bool, Error<D::Error>> {
         let l2 = self.l2_table(guest).await?;
-        if l2 == 0 {
-            return Ok(true);
-        }
-        let (entry, _) = self.l2_entry(l2, guest).await?;
-        Ok(matches!(entry, L2Entry::Unallocated | L2Entry::Zero { .. }))
+        let entry = match l2 {
+            0 => L2Entry::Unallocated,
+            l2 => self.l2_entry(l2, guest).await?.0,
+        };
+        Ok(match entry {
+            L2Entry::Unallocated => !self.backing_covers(guest),
+            L2Entry::Zero { .. } => true,
+            L2Entry::Data { .. } | L2Entry::Compressed { .. } => false,
+        })
     }
 
     /// Makes guest cluster `guest` stop using host space (if it does) and
@@ -145,6 +156,11 @@ where
     /// `unmap`, releasing its host cluster, as QEMU's zero_in_l2_slice; a
     /// v2 image, without the flag, has the cluster discarded.
     async fn zero_cluster(&mut self, guest: u64, unmap: bool) -> Result<(), Error<D::Error>> {
+        if !self.geo.v3 && self.names_backing {
+            // No zero flag, and unallocated would show the backing: real
+            // zeros, as QEMU falls back to.
+            return self.write_zero_cluster(guest).await;
+        }
         if !self.geo.v3 {
             let l2 = self.l2_table_for_write(guest).await?;
             return match l2 {

@@ -26,6 +26,12 @@ pub struct OpenOptions {
     /// but a hostile L2 entry can still point at an uncached L2 table or
     /// refcount block. Use it for images from untrusted sources.
     pub verify: bool,
+    /// Open an image that names a backing file as if it had none:
+    /// unallocated clusters read as zeros, as QEMU does when it opens an
+    /// image without its backing (`qemu-img info`, `rebase -u`). Without
+    /// it, such an image reads and writes guest data only once its backing
+    /// is attached ([`Qcow2::with_backing`]).
+    pub no_backing: bool,
 }
 
 impl OpenOptions {
@@ -35,6 +41,7 @@ impl OpenOptions {
             read_only: false,
             for_repair: false,
             verify: false,
+            no_backing: false,
         }
     }
 
@@ -44,6 +51,7 @@ impl OpenOptions {
             read_only: true,
             for_repair: false,
             verify: false,
+            no_backing: false,
         }
     }
 
@@ -54,6 +62,16 @@ impl OpenOptions {
             read_only: false,
             for_repair: false,
             verify: true,
+            no_backing: false,
+        }
+    }
+
+    /// These options, ignoring the image's backing file (see
+    /// [`OpenOptions::no_backing`]).
+    pub const fn without_backing(self) -> Self {
+        OpenOptions {
+            no_backing: true,
+            ..self
         }
     }
 
@@ -63,6 +81,7 @@ impl OpenOptions {
             read_only: false,
             for_repair: true,
             verify: false,
+            no_backing: false,
         }
     }
 }
@@ -203,6 +222,11 @@ pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
     /// Device size in whole clusters, as far as this image has grown it.
     pub(crate) dev_clusters: u64,
     pub(crate) scratch: Sector,
+    /// The header names a backing file and the image was not opened with
+    /// [`OpenOptions::no_backing`]: unallocated clusters are not zeros.
+    pub(crate) names_backing: bool,
+    /// A backing device was attached ([`Qcow2::with_backing`]).
+    pub(crate) backing_attached: bool,
 }
 
 impl<D, S, const K: usize> Qcow2<D, S, K>
@@ -280,6 +304,8 @@ where
             free_hint: dev_clusters,
             dev_clusters,
             scratch,
+            names_backing: header.backing_file_offset != 0 && !options.no_backing,
+            backing_attached: false,
         };
         if let Err(error) = image.settle(options, rebuild_scratch).await {
             let (device, cache) = image.abandon();
@@ -372,6 +398,7 @@ where
     /// backing's end are zeros. The backing is only ever read; open it
     /// read-only. Any backing attached before is dropped.
     pub fn with_backing<B2: Backing<D::Error>>(self, backing: B2) -> Qcow2<D, S, K, B2, W> {
+        let backing_attached = true;
         Qcow2 {
             dev: self.dev,
             backing,
@@ -386,6 +413,8 @@ where
             free_hint: self.free_hint,
             dev_clusters: self.dev_clusters,
             scratch: self.scratch,
+            names_backing: self.names_backing,
+            backing_attached,
         }
     }
 
@@ -407,6 +436,8 @@ where
             free_hint: self.free_hint,
             dev_clusters: self.dev_clusters,
             scratch: self.scratch,
+            names_backing: self.names_backing,
+            backing_attached: self.backing_attached,
         }
     }
 
@@ -517,15 +548,17 @@ where
                 .split_at_mut_checked(run as usize)
                 .ok_or(Error::Internal("mapped run longer than the request"))?;
             match mapping {
-                Mapping::Unallocated | Mapping::Zero => now.fill([0; SECTOR]),
+                Mapping::Unallocated => self.read_backing(sector, now).await?,
+                Mapping::Zero => now.fill([0; SECTOR]),
                 Mapping::Data { host } => {
                     self.dev
                         .read(host / SECTOR as u64, now)
                         .await
                         .map_err(Error::Io)?;
                 }
-                Mapping::Compressed { .. } => {
-                    return Err(Error::Unsupported("reading compressed clusters"))
+                Mapping::Compressed { host, len } => {
+                    let within = sector & (self.geo.cluster_sectors() - 1);
+                    self.read_compressed(host, len, within, now).await?;
                 }
             }
             sector += run;
@@ -561,6 +594,7 @@ where
             return Err(Error::ReadOnly);
         }
         self.check_range(first, count)?;
+        self.require_backing()?;
         if self.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }

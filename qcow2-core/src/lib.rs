@@ -39,6 +39,7 @@ pub mod compress;
 mod create;
 mod device;
 mod error;
+mod fill;
 pub mod format;
 #[cfg(feature = "write")]
 mod free;

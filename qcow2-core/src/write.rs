@@ -2,6 +2,7 @@
 
 use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
+use crate::fill::{read_backing_into, Fill, Target};
 use crate::compress::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
@@ -16,9 +17,14 @@ struct Placement {
     host: u64,
     /// Host byte offset of its L2 entry.
     entry_at: u64,
-    /// Newly allocated (or a preallocated zero cluster): needs zero fill
+    /// Newly allocated (or a preallocated zero cluster): needs filling
     /// around the data and an L2 entry once the data is written.
     fresh: bool,
+    /// What fills a fresh cluster around the data (copy-on-write).
+    fill: Fill,
+    /// The mapping the new entry replaces, to release once it is written
+    /// (a compressed cluster), or `Unallocated`.
+    replaces: L2Entry,
 }
 
 impl Placement {
@@ -26,6 +32,8 @@ impl Placement {
         host: 0,
         entry_at: 0,
         fresh: false,
+        fill: Fill::Zeros,
+        replaces: L2Entry::Unallocated,
     };
 }
 
@@ -70,10 +78,32 @@ where
                     .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
                     .await?;
             }
+            for p in plan.iter().filter(|p| p.replaces != L2Entry::Unallocated) {
+                // Rule 2: after the new entries (release() orders it).
+                self.release(p.replaces).await?;
+            }
             sector += n;
             rest = later;
         }
         Ok(())
+    }
+
+    /// Writes zeros over the whole of guest cluster `guest` (allocating
+    /// it): for v2 images over a backing, which have no zero flag.
+    pub(crate) async fn write_zero_cluster(&mut self, guest: u64) -> Result<(), Error<D::Error>> {
+        let p = self.place(guest).await?;
+        let sectors = self.geo.cluster_sectors();
+        self.dev
+            .write_zeros(p.host / SECTOR as u64, sectors)
+            .await
+            .map_err(Error::Io)?;
+        self.cache.note_device_write();
+        if p.fresh {
+            self.cache
+                .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
+                .await?;
+        }
+        self.release(p.replaces).await
     }
 
     /// Where guest cluster `guest` is written: its current cluster when
@@ -84,6 +114,8 @@ where
             l2 = self.new_l2_table(guest).await?;
         }
         let (entry, entry_at) = self.l2_entry(l2, guest).await?;
+        let mut fill = Fill::Zeros;
+        let mut replaces = L2Entry::Unallocated;
         let (host, fresh) = match entry {
             L2Entry::Data {
                 offset,
@@ -95,8 +127,12 @@ where
             L2Entry::Data { copied: false, .. } => {
                 return Err(Error::corrupt("L2 entry without COPIED flag", entry_at))
             }
-            L2Entry::Compressed { .. } => {
-                return Err(Error::Unsupported("writing over compressed clusters"))
+            L2Entry::Compressed { offset, len } => {
+                // Copy-on-write: decompress into a new cluster, then drop
+                // the compressed one's references.
+                fill = Fill::Compressed { host: offset, len };
+                replaces = entry;
+                (self.alloc_cluster().await?, true)
             }
             // A preallocated zero cluster we own is reused in place.
             L2Entry::Zero {
@@ -106,12 +142,20 @@ where
                 self.check_not_metadata(offset).await?;
                 (offset, true)
             }
-            L2Entry::Zero { .. } | L2Entry::Unallocated => (self.alloc_cluster().await?, true),
+            L2Entry::Zero { .. } => (self.alloc_cluster().await?, true),
+            L2Entry::Unallocated => {
+                if self.backing_covers(guest) {
+                    fill = Fill::Backing;
+                }
+                (self.alloc_cluster().await?, true)
+            }
         };
         Ok(Placement {
             host,
             entry_at,
             fresh,
+            fill,
+            replaces,
         })
     }
 
@@ -125,6 +169,7 @@ where
         data: &[Sector],
     ) -> Result<(), Error<D::Error>> {
         let cluster_sectors = self.geo.cluster_sectors();
+        let sector_bits = self.geo.cluster_bits - 9;
         // Allocations for later clusters of the batch may have put a table
         // on a cluster planned for an in-place write (zeroed refcounts).
         for p in plan.iter().filter(|p| !p.fresh) {
@@ -145,6 +190,16 @@ where
                 (i as u64 * cluster_sectors - within) as usize
             };
             let to = (((i + 1) as u64 * cluster_sectors - within) as usize).min(data.len());
+            let partial = skip > 0 || (i == last && tail > 0);
+            if p.fresh && partial && p.fill != Fill::Zeros {
+                // Copy-on-write of the cluster's old contents, on its own.
+                self.write_run(run_host, data.get(run_from..run_to)).await?;
+                run_from = to;
+                run_to = to;
+                let guest = (first >> sector_bits) + i as u64;
+                self.copy_on_write(p, guest, skip, data.get(from..to)).await?;
+                continue;
+            }
             if p.fresh && skip > 0 {
                 self.dev
                     .write_zeros(p.host / SECTOR as u64, skip)
@@ -166,6 +221,64 @@ where
             }
         }
         self.write_run(run_host, data.get(run_from..run_to)).await?;
+        self.cache.note_device_write();
+        Ok(())
+    }
+
+    /// Writes fresh cluster `p` (guest cluster `guest`) whole: its old
+    /// contents from `p.fill` with `data` over them from cluster sector
+    /// `skip`. In one device write when the workspace's bounce buffer holds
+    /// a cluster; else the old contents go sector by sector.
+    async fn copy_on_write(
+        &mut self,
+        p: &Placement,
+        guest: u64,
+        skip: u64,
+        data: Option<&[Sector]>,
+    ) -> Result<(), Error<D::Error>> {
+        let data = data.ok_or(Error::Internal("copy-on-write data past the buffer"))?;
+        let cluster_sectors = self.geo.cluster_sectors();
+        let host = p.host / SECTOR as u64;
+        let end = skip + data.len() as u64;
+        let guest_sector = guest << (self.geo.cluster_bits - 9);
+        let whole = cluster_sectors as usize;
+        if self.ws.parts().bounce.len() >= whole {
+            if let Fill::Compressed { host, len } = p.fill {
+                self.decompress(host, len, Target::Bounce).await?;
+            }
+            let bounce = self.ws.parts().bounce;
+            let buf = bounce
+                .get_mut(..whole)
+                .ok_or(Error::Internal("bounce buffer shrank"))?;
+            if p.fill == Fill::Backing {
+                read_backing_into(&mut self.backing, guest_sector, buf).await?;
+            }
+            buf.get_mut(skip as usize..end as usize)
+                .ok_or(Error::Internal("copy-on-write data past the cluster"))?
+                .copy_from_slice(data);
+            self.dev.write(host, buf).await.map_err(Error::Io)?;
+        } else {
+            match p.fill {
+                Fill::Compressed { host: from, len } => {
+                    let target = Target::Device {
+                        host,
+                        skip: (skip, end),
+                    };
+                    self.decompress(from, len, target).await?;
+                }
+                _ => {
+                    for s in (0..skip).chain(end..cluster_sectors) {
+                        let sector = core::slice::from_mut(&mut self.scratch);
+                        read_backing_into(&mut self.backing, guest_sector + s, sector).await?;
+                        self.dev
+                            .write(host + s, core::slice::from_ref(&self.scratch))
+                            .await
+                            .map_err(Error::Io)?;
+                    }
+                }
+            }
+            self.dev.write(host + skip, data).await.map_err(Error::Io)?;
+        }
         self.cache.note_device_write();
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! A blocking, byte-addressed image API with a host-sized cache.
 
+use crate::backing::HostBacking;
 use crate::block_on;
+use qcow2_core::compress::Buffers;
 use qcow2_core::{
     BlockDevice, CheckReport, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Repair,
     Sector, Slot, SECTOR,
@@ -15,8 +17,25 @@ pub const HOST_CACHE_SLOTS: usize = 512;
 pub const HOST_SCRATCH_BYTES: usize = 4 << 20;
 /// The host cache storage.
 pub type HostCache = Box<[Slot<HOST_SLICE_SECTORS>]>;
-/// An image with the host cache.
-pub type HostQcow2<D> = Qcow2<D, HostCache, HOST_SLICE_SECTORS>;
+/// The working memory of host images.
+pub type HostWorkspace = Buffers<Box<[Sector]>>;
+/// An image with the host cache, a backing (possibly none) and working
+/// memory.
+pub type HostQcow2<D> = Qcow2<D, HostCache, HOST_SLICE_SECTORS, HostBacking<D>, HostWorkspace>;
+
+/// Host working memory for images of `cluster_size` bytes.
+pub fn host_workspace(cluster_size: u64) -> HostWorkspace {
+    let sectors = (cluster_size / SECTOR as u64) as usize;
+    Buffers::new(vec![[0; SECTOR]; sectors].into_boxed_slice())
+}
+
+/// `image` made a host image: working memory, no backing yet.
+fn hosted<D: BlockDevice>(image: Qcow2<D, HostCache, HOST_SLICE_SECTORS>) -> HostQcow2<D> {
+    let cluster_size = image.info().cluster_size;
+    image
+        .with_backing(HostBacking::None)
+        .with_workspace(host_workspace(cluster_size))
+}
 
 /// A fresh host cache of [`HOST_CACHE_SLOTS`] slices.
 pub fn host_cache() -> HostCache {
@@ -45,7 +64,7 @@ impl<D: BlockDevice> Image<D> {
     /// Formats `dev` as a new image.
     pub fn create(dev: D, options: &CreateOptions) -> Result<Self, D> {
         Ok(Image {
-            inner: block_on(Qcow2::create(dev, host_cache(), *options))?,
+            inner: hosted(block_on(Qcow2::create(dev, host_cache(), *options))?),
         })
     }
 
@@ -55,7 +74,7 @@ impl<D: BlockDevice> Image<D> {
         let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
         let open = Qcow2::open_with_scratch(dev, host_cache(), *options, &mut scratch);
         Ok(Image {
-            inner: block_on(open)?,
+            inner: hosted(block_on(open)?),
         })
     }
 
@@ -70,6 +89,18 @@ impl<D: BlockDevice> Image<D> {
     pub fn repair(&mut self, mode: Repair) -> Result<CheckReport, D> {
         let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
         block_on(self.inner.repair(&mut scratch, mode))
+    }
+
+    /// The image reading unallocated clusters from `backing`.
+    pub fn with_backing(self, backing: HostBacking<D>) -> Self {
+        Image {
+            inner: self.inner.with_backing(backing),
+        }
+    }
+
+    /// The image as a backing for another.
+    pub fn into_backing(self) -> HostBacking<D> {
+        HostBacking::Qcow2(Box::new(self.inner))
     }
 
     /// The async image underneath.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backing;
 mod blocking;
 mod fault;
 mod file;
@@ -12,9 +13,10 @@ mod hole;
 pub mod lock;
 mod ram;
 
+pub use backing::HostBacking;
 pub use blocking::{
-    host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SCRATCH_BYTES,
-    HOST_SLICE_SECTORS,
+    host_cache, host_workspace, HostCache, HostQcow2, HostWorkspace, Image, HOST_CACHE_SLOTS,
+    HOST_SCRATCH_BYTES, HOST_SLICE_SECTORS,
 };
 pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;

@@ -23,7 +23,10 @@ use qcow2_core::blockutil::{
 };
 use qcow2_core::seek::{AllMapped, SeekableDevice};
 use qcow2_core::{BlockDevice, CreateOptions, Error, Mapping, OpenOptions, Qcow2, Sector, SECTOR};
-use qcow2_std_shim::{block_on, host_cache, FileDevice, HostQcow2, RamDevice};
+use qcow2_std_shim::{block_on, host_cache, FileDevice, HostCache, RamDevice, HOST_SLICE_SECTORS};
+
+/// A host image without backing or workspace.
+type HostQcow2<D> = Qcow2<D, HostCache, HOST_SLICE_SECTORS>;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use test_support::qemu;
