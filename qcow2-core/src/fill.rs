@@ -97,6 +97,12 @@ where
         Ok(())
     }
 
+    /// Whether the image has a backing (named in its header, or attached):
+    /// what QEMU's discard and write-zeroes decide by.
+    pub(crate) fn has_backing(&self) -> bool {
+        self.names_backing || self.backing_attached
+    }
+
     /// Whether guest cluster `guest` has data in the backing device (else
     /// it reads as zeros when unallocated). False without a backing.
     pub(crate) fn backing_covers(&self, guest: u64) -> bool {
@@ -148,10 +154,7 @@ where
             ));
         }
         if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
-            return Err(Error::corrupt(
-                "compressed cluster overlaps metadata",
-                host,
-            ));
+            return Err(Error::corrupt("compressed cluster overlaps metadata", host));
         }
         let format = Compression::from_type(self.header.compression_type)
             .ok_or(Error::Unsupported("compression type"))?;

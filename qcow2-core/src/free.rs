@@ -74,7 +74,7 @@ where
         };
         let mut guest = start;
         while guest < stop {
-            if self.names_backing && self.geo.v3 {
+            if self.has_backing() && self.geo.v3 {
                 // Unallocated would show the backing: flag zero instead,
                 // even where nothing is allocated yet (as QEMU does).
                 self.zero_cluster(guest, true).await?;
@@ -156,7 +156,7 @@ where
     /// `unmap`, releasing its host cluster, as QEMU's zero_in_l2_slice; a
     /// v2 image, without the flag, has the cluster discarded.
     async fn zero_cluster(&mut self, guest: u64, unmap: bool) -> Result<(), Error<D::Error>> {
-        if !self.geo.v3 && self.names_backing {
+        if !self.geo.v3 && self.has_backing() {
             // No zero flag, and unallocated would show the backing: real
             // zeros, as QEMU falls back to.
             return self.write_zero_cluster(guest).await;
@@ -229,6 +229,10 @@ where
             };
             self.set_refcount(cluster, left).await?;
             if left == 0 {
+                if self.pack_next != 0 && self.geo.cluster_of(self.pack_next) == cluster {
+                    // Never pack into a cluster someone else may get.
+                    self.pack_next = 0;
+                }
                 self.free_hint = self.free_hint.min(cluster);
                 let sectors = self.geo.cluster_sectors();
                 self.cache

@@ -227,6 +227,9 @@ pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
     pub(crate) names_backing: bool,
     /// A backing device was attached ([`Qcow2::with_backing`]).
     pub(crate) backing_attached: bool,
+    /// Host byte where the next compressed cluster is packed, 0 for a
+    /// fresh host cluster.
+    pub(crate) pack_next: u64,
 }
 
 impl<D, S, const K: usize> Qcow2<D, S, K>
@@ -306,6 +309,7 @@ where
             scratch,
             names_backing: header.backing_file_offset != 0 && !options.no_backing,
             backing_attached: false,
+            pack_next: 0,
         };
         if let Err(error) = image.settle(options, rebuild_scratch).await {
             let (device, cache) = image.abandon();
@@ -415,6 +419,7 @@ where
             scratch: self.scratch,
             names_backing: self.names_backing,
             backing_attached,
+            pack_next: self.pack_next,
         }
     }
 
@@ -438,6 +443,7 @@ where
             scratch: self.scratch,
             names_backing: self.names_backing,
             backing_attached: self.backing_attached,
+            pack_next: self.pack_next,
         }
     }
 

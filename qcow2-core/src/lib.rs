@@ -46,6 +46,8 @@ mod free;
 mod header_io;
 mod image;
 mod map;
+#[cfg(feature = "write")]
+mod pack;
 #[cfg(feature = "check")]
 mod refcount;
 #[cfg(test)]
