@@ -238,7 +238,7 @@ where
                             pos += take as u64;
                             rest = later;
                             let sector = (pos - 1) / SECTOR as u64;
-                            let full = pos % SECTOR as u64 == 0;
+                            let full = pos.is_multiple_of(SECTOR as u64);
                             if full && !(skip.0..skip.1).contains(&sector) {
                                 self.dev
                                     .write(*at + sector, core::slice::from_ref(&acc))
