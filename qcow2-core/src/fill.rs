@@ -99,8 +99,10 @@ where
 
     /// Whether the image has a backing (named in its header, or attached):
     /// what QEMU's discard and write-zeroes decide by.
+    /// An attached backing of zero sectors (an empty placeholder) reads
+    /// as none.
     pub(crate) fn has_backing(&self) -> bool {
-        self.names_backing || self.backing_attached
+        self.names_backing || (self.backing_attached && self.backing.sector_count() > 0)
     }
 
     /// Whether guest cluster `guest` has data in the backing device (else

@@ -2,8 +2,8 @@
 
 use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::fill::{read_backing_into, Fill, Target};
 use crate::compress::Workspace;
+use crate::fill::{read_backing_into, Fill, Target};
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
@@ -197,7 +197,8 @@ where
                 run_from = to;
                 run_to = to;
                 let guest = (first >> sector_bits) + i as u64;
-                self.copy_on_write(p, guest, skip, data.get(from..to)).await?;
+                self.copy_on_write(p, guest, skip, data.get(from..to))
+                    .await?;
                 continue;
             }
             if p.fresh && skip > 0 {

@@ -5,14 +5,47 @@
 //! value written after that flush (never a third value), and `qemu-img
 //! check` finds no corruption.
 
+use qcow2_core::backing::Backing;
 use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
 };
-use qcow2_std_shim::{block_on, FaultDevice, FaultError, RamDevice, Survival};
+use qcow2_std_shim::{block_on, FaultDevice, FaultError, HostBacking, RamDevice, Survival};
 
 const SLOTS: usize = 4;
 type Cache = [Slot<1>; SLOTS];
-type Image = Qcow2<FaultDevice, Cache, 1>;
+type Image = Qcow2<FaultDevice, Cache, 1, HostBacking<FaultDevice>>;
+
+/// Devices a raw backing can be made of.
+trait FromBytes: BlockDevice + Sized {
+    fn with_bytes(bytes: &[u8]) -> Self;
+}
+
+impl FromBytes for FaultDevice {
+    fn with_bytes(bytes: &[u8]) -> Self {
+        FaultDevice::from_bytes(bytes)
+    }
+}
+
+impl FromBytes for RamDevice {
+    fn with_bytes(bytes: &[u8]) -> Self {
+        RamDevice::from_bytes(bytes)
+    }
+}
+
+/// Opens the image on `dev` over `backing` (raw bytes), if any.
+#[allow(clippy::type_complexity)]
+fn open_image<D: FromBytes>(
+    dev: D,
+    slots: Cache,
+    options: OpenOptions,
+    backing: Option<&[u8]>,
+) -> Result<Qcow2<D, Cache, 1, HostBacking<D>>, qcow2_core::OpenError<D, Cache>> {
+    let img = block_on(Qcow2::open(dev, slots, options))?;
+    Ok(img.with_backing(match backing {
+        Some(bytes) => HostBacking::Raw(D::with_bytes(bytes)),
+        None => HostBacking::None,
+    }))
+}
 
 fn cache() -> Cache {
     [const { Slot::<1>::EMPTY }; SLOTS]
@@ -102,6 +135,7 @@ impl Model {
         first: u64,
         len: u64,
         cluster_sectors: u64,
+        revert: Option<&[u64]>,
     ) -> Result<(), Error<FaultError>> {
         let end = first + len;
         let stop = if end as usize == self.current.len() {
@@ -111,7 +145,17 @@ impl Model {
         };
         let start = first.next_multiple_of(cluster_sectors);
         // Recorded before the call: a crash inside it may keep any part.
-        self.zeroed(start, stop.max(start));
+        match revert {
+            // v2 over a backing: discarded clusters show the backing again.
+            Some(backing) => {
+                for s in start..stop.max(start) {
+                    let id = backing.get(s as usize).copied().unwrap_or(0);
+                    self.recent[s as usize].push(id);
+                    self.current[s as usize] = id;
+                }
+            }
+            None => self.zeroed(start, stop.max(start)),
+        }
         block_on(img.discard(first, len))
     }
 
@@ -133,7 +177,11 @@ impl Model {
 
     /// Checks every sector of a reopened image against what may survive;
     /// returns the content ids read.
-    fn verify<D: BlockDevice>(&self, img: &mut Qcow2<D, Cache, 1>, what: &str) -> Vec<u64> {
+    fn verify<D: BlockDevice, B: Backing<D::Error>>(
+        &self,
+        img: &mut Qcow2<D, Cache, 1, B>,
+        what: &str,
+    ) -> Vec<u64> {
         let mut buf = vec![[0u8; SECTOR]; self.durable.len()];
         block_on(img.read(0, &mut buf)).unwrap_or_else(|e| panic!("{what}: read failed: {e:?}"));
         let mut ids = Vec::with_capacity(buf.len());
@@ -165,6 +213,8 @@ struct Workload {
     ops: Vec<Op>,
     /// The image to start from; a new one when `None`.
     base: Option<Base>,
+    /// The raw backing device's bytes, if the image has a backing.
+    backing: Option<Vec<u8>>,
 }
 
 /// A prepared image: its bytes and the content id of each guest sector.
@@ -201,13 +251,18 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
         model.current.clone_from(&base.ids);
         model.serial = base.ids.iter().copied().max().unwrap_or(0);
     }
-    let mut img = block_on(Image::open(dev, cache(), OpenOptions::read_write())).unwrap();
+    let backing = w.backing.as_deref();
+    let mut img = open_image(dev, cache(), OpenOptions::read_write(), backing).unwrap();
     for op in &w.ops {
         let result = match *op {
             Op::Write { first, len } => model.write(&mut img, first, len),
             Op::Discard { first, len } => {
                 let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
-                model.discard(&mut img, first, len, cluster_sectors)
+                let revert = match (&w.base, w.options.version) {
+                    (Some(base), Version::V2) if backing.is_some() => Some(base.ids.clone()),
+                    _ => None,
+                };
+                model.discard(&mut img, first, len, cluster_sectors, revert.as_deref())
             }
             Op::Zero { first, len, unmap } => model.zero(&mut img, first, len, unmap),
             Op::Flush => block_on(img.flush()).map(|()| model.flushed()),
@@ -216,14 +271,14 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
                 Ok(()) => {
                     model.flushed();
                     let (dev, slots) = img.abandon();
-                    img = block_on(Image::open(dev, slots, OpenOptions::read_write())).unwrap();
+                    img = open_image(dev, slots, OpenOptions::read_write(), backing).unwrap();
                     Ok(())
                 }
                 Err(e) => Err(e),
             },
             Op::Crash => {
                 let (dev, slots) = img.abandon();
-                match block_on(Image::open(dev, slots, OpenOptions::read_write())) {
+                match open_image(dev, slots, OpenOptions::read_write(), backing) {
                     Ok(reopened) => {
                         img = reopened;
                         model.settle(&mut img, w.name);
@@ -271,7 +326,9 @@ fn qemu_check(bytes: &[u8], what: &str) -> (u64, u64) {
 
 /// Whether the refcount blocks are consecutive clusters directly followed
 /// by the refcount table (else a rebuild scattered them in free clusters).
-fn contiguous_refcounts(img: &Qcow2<RamDevice, Cache, 1>) -> bool {
+fn contiguous_refcounts<B: Backing<qcow2_std_shim::RamError>>(
+    img: &Qcow2<RamDevice, Cache, 1, B>,
+) -> bool {
     let h = img.header();
     let bytes = img.device().as_bytes();
     let cs = 1u64 << h.cluster_bits;
@@ -349,7 +406,8 @@ fn run(w: &Workload, device: Device) -> (u64, u64) {
             let table = peek.header().refcount_table_offset;
             dirty += usize::from(peek.info().dirty);
             let (survivor, _) = block_on(peek.close()).unwrap();
-            let mut img = block_on(Qcow2::open(survivor, cache(), OpenOptions::read_write()))
+            let backing = w.backing.as_deref();
+            let mut img = open_image(survivor, cache(), OpenOptions::read_write(), backing)
                 .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
             if fixed {
                 assert_eq!(
@@ -377,7 +435,7 @@ fn run(w: &Workload, device: Device) -> (u64, u64) {
                 );
                 // Repairing the leaks leaves an image both checks call clean.
                 let mut img =
-                    block_on(Qcow2::open(survivor, slots, OpenOptions::read_write())).unwrap();
+                    open_image(survivor, slots, OpenOptions::read_write(), backing).unwrap();
                 let fixed = block_on(img.repair(&mut scratch, Repair::Leaks)).unwrap();
                 assert_eq!(fixed.leaks_fixed, leaks, "{what}");
                 assert!(
@@ -391,8 +449,7 @@ fn run(w: &Workload, device: Device) -> (u64, u64) {
                     "{what}: after repair"
                 );
                 model.verify(
-                    &mut block_on(Qcow2::open(survivor, cache(), OpenOptions::read_only()))
-                        .unwrap(),
+                    &mut open_image(survivor, cache(), OpenOptions::read_only(), backing).unwrap(),
                     &what,
                 );
             }
@@ -475,6 +532,7 @@ fn sequential_fill_workload() -> Workload {
         options,
         ops,
         base: None,
+        backing: None,
     }
 }
 
@@ -496,6 +554,7 @@ fn table_growth_workload() -> Workload {
         options,
         ops,
         base: None,
+        backing: None,
     }
 }
 
@@ -524,6 +583,7 @@ fn overwrites_workload() -> Workload {
         options,
         ops,
         base: None,
+        backing: None,
     }
 }
 
@@ -574,6 +634,7 @@ fn lazy_refcounts_workload() -> Workload {
         options,
         ops,
         base: None,
+        backing: None,
     }
 }
 
@@ -640,6 +701,7 @@ fn free_path_workload(name: &'static str, options: CreateOptions, seed: u64) -> 
         options,
         ops,
         base: None,
+        backing: None,
     }
 }
 
@@ -714,6 +776,7 @@ fn fragmented_lazy_refcounts_workload() -> Workload {
         options,
         ops,
         base: Some(base),
+        backing: None,
     }
 }
 
@@ -775,12 +838,7 @@ fn repair_crashes(name: &str, fixed: bool, damage: fn(&mut Damaged)) -> u64 {
         }
     };
     let expected = {
-        let mut img = block_on(Image::open(
-            device(&bytes),
-            cache(),
-            OpenOptions::read_only(),
-        ))
-        .unwrap();
+        let mut img = open_image(device(&bytes), cache(), OpenOptions::read_only(), None).unwrap();
         let mut buf = vec![[0u8; SECTOR]; 512];
         block_on(img.read(0, &mut buf)).unwrap();
         let mut scratch = [0u8; 256];
@@ -793,7 +851,7 @@ fn repair_crashes(name: &str, fixed: bool, damage: fn(&mut Damaged)) -> u64 {
         if let Some(n) = crash_at {
             dev.crash_at_write(n);
         }
-        let mut img = block_on(Image::open(dev, cache(), OpenOptions::repair())).unwrap();
+        let mut img = open_image(dev, cache(), OpenOptions::repair(), None).unwrap();
         let mut scratch = [0u8; 256];
         let repaired = block_on(img.repair(&mut scratch, Repair::All));
         (img.abandon().0, repaired)
@@ -896,5 +954,82 @@ fn crash_during_repair_on_a_fixed_size_device_is_recoverable() {
     eprintln!(
         "repair on a fixed-size device: {points} crash points, {} survivors checked",
         points * 3
+    );
+}
+
+/// An overlay on a raw backing shorter than the disk (and not a whole
+/// number of clusters): partial writes copy the rest of their cluster
+/// from the backing; discards and write-zeroes hide it (v3) or show it
+/// again (v2 discards).
+fn backing_cow_workload(name: &'static str, options: CreateOptions, seed: u64) -> Workload {
+    let sectors = options.size / SECTOR as u64;
+    let cluster = 1u64 << (options.cluster_bits - 9);
+    let backing_sectors = sectors * 3 / 4 + 3;
+    // Backing contents: ids no write reuses (writes count up from the
+    // largest).
+    let ids: Vec<u64> = (0..sectors)
+        .map(|s| if s < backing_sectors { 1_000 + s } else { 0 })
+        .collect();
+    let backing: Vec<u8> = (0..backing_sectors)
+        .flat_map(|s| sector_of(1_000 + s))
+        .collect();
+    let mut rng = Rng(seed);
+    let mut ops = vec![];
+    for i in 0..80 {
+        let len = 1 + rng.below(2 * cluster);
+        let first = rng.below(sectors - len);
+        ops.push(match i % 8 {
+            5 => Op::Discard { first, len },
+            6 => Op::Zero {
+                first,
+                len,
+                unmap: i % 16 == 6,
+            },
+            _ => Op::Write {
+                first,
+                len: len.min(cluster),
+            },
+        });
+        match i % 20 {
+            9 => ops.push(Op::Flush),
+            17 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    let bytes = new_image(FaultDevice::new(), options);
+    Workload {
+        name,
+        options,
+        ops,
+        base: Some(Base { bytes, ids }),
+        backing: Some(backing),
+    }
+}
+
+/// Copy-on-write from a backing: every write index, the three survival
+/// modes, v3 and v2, growable and fixed-size devices.
+#[test]
+fn crash_during_copy_on_write_from_a_backing() {
+    let v3 = backing_cow_workload(
+        "backing copy-on-write, 4 KiB clusters",
+        opts(128 << 10, 12, 4),
+        0xc0,
+    );
+    run(&v3, Device::Growable);
+    // A fixed device just large enough for what the workload allocates.
+    let base = &v3.base.as_ref().unwrap().bytes;
+    let reached = replay(&v3, base, false, None).0.sector_count();
+    let grown = (reached - base.len() as u64 / SECTOR as u64).div_ceil(8);
+    run(
+        &v3,
+        Device::Fixed {
+            spare_clusters: grown,
+        },
+    );
+    let mut v2 = opts(64 << 10, 12, 4);
+    v2.version = Version::V2;
+    run(
+        &backing_cow_workload("backing copy-on-write, v2", v2, 0xc2),
+        Device::Growable,
     );
 }
