@@ -33,7 +33,7 @@ impl FromBytes for RamDevice {
 }
 
 /// Opens the image on `dev` over `backing` (raw bytes), if any.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::result_large_err)]
 fn open_image<D: FromBytes>(
     dev: D,
     slots: Cache,
