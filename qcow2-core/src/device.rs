@@ -55,6 +55,16 @@ pub trait BlockDevice {
         let _ = (first, count);
         Ok(())
     }
+
+    /// Whether the `count` sectors from `first` are known to read as zeros
+    /// without reading them (an image's metadata says so, a file has a
+    /// hole there). The default cannot tell: `false`. Overlays use it to
+    /// flag a partial write-zeroes over a backing that holds zeros there
+    /// as a zero cluster, as QEMU does.
+    async fn is_zeroed(&mut self, first: u64, count: u64) -> Result<bool, Self::Error> {
+        let _ = (first, count);
+        Ok(false)
+    }
 }
 
 /// A mutable borrow of a device is a device: an image can sit on a device
@@ -88,5 +98,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
 
     async fn discard(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
         (**self).discard(first, count).await
+    }
+
+    async fn is_zeroed(&mut self, first: u64, count: u64) -> Result<bool, Self::Error> {
+        (**self).is_zeroed(first, count).await
     }
 }

@@ -6,7 +6,7 @@
 use crate::backing::Backing;
 use crate::cache::Slot;
 use crate::compress::{Compression, DecodeError, Decoder, Parts, Workspace};
-use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 /// Where the old contents of a cluster being (re)allocated come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,51 @@ where
     /// as none.
     pub(crate) fn has_backing(&self) -> bool {
         self.names_backing || (self.backing_attached && self.backing.sector_count() > 0)
+    }
+
+    /// Guest sectors below which unallocated clusters read the backing
+    /// (and so may hold data); past it they read as zeros. 0 without a
+    /// backing; the whole disk when the image names a backing that is not
+    /// attached (unknown contents).
+    pub fn backing_sectors(&self) -> u64 {
+        if self.names_backing && !self.backing_attached {
+            self.geo.sectors
+        } else {
+            self.backing.sector_count().min(self.geo.sectors)
+        }
+    }
+
+    /// Whether guest sectors `[first, first + count)` are known to read as
+    /// zeros from the metadata alone: zero clusters, and unallocated ones
+    /// whose backing is known to be zero there (or absent).
+    pub async fn is_zeroed(&mut self, first: u64, count: u64) -> Result<bool, Error<D::Error>> {
+        self.check_range(first, count)?;
+        let mut sector = first;
+        let end = first + count;
+        while sector < end {
+            let (mapping, run) = self.map_run(sector, end - sector).await?;
+            let zero = match mapping {
+                Mapping::Zero => true,
+                Mapping::Unallocated => {
+                    let backing_end = self.backing_sectors();
+                    // Past the backing's end it reads zeros.
+                    sector >= backing_end || {
+                        self.require_backing()?;
+                        let n = run.min(backing_end - sector);
+                        self.backing
+                            .is_zeroed(sector, n)
+                            .await
+                            .map_err(B::overlay_error)?
+                    }
+                }
+                Mapping::Data { .. } | Mapping::Compressed { .. } => false,
+            };
+            if !zero {
+                return Ok(false);
+            }
+            sector += run.max(1);
+        }
+        Ok(true)
     }
 
     /// Whether guest cluster `guest` has data in the backing device (else

@@ -119,18 +119,13 @@ where
         Ok(())
     }
 
-    /// Whether guest cluster `guest` reads as zeros as it is mapped now.
+    /// Whether guest cluster `guest` reads as zeros as it is mapped now
+    /// (through the backing where unallocated).
     async fn reads_as_zeros(&mut self, guest: u64) -> Result<bool, Error<D::Error>> {
-        let l2 = self.l2_table(guest).await?;
-        let entry = match l2 {
-            0 => L2Entry::Unallocated,
-            l2 => self.l2_entry(l2, guest).await?.0,
-        };
-        Ok(match entry {
-            L2Entry::Unallocated => !self.backing_covers(guest),
-            L2Entry::Zero { .. } => true,
-            L2Entry::Data { .. } | L2Entry::Compressed { .. } => false,
-        })
+        let bits = self.geo.cluster_bits - 9;
+        let first = guest << bits;
+        let count = self.geo.cluster_sectors().min(self.geo.sectors - first);
+        self.is_zeroed(first, count).await
     }
 
     /// Makes guest cluster `guest` stop using host space (if it does) and

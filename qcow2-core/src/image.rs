@@ -532,7 +532,7 @@ where
         &mut self.dev
     }
 
-    fn check_range(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
+    pub(crate) fn check_range(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
         match first.checked_add(count) {
             Some(end) if end <= self.geo.sectors => Ok(()),
             _ => Err(Error::OutOfRange),
@@ -783,5 +783,9 @@ where
     #[cfg(feature = "write")]
     async fn discard(&mut self, first: u64, count: u64) -> Result<(), Self::Error> {
         Qcow2::discard(self, first, count).await
+    }
+
+    async fn is_zeroed(&mut self, first: u64, count: u64) -> Result<bool, Self::Error> {
+        Qcow2::is_zeroed(self, first, count).await
     }
 }

@@ -152,13 +152,9 @@ const fn shl(x: u64, n: u32) -> u64 {
     }
 }
 
-/// Whether a qcow2 L2 entry is guaranteed to read as zeros.
-///
-/// Unallocated clusters read as zeros only because backing files are not
-/// supported (opening an image with one is refused): once they are (future
-/// work), an unallocated cluster reads from the backing file and is no
-/// longer guaranteed zero; it will then be "mapped" unless the backing
-/// chain is known to be unmapped there too.
+/// Whether a qcow2 L2 entry is guaranteed to read as zeros, unallocated
+/// entries aside: those read the backing where it has sectors (maybe
+/// data), zeros past its end.
 const fn reads_as_zeros(entry: &L2Entry) -> bool {
     match entry {
         L2Entry::Unallocated | L2Entry::Zero { .. } => true,
@@ -207,6 +203,22 @@ where
         // sizes are 512 B..2 MiB, 8-byte entries: at most 30).
         let cluster_shift = self.geo.cluster_bits.saturating_sub(SECTOR_BITS);
         let table_shift = cluster_shift + self.geo.cluster_bits.saturating_sub(3);
+        // Unallocated sectors below this read the backing: maybe data.
+        let backing_end = self.backing_sectors();
+        // The answer inside an unallocated span [sector, span_end), if any.
+        let in_unallocated = |sector: u64, span_end: u64| -> Option<u64> {
+            let at = if zeros {
+                sector.max(backing_end)
+            } else {
+                sector
+            };
+            let found = if zeros {
+                at < span_end
+            } else {
+                at < backing_end
+            };
+            found.then_some(at)
+        };
         let mut sector = from;
         // The L2 table of the range being crossed: (range index, offset).
         let mut table: Option<(u64, u64)> = None;
@@ -222,18 +234,24 @@ where
             };
             if l2 == 0 {
                 // No table: the whole range is unallocated.
-                if zeros {
-                    return Ok(sector);
+                let range_end = shl(range.saturating_add(1), table_shift).min(end);
+                if let Some(at) = in_unallocated(sector, range_end) {
+                    return Ok(at);
                 }
-                sector = shl(range.saturating_add(1), table_shift);
+                sector = range_end;
                 continue;
             }
             let guest = shr(sector, cluster_shift);
+            let cluster_end = shl(guest.saturating_add(1), cluster_shift).min(end);
             let (entry, _) = self.l2_entry(l2, guest).await?;
-            if reads_as_zeros(&entry) == zeros {
+            if entry == L2Entry::Unallocated {
+                if let Some(at) = in_unallocated(sector, cluster_end) {
+                    return Ok(at);
+                }
+            } else if reads_as_zeros(&entry) == zeros {
                 return Ok(sector);
             }
-            sector = shl(guest.saturating_add(1), cluster_shift);
+            sector = cluster_end;
         }
         Ok(end)
     }

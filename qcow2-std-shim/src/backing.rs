@@ -57,4 +57,12 @@ impl<D: BlockDevice> BlockDevice for HostBacking<D> {
     async fn set_sector_count(&mut self, _n: u64) -> Result<(), Self::Error> {
         Err(Error::ReadOnly)
     }
+
+    async fn is_zeroed(&mut self, first: u64, count: u64) -> Result<bool, Self::Error> {
+        match self {
+            HostBacking::None => Ok(true),
+            HostBacking::Raw(dev) => dev.is_zeroed(first, count).await.map_err(Error::Io),
+            HostBacking::Qcow2(image) => Box::pin(image.is_zeroed(first, count)).await,
+        }
+    }
 }

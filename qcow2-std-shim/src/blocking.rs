@@ -186,7 +186,12 @@ impl<D: BlockDevice> Image<D> {
     /// Whether the cluster holding byte `offset` reads as zeros now.
     fn reads_as_zeros(&mut self, offset: u64) -> Result<bool, D> {
         let (mapping, _) = self.map(offset)?;
-        Ok(matches!(mapping, Mapping::Unallocated | Mapping::Zero))
+        let past_backing = offset >= self.backing_bytes();
+        Ok(match mapping {
+            Mapping::Unallocated => past_backing,
+            Mapping::Zero => true,
+            Mapping::Data { .. } | Mapping::Compressed { .. } => false,
+        })
     }
 
     /// Discards `len` bytes at byte `offset` (see
@@ -203,6 +208,12 @@ impl<D: BlockDevice> Image<D> {
             block_on(self.inner.discard(first, last - first))?;
         }
         Ok(())
+    }
+
+    /// Guest bytes below which unallocated clusters read the backing (see
+    /// [`qcow2_core::Qcow2::backing_sectors`]).
+    pub fn backing_bytes(&self) -> u64 {
+        self.inner.backing_sectors() * SECTOR as u64
     }
 
     /// How byte `offset` is stored and for how many bytes that holds.
