@@ -25,7 +25,9 @@ where
 {
     /// Discards `count` sectors from guest sector `first`: whole clusters in
     /// the range stop using host space and read as zeros (v3 images get the
-    /// zero flag; v2 entries become unallocated, which reads as zeros too).
+    /// zero flag; v2 entries become unallocated, which reads as zeros too;
+    /// a v2 image with a backing, where that would show the backing, keeps
+    /// everything, as QEMU does).
     /// Parts of clusters at either end are left alone, as QEMU does, except
     /// the last cluster of a disk whose size is not a whole number of
     /// clusters when the range reaches the end of the disk.
@@ -63,6 +65,11 @@ where
     }
 
     async fn discard_clusters(&mut self, first: u64, end: u64) -> Result<(), Error<D::Error>> {
+        if !self.geo.v3 && self.has_backing() {
+            // Unallocated would expose the backing, and v2 has no zero
+            // flag: nothing is discarded (QEMU's qcow2_co_pdiscard).
+            return Ok(());
+        }
         let bits = self.geo.cluster_bits - 9;
         let mask = self.geo.cluster_sectors() - 1;
         let start = (first + mask) >> bits;

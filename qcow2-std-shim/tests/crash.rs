@@ -135,7 +135,7 @@ impl Model {
         first: u64,
         len: u64,
         cluster_sectors: u64,
-        revert: Option<&[u64]>,
+        keep: bool,
     ) -> Result<(), Error<FaultError>> {
         let end = first + len;
         let stop = if end as usize == self.current.len() {
@@ -145,16 +145,8 @@ impl Model {
         };
         let start = first.next_multiple_of(cluster_sectors);
         // Recorded before the call: a crash inside it may keep any part.
-        match revert {
-            // v2 over a backing: discarded clusters show the backing again.
-            Some(backing) => {
-                for s in start..stop.max(start) {
-                    let id = backing.get(s as usize).copied().unwrap_or(0);
-                    self.recent[s as usize].push(id);
-                    self.current[s as usize] = id;
-                }
-            }
-            None => self.zeroed(start, stop.max(start)),
+        if !keep {
+            self.zeroed(start, stop.max(start));
         }
         block_on(img.discard(first, len))
     }
@@ -258,11 +250,9 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
             Op::Write { first, len } => model.write(&mut img, first, len),
             Op::Discard { first, len } => {
                 let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
-                let revert = match (&w.base, w.options.version) {
-                    (Some(base), Version::V2) if backing.is_some() => Some(base.ids.clone()),
-                    _ => None,
-                };
-                model.discard(&mut img, first, len, cluster_sectors, revert.as_deref())
+                // v2 over a backing discards nothing (no zero flag).
+                let keep = w.options.version == Version::V2 && backing.is_some();
+                model.discard(&mut img, first, len, cluster_sectors, keep)
             }
             Op::Zero { first, len, unmap } => model.zero(&mut img, first, len, unmap),
             Op::Flush => block_on(img.flush()).map(|()| model.flushed()),
@@ -959,8 +949,8 @@ fn crash_during_repair_on_a_fixed_size_device_is_recoverable() {
 
 /// An overlay on a raw backing shorter than the disk (and not a whole
 /// number of clusters): partial writes copy the rest of their cluster
-/// from the backing; discards and write-zeroes hide it (v3) or show it
-/// again (v2 discards).
+/// from the backing; discards and write-zeroes hide it (v2 discards do
+/// nothing).
 fn backing_cow_workload(name: &'static str, options: CreateOptions, seed: u64) -> Workload {
     let sectors = options.size / SECTOR as u64;
     let cluster = 1u64 << (options.cluster_bits - 9);
