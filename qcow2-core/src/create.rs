@@ -1,7 +1,8 @@
 //! Creating a new, empty image.
 
 use crate::cache::Slot;
-use crate::format::header::{V2_LENGTH, V3_LENGTH};
+use crate::format::entry::COPIED;
+use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
 use crate::format::{
     compatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
     MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
@@ -35,6 +36,28 @@ impl CreateOptions {
             version: Version::V3,
             lazy_refcounts: false,
         }
+    }
+
+    /// Writes a new image's metadata to `dev` as [`Qcow2::create`] does,
+    /// naming the backing file and external data file of `files` in its
+    /// header (see [`ExternalFiles`]), without opening it: open it with
+    /// [`Qcow2::open`] (this crate does not open images with an external
+    /// data file yet). The header cluster is laid out as QEMU lays it out.
+    ///
+    /// With [`ExternalFiles::data_file_raw`], every guest cluster is mapped
+    /// up front to the same offset of the data file (QEMU's metadata
+    /// preallocation, which `data_file_raw` implies): the L2 tables for
+    /// the whole disk are written.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for options or names that do not
+    /// go together, [`Error::NoSpace`] when the names do not fit in the
+    /// first cluster or the device cannot grow.
+    pub async fn format<D: BlockDevice>(
+        &self,
+        dev: &mut D,
+        files: &ExternalFiles<'_>,
+    ) -> Result<(), Error<D::Error>> {
+        format(dev, self, files).await.map(|_| ())
     }
 
     fn validate<E>(&self) -> Result<(), Error<E>> {
@@ -73,13 +96,17 @@ struct Layout {
     refblock_count: u64,
     l1: u64,
     l1_entries: u64,
+    /// First preallocated L2 table (one per L1 entry), if any.
+    l2: u64,
+    l2_tables: u64,
     total: u64,
 }
 
 impl Layout {
     /// Header, refcount table, refcount blocks, L1 table, in that order, with
-    /// enough blocks to cover all of them.
-    fn plan<E>(o: &CreateOptions) -> Result<Self, Error<E>> {
+    /// enough blocks to cover all of them; then an L2 table for each L1
+    /// entry when the metadata is `preallocated`.
+    fn plan<E>(o: &CreateOptions, preallocated: bool) -> Result<Self, Error<E>> {
         let cs = 1u64 << o.cluster_bits;
         // One L1 entry maps cs / 8 clusters of cs bytes.
         let l1_entries = shr_ceil(o.size, 2 * o.cluster_bits - 3);
@@ -89,20 +116,24 @@ impl Layout {
             ));
         }
         let l1_clusters = shr_ceil(l1_entries * 8, o.cluster_bits);
+        let l2_tables = if preallocated { l1_entries } else { 0 };
         let per_block = refcount::entries_in(cs, o.refcount_order);
         // The refcount structures start after the header and must cover the
-        // L1 table that follows them too.
+        // L1 table (and L2 tables) that follow them too.
         let (blocks, table) =
-            refcount::self_covering_layout_before(per_block, cs, 0, 1, l1_clusters)
+            refcount::self_covering_layout_before(per_block, cs, 0, 1, l1_clusters + l2_tables)
                 .ok_or(Error::Internal("refcount layout does not settle"))?;
+        let l1 = 1 + table + blocks;
         Ok(Layout {
             reftable: 1,
             reftable_clusters: table,
             refblocks: 1 + table,
             refblock_count: blocks,
-            l1: 1 + table + blocks,
+            l1,
             l1_entries,
-            total: 1 + table + blocks + l1_clusters,
+            l2: l1 + l1_clusters,
+            l2_tables,
+            total: l1 + l1_clusters + l2_tables,
         })
     }
 }
@@ -123,7 +154,7 @@ where
         cache: S,
         options: CreateOptions,
     ) -> Result<Self, OpenError<D, S>> {
-        let total = match format(&mut dev, &options).await {
+        let total = match format(&mut dev, &options, &ExternalFiles::NONE).await {
             Ok(total) => total,
             Err(error) => {
                 return Err(OpenError {
@@ -138,15 +169,45 @@ where
         image.free_hint = total;
         Ok(image)
     }
+
+    /// Formats `dev` like [`Qcow2::create`], naming the backing file and
+    /// data file of `files` in the header as QEMU writes them (see
+    /// [`CreateOptions::format`]), and opens it read-write. An overlay
+    /// opens without its backing attached (attach it with
+    /// [`Qcow2::with_backing`] before guest I/O). An image with a data
+    /// file is formatted but does not open yet: the error is the open's.
+    pub async fn create_with_files(
+        mut dev: D,
+        cache: S,
+        options: CreateOptions,
+        files: &ExternalFiles<'_>,
+    ) -> Result<Self, OpenError<D, S>> {
+        let total = match format(&mut dev, &options, files).await {
+            Ok(total) => total,
+            Err(error) => {
+                return Err(OpenError {
+                    error,
+                    device: dev,
+                    cache,
+                })
+            }
+        };
+        let mut image = Qcow2::open(dev, cache, OpenOptions::read_write()).await?;
+        image.free_hint = total;
+        Ok(image)
+    }
 }
 
-/// Writes an empty image's metadata to `dev`; returns its size in clusters.
+/// Writes an empty image's metadata to `dev`, naming `files`; returns its
+/// size in clusters.
 async fn format<D: BlockDevice>(
     dev: &mut D,
     options: &CreateOptions,
+    files: &ExternalFiles<'_>,
 ) -> Result<u64, Error<D::Error>> {
     options.validate()?;
-    let layout = Layout::plan(options)?;
+    files.validate(options.version)?;
+    let layout = Layout::plan(options, files.data_file_raw)?;
     let cs = 1u64 << options.cluster_bits;
     let cluster_sectors = cs / SECTOR as u64;
     let total_sectors = layout.total * cluster_sectors;
@@ -187,13 +248,16 @@ async fn format<D: BlockDevice>(
         header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
         compression_type: 0,
     };
+    // The header, its extensions and the backing file name, as QEMU
+    // writes them, a sector at a time.
+    let area = HeaderArea::new(&header, files)?;
     let mut sector: Sector = [0; SECTOR];
-    header
-        .encode(&mut sector)
-        .ok_or(Error::Internal("header does not fit a sector"))?;
-    dev.write(0, core::slice::from_ref(&sector))
-        .await
-        .map_err(Error::Io)?;
+    for i in 0..area.end().div_ceil(SECTOR as u64) {
+        area.fill(i * SECTOR as u64, &mut sector);
+        dev.write(i, core::slice::from_ref(&sector))
+            .await
+            .map_err(Error::Io)?;
+    }
 
     // Refcount table entries, a sector at a time.
     let per_sector = (SECTOR / 8) as u64;
@@ -237,6 +301,62 @@ async fn format<D: BlockDevice>(
             .await
             .map_err(Error::Io)?;
     }
+    if layout.l2_tables > 0 {
+        preallocate(dev, &layout, options).await?;
+    }
     dev.flush().await.map_err(Error::Io)?;
     Ok(layout.total)
+}
+
+/// Writes the L1 entries of the preallocated L2 tables and the tables,
+/// which map every guest cluster to the same offset of the data file.
+async fn preallocate<D: BlockDevice>(
+    dev: &mut D,
+    layout: &Layout,
+    options: &CreateOptions,
+) -> Result<(), Error<D::Error>> {
+    let cs = 1u64 << options.cluster_bits;
+    let cluster_sectors = cs / SECTOR as u64;
+    let guest_clusters = shr_ceil(options.size, options.cluster_bits);
+    // Writes `count` table entries, `entry(n)` for each, from sector
+    // `first` on, a sector at a time.
+    async fn entries<D: BlockDevice>(
+        dev: &mut D,
+        first: u64,
+        count: u64,
+        entry: impl Fn(u64) -> u64,
+    ) -> Result<(), Error<D::Error>> {
+        let per_sector = (SECTOR / 8) as u64;
+        let mut sector: Sector = [0; SECTOR];
+        let mut n = 0;
+        while n < count {
+            sector.fill(0);
+            for (i, slot) in sector.chunks_exact_mut(8).enumerate() {
+                let at = n + i as u64;
+                if at < count {
+                    slot.copy_from_slice(&entry(at).to_be_bytes());
+                }
+            }
+            dev.write(first + (n >> 6), core::slice::from_ref(&sector))
+                .await
+                .map_err(Error::Io)?;
+            n += per_sector;
+        }
+        Ok(())
+    }
+    let l2 = layout.l2;
+    entries(dev, layout.l1 * cluster_sectors, layout.l2_tables, |j| {
+        COPIED | ((l2 + j) * cs)
+    })
+    .await?;
+    let l2_entries = cs / 8;
+    for j in 0..layout.l2_tables {
+        let first = j * l2_entries;
+        let count = guest_clusters.saturating_sub(first).min(l2_entries);
+        entries(dev, (l2 + j) * cluster_sectors, count, |i| {
+            COPIED | ((first + i) * cs)
+        })
+        .await?;
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ const MAX_EXTENSIONS: usize = 1024;
 /// Length of the bitmaps extension's data (QEMU accepts no other).
 const BITMAPS_EXTENSION_LEN: u32 = 24;
 /// QEMU keeps the backing format name in 16 bytes with its terminator.
-const MAX_BACKING_FORMAT_LEN: u32 = 16;
+const MAX_BACKING_FORMAT: u32 = crate::format::header::MAX_BACKING_FORMAT;
 
 /// Reads the 8 bytes at byte `at` (8-aligned) using `scratch`, which holds
 /// sector `*loaded` (if any) and is only re-read for another sector.
@@ -42,6 +42,56 @@ async fn read8<D: BlockDevice>(
     Ok(out)
 }
 
+/// A walk over the extension area, one extension at a time, reading a
+/// sector at a time through the caller's scratch sector.
+pub(crate) struct ExtensionWalk {
+    /// Byte offset of the next extension header.
+    at: u64,
+    /// The sector `scratch` holds, if any.
+    loaded: Option<u64>,
+    /// Extensions returned so far.
+    steps: usize,
+}
+
+impl ExtensionWalk {
+    /// A walk from `header`'s first extension. `loaded` names the sector
+    /// the scratch sector already holds (`Some(0)` right after the header
+    /// read), if any.
+    pub(crate) const fn new(header: &Header, loaded: Option<u64>) -> Self {
+        ExtensionWalk {
+            at: header.extensions_offset(),
+            loaded,
+            steps: 0,
+        }
+    }
+
+    /// The next extension, bounds-checked against the first cluster;
+    /// `None` at the end marker or at the end of the cluster without one
+    /// (tolerated, as QEMU does).
+    pub(crate) async fn next<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        scratch: &mut Sector,
+        header: &Header,
+    ) -> Result<Option<Extension>, Error<D::Error>> {
+        let cluster = header.cluster_size();
+        if self.at + 8 > cluster {
+            return Ok(None);
+        }
+        if self.steps >= MAX_EXTENSIONS {
+            return Err(Error::corrupt("too many header extensions", self.at));
+        }
+        let raw = read8(dev, scratch, &mut self.loaded, self.at).await?;
+        let ext = Extension::decode(raw, self.at, cluster)?;
+        if ext.kind == ExtensionKind::End {
+            return Ok(None);
+        }
+        self.steps += 1;
+        self.at = ext.next();
+        Ok(Some(ext))
+    }
+}
+
 /// Walks the extension area, checking bounds and refusing extensions of
 /// unsupported features. Unknown extensions are left as they are.
 ///
@@ -54,35 +104,45 @@ pub(crate) async fn check_extensions<D: BlockDevice>(
     scratch: &mut Sector,
     header: &Header,
 ) -> Result<Option<Extension>, Error<D::Error>> {
-    let mut loaded = Some(0);
-    let cluster = header.cluster_size();
-    let mut at = header.extensions_offset();
+    let mut walk = ExtensionWalk::new(header, Some(0));
     let mut bitmaps = None;
-    for _ in 0..MAX_EXTENSIONS {
-        if at + 8 > cluster {
-            // No end marker before the end of the cluster: tolerated, as QEMU does.
-            return Ok(bitmaps);
-        }
-        let ext = Extension::decode(read8(dev, scratch, &mut loaded, at).await?, at, cluster)?;
+    while let Some(ext) = walk.next(dev, scratch, header).await? {
+        let at = ext.offset - 8;
         match ext.kind {
-            ExtensionKind::End => return Ok(bitmaps),
             // QEMU refuses both at open, whatever the feature bits say.
             ExtensionKind::Bitmaps if ext.len != BITMAPS_EXTENSION_LEN => {
                 return Err(Error::corrupt("bitmaps extension of invalid length", at))
             }
-            ExtensionKind::BackingFormat if ext.len >= MAX_BACKING_FORMAT_LEN => {
+            ExtensionKind::BackingFormat if ext.len > MAX_BACKING_FORMAT => {
                 return Err(Error::corrupt("backing format name too long", at))
             }
             ExtensionKind::Bitmaps => bitmaps = Some(ext),
             ExtensionKind::FullDiskEncryption => return Err(Error::Unsupported("encryption")),
-            ExtensionKind::ExternalDataFile => {
-                return Err(Error::Unsupported("external data files"))
-            }
+            // The data file name means something only with the
+            // incompatible bit, which the header check handles (QEMU
+            // ignores the extension without it).
             _ => {}
         }
-        at = ext.next();
     }
-    Err(Error::corrupt("too many header extensions", at))
+    Ok(bitmaps)
+}
+
+/// The last extension of `kind` (QEMU keeps the last of duplicates), if
+/// any. Reads through `scratch`, which need not hold anything.
+pub(crate) async fn find_extension<D: BlockDevice>(
+    dev: &mut D,
+    scratch: &mut Sector,
+    header: &Header,
+    kind: ExtensionKind,
+) -> Result<Option<Extension>, Error<D::Error>> {
+    let mut walk = ExtensionWalk::new(header, None);
+    let mut found = None;
+    while let Some(ext) = walk.next(dev, scratch, header).await? {
+        if ext.kind == kind {
+            found = Some(ext);
+        }
+    }
+    Ok(found)
 }
 
 /// Rewrites the header fields in sector 0, keeping every other byte.

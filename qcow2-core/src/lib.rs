@@ -46,6 +46,7 @@ mod free;
 mod header_io;
 mod image;
 mod map;
+mod names;
 #[cfg(feature = "write")]
 mod pack;
 #[cfg(feature = "check")]

@@ -77,7 +77,16 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("crypt-aes", "open: unsupported feature: encryption", |i, _| put32(i, 32, 1)),
     ("crypt-luks", "open: unsupported feature: encryption", |i, _| put32(i, 32, 2)),
     ("backing-name-outside-cluster", "open: corrupt image: backing file name outside the first cluster (at host offset 0x0)", |i, _| { put64(i, 8, 500); put32(i, 16, 100) }),
-    ("backing-file", "open: unsupported feature: backing files", |i, _| { put64(i, 8, 400); put32(i, 16, 4); i[400..404].copy_from_slice(b"base") }),
+    // An overlay reads guest data only with its backing attached.
+    ("backing-file", "read: unsupported feature: the image has a backing file that is not attached (Qcow2::with_backing)", |i, _| { put64(i, 8, 400); put32(i, 16, 4); i[400..404].copy_from_slice(b"base") }),
+    // QEMU: "Backing file name too long", "Invalid backing file offset".
+    ("backing-name-too-long", "open: corrupt image: backing file name longer than 1023 bytes (at host offset 0x0)", |i, _| { put64(i, 8, 400); put32(i, 16, 1024) }),
+    ("backing-name-offset-huge", "open: corrupt image: backing file name outside the first cluster (at host offset 0x0)", |i, _| { put64(i, 8, 1 << 62); put32(i, 16, 4) }),
+    ("backing-name-to-cluster-end", "read: unsupported feature: the image has a backing file that is not attached (Qcow2::with_backing)", |i, _| { put64(i, 8, 508); put32(i, 16, 4); i[508..512].copy_from_slice(b"base") }),
+    // QEMU reads an empty name as no backing file (`Header::has_backing_file`);
+    // the open image still counts the offset alone as naming one.
+    ("backing-name-empty", "read: unsupported feature: the image has a backing file that is not attached (Qcow2::with_backing)", |i, _| { put64(i, 8, 400); put32(i, 16, 0) }),
+    ("backing-format-without-backing-file", "ok", |i, _| { put32(i, 112, 0xe279_2aca); put32(i, 116, 3); i[120..123].copy_from_slice(b"raw") }),
     ("size-beyond-l1", "open: corrupt image: L1 table too small for the virtual size (at host offset 0x0)", |i, _| put64(i, 24, 1 << 30)),
     ("size-huge", "open: corrupt image: virtual size too large (at host offset 0x0)", |i, _| put64(i, 24, u64::MAX)),
     ("l1-size-huge", "open: corrupt image: L1 table larger than 32 MiB (at host offset 0x0)", |i, _| put32(i, 36, u32::MAX)),
@@ -112,7 +121,10 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("size-unaligned", "ok", |i, _| { let size = be64(i, 24); put64(i, 24, size - 24) }),
     ("extension-beyond-cluster", "open: corrupt image: header extension beyond the first cluster (at host offset 0x70)", |i, _| { put32(i, 112, 0x1234); put32(i, 116, 4096) }),
     ("extension-fde", "open: unsupported feature: encryption", |i, _| { put32(i, 112, 0x0537_be77); put32(i, 116, 16) }),
-    ("extension-external-data", "open: unsupported feature: external data files", |i, _| { put32(i, 112, 0x4441_5441); put32(i, 116, 4) }),
+    // Without the incompatible bit QEMU ignores the data file name.
+    ("extension-external-data", "ok", |i, _| { put32(i, 112, 0x4441_5441); put32(i, 116, 4); i[120..124].copy_from_slice(b"data") }),
+    ("external-data-bit-and-name", "open: unsupported feature: external data files", |i, _| { put64(i, 72, 1 << 2); put32(i, 112, 0x4441_5441); put32(i, 116, 4); i[120..124].copy_from_slice(b"data") }),
+    ("external-data-name-beyond-cluster", "open: corrupt image: header extension beyond the first cluster (at host offset 0x70)", |i, _| { put32(i, 112, 0x4441_5441); put32(i, 116, 0xffff_fff0) }),
     ("bitmaps-extension-empty", "open: corrupt image: bitmaps extension of invalid length (at host offset 0x70)", |i, _| { put32(i, 112, 0x2385_2875); put32(i, 116, 0) }),
     ("backing-format-too-long", "open: corrupt image: backing format name too long (at host offset 0x70)", |i, _| { put32(i, 112, 0xe279_2aca); put32(i, 116, 16); i[120..136].copy_from_slice(b"qcow2qcow2qcow2q"); put64(i, 136, 0) }),
     ("extensions-without-end", "ok", |i, _| { for at in (112..512).step_by(8) { put32(i, at, 0x77); put32(i, at + 4, 0) } }),
@@ -142,7 +154,7 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("l2-entry-on-other-l2", "write: corrupt image: data cluster beyond the end of the image (at host offset 0xa5a5a5a5a5a400)", |i, l| { let l2b = be64(i, l.l1 + 8) & 0x00ff_ffff_ffff_fe00; put64(i, l.l2, (1 << 63) | l2b) }),
     ("l2-entry-copied-cleared", "write: corrupt image: L2 entry without COPIED flag (at host offset 0x800)", |i, l| i[l.l2] &= 0x7f),
     ("l1-entry-copied-cleared", "write: corrupt image: L1 entry without COPIED flag (at host offset 0x600)", |i, l| i[l.l1] &= 0x7f),
-    ("l2-entry-compressed", "read: unsupported feature: reading compressed clusters", |i, l| put64(i, l.l2, (1 << 62) | l.data as u64)),
+    ("l2-entry-compressed", "read: unsupported feature: reading compressed clusters (no decoder in the image's workspace)", |i, l| put64(i, l.l2, (1 << 62) | l.data as u64)),
     ("reftable-entry-unaligned", "write: corrupt image: reserved bits set in a refcount table entry (at host offset 0x200)", |i, l| put64(i, l.reftable, l.refblock as u64 + 256)),
     ("reftable-entry-on-data", "write: corrupt image: data cluster is live metadata (at host offset 0xa00)", |i, l| put64(i, l.reftable, l.data as u64)),
     ("reftable-entry-on-l2", "write: corrupt image: metadata cluster used as two kinds of table (at host offset 0x800)", |i, l| put64(i, l.reftable, l.l2 as u64)),

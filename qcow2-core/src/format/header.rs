@@ -12,6 +12,23 @@ pub const V3_MIN_LENGTH: u32 = 104;
 /// The `header_length` QEMU (and this crate) writes for version 3.
 pub const V3_LENGTH: u32 = 112;
 
+/// Longest backing file name QEMU reads or writes, in bytes.
+pub const MAX_BACKING_FILE_NAME: u32 = 1023;
+/// Longest backing format name: QEMU keeps it in 16 bytes with its
+/// terminating NUL.
+pub const MAX_BACKING_FORMAT: u32 = 15;
+
+/// Type of the backing format extension.
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Type of the feature name table extension.
+pub const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
+/// Type of the persistent bitmaps extension.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Type of the full disk encryption extension.
+pub const EXT_FULL_DISK_ENCRYPTION: u32 = 0x0537_be77;
+/// Type of the external data file name extension.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
 /// The header exactly as stored, big-endian, version 3 layout.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy)]
 #[repr(C)]
@@ -176,6 +193,27 @@ impl Header {
         self.header_length as u64
     }
 
+    /// Whether the header names a backing file: a name offset and a
+    /// non-empty length (QEMU ignores the length when the offset is 0, and
+    /// an empty name means no backing file). The name itself may still
+    /// start with a NUL byte, which QEMU also reads as no backing file:
+    /// `Qcow2::backing_file_name` has the last word.
+    pub const fn has_backing_file(&self) -> bool {
+        self.backing_file_offset != 0 && self.backing_file_size != 0
+    }
+
+    /// Whether guest data lives in an external data file (incompatible
+    /// bit 2; the name is in the data file extension).
+    pub const fn has_data_file(&self) -> bool {
+        self.incompatible_features & super::incompatible::EXTERNAL_DATA != 0
+    }
+
+    /// Whether the external data file is a valid raw image of the guest
+    /// disk (autoclear bit 1, meaningful with a data file only).
+    pub const fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & super::autoclear::RAW_EXTERNAL != 0
+    }
+
     /// Checks every field that can be checked without the device, refusing
     /// features this crate does not implement with [`Error::Unsupported`].
     pub fn validate<E>(&self) -> Result<(), Error<E>> {
@@ -230,12 +268,17 @@ impl Header {
             return corrupt("v2 image with refcount width other than 16");
         }
         if self.backing_file_offset != 0 {
-            if self.backing_file_offset >= cluster
-                || self.backing_file_offset + u64::from(self.backing_file_size) > cluster
-            {
+            // QEMU: "Invalid backing file offset" past the first cluster,
+            // "Backing file name too long" beyond 1023 bytes or the cluster.
+            if self.backing_file_offset > cluster {
                 return corrupt("backing file name outside the first cluster");
             }
-            return Err(Error::Unsupported("backing files"));
+            if self.backing_file_size > MAX_BACKING_FILE_NAME {
+                return corrupt("backing file name longer than 1023 bytes");
+            }
+            if self.backing_file_offset + u64::from(self.backing_file_size) > cluster {
+                return corrupt("backing file name outside the first cluster");
+            }
         }
         // L1 table: big enough for the disk, within limits, aligned, not on the header.
         if self.size > (1 << 62) {
@@ -380,11 +423,11 @@ impl ExtensionKind {
     pub const fn from_type(t: u32) -> Self {
         match t {
             0 => ExtensionKind::End,
-            0xe279_2aca => ExtensionKind::BackingFormat,
-            0x6803_f857 => ExtensionKind::FeatureNames,
-            0x2385_2875 => ExtensionKind::Bitmaps,
-            0x0537_be77 => ExtensionKind::FullDiskEncryption,
-            0x4441_5441 => ExtensionKind::ExternalDataFile,
+            EXT_BACKING_FORMAT => ExtensionKind::BackingFormat,
+            EXT_FEATURE_NAMES => ExtensionKind::FeatureNames,
+            EXT_BITMAPS => ExtensionKind::Bitmaps,
+            EXT_FULL_DISK_ENCRYPTION => ExtensionKind::FullDiskEncryption,
+            EXT_DATA_FILE => ExtensionKind::ExternalDataFile,
             other => ExtensionKind::Unknown(other),
         }
     }
@@ -422,6 +465,272 @@ impl Extension {
     /// Byte offset just after this extension and its padding.
     pub const fn next(&self) -> u64 {
         self.offset + (self.len as u64).div_ceil(8) * 8
+    }
+}
+
+/// The files outside the image that a new image's header names: its
+/// backing file and its external data file (see `CreateOptions::format`
+/// and `Qcow2::create_with_files`). Names are bytes as stored: a path on
+/// the host, never interpreted by the core. The default names nothing.
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExternalFiles<'a> {
+    /// Backing file name, stored as given (QEMU resolves a relative name
+    /// against the image's directory): 1 to 1023 bytes, no NUL.
+    pub backing_file: Option<&'a [u8]>,
+    /// Backing file format (`raw`, `qcow2`, ...), 1 to 15 bytes, no NUL;
+    /// only with a backing file. Without it readers probe the backing.
+    pub backing_format: Option<&'a str>,
+    /// External data file name: guest data lives there (version 3 only).
+    pub data_file: Option<&'a [u8]>,
+    /// The data file is a valid raw image of the guest disk at all times
+    /// (`data_file_raw=on`): needs a data file, excludes a backing file,
+    /// and maps every guest cluster to the same data file offset up front.
+    pub data_file_raw: bool,
+}
+
+impl ExternalFiles<'_> {
+    /// No backing file and no data file.
+    pub const NONE: ExternalFiles<'static> = ExternalFiles {
+        backing_file: None,
+        backing_format: None,
+        data_file: None,
+        data_file_raw: false,
+    };
+
+    /// Checks the combination for an image of `version`, in QEMU's terms.
+    pub fn validate<E>(&self, version: Version) -> Result<(), Error<E>> {
+        let plain = |name: &[u8]| !name.is_empty() && !name.contains(&0);
+        if let Some(name) = self.backing_file {
+            if name.len() > MAX_BACKING_FILE_NAME as usize {
+                return Err(Error::InvalidArgument(
+                    "backing file name longer than 1023 bytes",
+                ));
+            }
+            if !plain(name) {
+                return Err(Error::InvalidArgument(
+                    "backing file name empty or with a NUL byte",
+                ));
+            }
+        }
+        if let Some(format) = self.backing_format {
+            if self.backing_file.is_none() {
+                return Err(Error::InvalidArgument(
+                    "backing format cannot be used without backing file",
+                ));
+            }
+            if format.len() > MAX_BACKING_FORMAT as usize {
+                return Err(Error::InvalidArgument(
+                    "backing format name longer than 15 bytes",
+                ));
+            }
+            if !plain(format.as_bytes()) {
+                return Err(Error::InvalidArgument(
+                    "backing format name empty or with a NUL byte",
+                ));
+            }
+        }
+        if let Some(name) = self.data_file {
+            if version == Version::V2 {
+                return Err(Error::InvalidArgument(
+                    "external data files require compat 1.1",
+                ));
+            }
+            if !plain(name) {
+                return Err(Error::InvalidArgument(
+                    "data file name empty or with a NUL byte",
+                ));
+            }
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::InvalidArgument("data-file-raw requires data-file"));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "backing file and data-file-raw cannot be used at the same time",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// QEMU 10's feature name table: (type, bit, name), 48 bytes each.
+const FEATURE_NAMES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+/// Bytes of one feature name table entry.
+const FEATURE_ENTRY: u64 = 48;
+
+/// One run of bytes of the header cluster after the header.
+#[derive(Debug, Clone, Copy)]
+enum Piece<'a> {
+    /// An extension's type and length.
+    ExtensionHeader(u32, u32),
+    /// Bytes as given.
+    Bytes(&'a [u8]),
+    /// Zero bytes (padding, the end marker).
+    Zeros(u64),
+    /// QEMU's feature name table.
+    FeatureNames,
+}
+
+impl Piece<'_> {
+    const fn len(&self) -> u64 {
+        match self {
+            Piece::ExtensionHeader(..) => 8,
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::Zeros(n) => *n,
+            Piece::FeatureNames => FEATURE_NAMES.len() as u64 * FEATURE_ENTRY,
+        }
+    }
+
+    /// Byte `i` (below `len`) of the piece.
+    fn byte(&self, i: u64) -> u8 {
+        match self {
+            Piece::ExtensionHeader(kind, len) => {
+                let word = (u64::from(*kind) << 32) | u64::from(*len);
+                word.to_be_bytes().get(i as usize).copied().unwrap_or(0)
+            }
+            Piece::Bytes(b) => b.get(i as usize).copied().unwrap_or(0),
+            Piece::Zeros(_) => 0,
+            Piece::FeatureNames => {
+                let entry = FEATURE_NAMES.get((i / FEATURE_ENTRY) as usize);
+                match (entry, i % FEATURE_ENTRY) {
+                    (Some((kind, _, _)), 0) => *kind,
+                    (Some((_, bit, _)), 1) => *bit,
+                    (Some((_, _, name)), at) => {
+                        name.as_bytes().get(at as usize - 2).copied().unwrap_or(0)
+                    }
+                    (None, _) => 0,
+                }
+            }
+        }
+    }
+}
+
+/// The header cluster of a new image as QEMU lays it out: the header, the
+/// backing format and data file extensions, the feature name table (v3
+/// with clusters above 4 KiB), the end marker, then the backing file name.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderArea<'a> {
+    header: Header,
+    pieces: [Piece<'a>; 10],
+}
+
+impl<'a> HeaderArea<'a> {
+    /// Lays out `header` with `files` (already validated) and sets the
+    /// header's backing file fields and data file feature bits to match.
+    /// [`Error::NoSpace`] when it all does not fit in the first cluster.
+    pub fn new<E>(header: &Header, files: &ExternalFiles<'a>) -> Result<Self, Error<E>> {
+        use super::{autoclear, incompatible};
+        let pad =
+            |b: Option<&[u8]>| Piece::Zeros(b.map_or(0, |b| (b.len() as u64).wrapping_neg() & 7));
+        let ext_header = |kind, b: Option<&[u8]>| match b {
+            Some(b) => Piece::ExtensionHeader(kind, b.len() as u32),
+            None => Piece::Zeros(0),
+        };
+        let format = files.backing_format.map(str::as_bytes);
+        let data = files.data_file;
+        let v3 = header.version == Version::V3;
+        // QEMU leaves the table out where it would crowd small clusters.
+        let names = v3 && header.cluster_size() > 4096;
+        let mut area = HeaderArea {
+            header: *header,
+            pieces: [
+                ext_header(EXT_BACKING_FORMAT, format),
+                Piece::Bytes(format.unwrap_or_default()),
+                pad(format),
+                ext_header(EXT_DATA_FILE, data),
+                Piece::Bytes(data.unwrap_or_default()),
+                pad(data),
+                if names {
+                    Piece::ExtensionHeader(
+                        EXT_FEATURE_NAMES,
+                        (FEATURE_NAMES.len() as u64 * FEATURE_ENTRY) as u32,
+                    )
+                } else {
+                    Piece::Zeros(0)
+                },
+                if names {
+                    Piece::FeatureNames
+                } else {
+                    Piece::Zeros(0)
+                },
+                // The end marker.
+                Piece::Zeros(8),
+                Piece::Bytes(files.backing_file.unwrap_or_default()),
+            ],
+        };
+        let name_at = area.backing_file_offset();
+        let h = &mut area.header;
+        (h.backing_file_offset, h.backing_file_size) = match files.backing_file {
+            Some(name) => (name_at, name.len() as u32),
+            None => (0, 0),
+        };
+        if data.is_some() {
+            h.incompatible_features |= incompatible::EXTERNAL_DATA;
+        }
+        if files.data_file_raw {
+            h.autoclear_features |= autoclear::RAW_EXTERNAL;
+        }
+        if area.end() > header.cluster_size() {
+            return Err(Error::NoSpace);
+        }
+        Ok(area)
+    }
+
+    /// The header with its backing file fields and feature bits set.
+    pub const fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Byte offset of the backing file name (where it would go).
+    fn backing_file_offset(&self) -> u64 {
+        // Every piece but the last, the name.
+        let before_name = self.pieces.iter().take(self.pieces.len() - 1);
+        self.header.extensions_offset() + before_name.map(Piece::len).sum::<u64>()
+    }
+
+    /// Byte offset just past the last byte written.
+    pub fn end(&self) -> u64 {
+        self.header.extensions_offset() + self.pieces.iter().map(Piece::len).sum::<u64>()
+    }
+
+    /// Fills `out` with the header cluster's bytes from byte `at` on
+    /// (zeros past [`HeaderArea::end`]).
+    pub fn fill(&self, at: u64, out: &mut [u8]) {
+        out.fill(0);
+        let mut raw = [0u8; V3_LENGTH as usize];
+        if self.header.encode(&mut raw).is_some() {
+            let len = self.header.encoded_len() as u64;
+            copy_overlap(at, out, 0, len, |i| {
+                raw.get(i as usize).copied().unwrap_or(0)
+            });
+        }
+        let mut start = self.header.extensions_offset();
+        for piece in &self.pieces {
+            copy_overlap(at, out, start, piece.len(), |i| piece.byte(i));
+            start += piece.len();
+        }
+    }
+}
+
+/// Writes bytes `byte(i)` of a run `[start, start+len)` into the part of
+/// `out` (which holds bytes from `at` on) that the run covers.
+fn copy_overlap(at: u64, out: &mut [u8], start: u64, len: u64, byte: impl Fn(u64) -> u8) {
+    let from = start.max(at);
+    let to = (start + len).min(at + out.len() as u64);
+    for pos in from..to {
+        if let Some(b) = out.get_mut((pos - at) as usize) {
+            *b = byte(pos - start);
+        }
     }
 }
 
@@ -520,10 +829,7 @@ mod tests {
             check(&|h| h.crypt_method = 1),
             Err(Error::Unsupported("encryption"))
         );
-        assert_eq!(
-            check(&|h| h.backing_file_offset = 0x200),
-            Err(Error::Unsupported("backing files"))
-        );
+        assert_eq!(check(&|h| h.backing_file_offset = 0x200), Ok(()));
         assert!(matches!(
             check(&|h| h.cluster_bits = 8),
             Err(Error::Unsupported(_))
@@ -605,6 +911,190 @@ mod tests {
         assert!(!overlaps(0x670, 0, 0x600, 512));
         assert!(overlaps(0x600, 512, 0x670, 1));
         assert!(!overlaps(0, 512, 512, 512));
+    }
+
+    /// The header cluster `area` makes, as far as `len` bytes.
+    fn area_bytes(area: &HeaderArea, len: usize) -> [u8; 2048] {
+        let mut out = [0xeeu8; 2048];
+        // In odd windows, to exercise the overlap arithmetic.
+        let mut at = 0;
+        for step in [1, 7, 100, 512, 3].iter().cycle() {
+            if at >= len {
+                break;
+            }
+            let end = (at + step).min(len);
+            area.fill(at as u64, &mut out[at..end]);
+            at = end;
+        }
+        out
+    }
+
+    #[test]
+    fn header_area_matches_qemu() {
+        // qemu-img create -f qcow2 -b base.raw -F raw ov.qcow2: format
+        // extension, feature table, end marker, name at 0x210.
+        let files = ExternalFiles {
+            backing_file: Some(b"base.raw"),
+            backing_format: Some("raw"),
+            ..ExternalFiles::NONE
+        };
+        let area = HeaderArea::new::<()>(&sample(Version::V3), &files).unwrap();
+        assert_eq!(area.header().backing_file_offset, 0x210);
+        assert_eq!(area.header().backing_file_size, 8);
+        assert_eq!(area.end(), 0x218);
+        let b = area_bytes(&area, 0x300);
+        assert_eq!(&b[8..20], &[0, 0, 0, 0, 0, 0, 2, 0x10, 0, 0, 0, 8]);
+        assert_eq!(&b[0x70..0x80], b"\xe2\x79\x2a\xca\0\0\0\x03raw\0\0\0\0\0");
+        assert_eq!(&b[0x80..0x88], &[0x68, 0x03, 0xf8, 0x57, 0, 0, 1, 0x80]);
+        assert_eq!(&b[0x88..0x94], b"\0\0dirty bit\0");
+        assert_eq!(
+            &b[0x88 + 48 * 2..0x88 + 48 * 2 + 20],
+            b"\0\x02external data file"
+        );
+        assert_eq!(
+            &b[0x88 + 48 * 7..0x88 + 48 * 7 + 19],
+            b"\x02\x01raw external data"
+        );
+        assert!(b[0x208..0x210].iter().all(|&x| x == 0));
+        assert_eq!(&b[0x210..0x218], b"base.raw");
+        assert!(b[0x218..0x300].iter().all(|&x| x == 0));
+        assert_eq!(Header::decode::<()>(&b).unwrap(), *area.header());
+
+        // v2: no feature table; 512-byte clusters: none either.
+        let area = HeaderArea::new::<()>(&sample(Version::V2), &files).unwrap();
+        assert_eq!(area.header().backing_file_offset, 0x60);
+        let b = area_bytes(&area, 0x100);
+        assert_eq!(&b[0x48..0x50], &[0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 3]);
+        assert_eq!(&b[0x60..0x68], b"base.raw");
+        let mut h = sample(Version::V3);
+        h.cluster_bits = 9;
+        let area = HeaderArea::new::<()>(&h, &files).unwrap();
+        assert_eq!(area.header().backing_file_offset, 0x88);
+        // 4 KiB clusters are the largest without the table, as in QEMU.
+        h.cluster_bits = 12;
+        assert_eq!(HeaderArea::new::<()>(&h, &files).unwrap().end(), 0x90);
+        h.cluster_bits = 13;
+        assert_eq!(HeaderArea::new::<()>(&h, &files).unwrap().end(), 0x218);
+        // Nothing named: the feature table and the end marker only.
+        let area = HeaderArea::new::<()>(&sample(Version::V3), &ExternalFiles::NONE).unwrap();
+        assert_eq!(area.header().backing_file_offset, 0);
+        assert_eq!(area.end(), 0x70 + 8 + 384 + 8);
+    }
+
+    #[test]
+    fn header_area_data_file() {
+        // qemu-img create -f qcow2 -o data_file=d.raw,data_file_raw=on.
+        let files = ExternalFiles {
+            data_file: Some(b"d.raw"),
+            data_file_raw: true,
+            ..ExternalFiles::NONE
+        };
+        files.validate::<()>(Version::V3).unwrap();
+        let area = HeaderArea::new::<()>(&sample(Version::V3), &files).unwrap();
+        let h = area.header();
+        assert_eq!(h.incompatible_features, incompatible::EXTERNAL_DATA);
+        assert_eq!(h.autoclear_features, crate::format::autoclear::RAW_EXTERNAL);
+        assert!(h.has_data_file() && h.data_file_raw() && !h.has_backing_file());
+        let b = area_bytes(&area, 0x100);
+        assert_eq!(&b[0x70..0x80], b"DATA\0\0\0\x05d.raw\0\0\0");
+        assert_eq!(&b[0x80..0x84], &[0x68, 0x03, 0xf8, 0x57]);
+        // Both: the format extension comes first.
+        let files = ExternalFiles {
+            backing_file: Some(b"b"),
+            backing_format: Some("qcow2"),
+            data_file: Some(b"data"),
+            data_file_raw: false,
+        };
+        let area = HeaderArea::new::<()>(&sample(Version::V3), &files).unwrap();
+        let b = area_bytes(&area, 0x300);
+        assert_eq!(&b[0x70..0x78], &[0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 5]);
+        assert_eq!(&b[0x80..0x90], b"DATA\0\0\0\x04data\0\0\0\0");
+        assert_eq!(area.header().backing_file_offset, 0x90 + 8 + 384 + 8);
+    }
+
+    #[test]
+    fn external_files_are_checked_as_qemu_does() {
+        let long = [b'a'; 1024];
+        let bad =
+            |f: ExternalFiles, v| matches!(f.validate::<()>(v), Err(Error::InvalidArgument(_)));
+        let backing = |name| ExternalFiles {
+            backing_file: Some(name),
+            ..ExternalFiles::NONE
+        };
+        assert!(bad(backing(&long), Version::V3));
+        assert!(!bad(backing(&long[..1023]), Version::V3));
+        assert!(bad(backing(b""), Version::V3));
+        assert!(bad(backing(b"a\0b"), Version::V3));
+        let format_only = ExternalFiles {
+            backing_format: Some("raw"),
+            ..ExternalFiles::NONE
+        };
+        assert!(bad(format_only, Version::V3));
+        let long_format = ExternalFiles {
+            backing_format: Some("qcow2qcow2qcow2q"),
+            ..backing(b"b")
+        };
+        assert!(bad(long_format, Version::V3));
+        let data = ExternalFiles {
+            data_file: Some(b"d"),
+            ..ExternalFiles::NONE
+        };
+        assert!(bad(data, Version::V2));
+        assert!(!bad(data, Version::V3));
+        let raw_only = ExternalFiles {
+            data_file_raw: true,
+            ..ExternalFiles::NONE
+        };
+        assert!(bad(raw_only, Version::V3));
+        let raw_and_backing = ExternalFiles {
+            data_file_raw: true,
+            ..ExternalFiles {
+                backing_file: Some(b"b"),
+                ..data
+            }
+        };
+        assert!(bad(raw_and_backing, Version::V3));
+        // A name that does not fit: no space, as QEMU's ENOSPC.
+        let mut h = sample(Version::V3);
+        h.cluster_bits = 9;
+        assert_eq!(
+            HeaderArea::new::<()>(&h, &backing(&long[..1023])).map(|_| ()),
+            Err(Error::NoSpace)
+        );
+        // Header, end marker, name: to the last byte of the cluster.
+        assert!(HeaderArea::new::<()>(&h, &backing(&long[..512 - 0x78])).is_ok());
+        assert_eq!(
+            HeaderArea::new::<()>(&h, &backing(&long[..512 - 0x77])).map(|_| ()),
+            Err(Error::NoSpace)
+        );
+    }
+
+    #[test]
+    fn backing_names_are_checked_as_qemu_does() {
+        let check = |off, len| {
+            let mut h = sample(Version::V3);
+            h.backing_file_offset = off;
+            h.backing_file_size = len;
+            h.validate::<()>()
+        };
+        assert_eq!(check(0x200, 4), Ok(()));
+        assert_eq!(check(0, 4000), Ok(()));
+        assert_eq!(check(0x200, 0), Ok(()));
+        assert_eq!(check(0x400, 1023), Ok(()));
+        assert_eq!(check(65536 - 1023, 1023), Ok(()));
+        for (off, len) in [
+            (0x400, 1024),
+            (65535, 2),
+            (65536, 1),
+            (65537, 0),
+            (1 << 62, 4),
+            (u64::MAX, u32::MAX),
+        ] {
+            assert!(
+                matches!(check(off, len), Err(Error::Corrupt { .. })),
+                "{off} {len}"
+            );
+        }
     }
 
     #[test]
