@@ -307,7 +307,7 @@ where
             free_hint: dev_clusters,
             dev_clusters,
             scratch,
-            names_backing: header.backing_file_offset != 0 && !options.no_backing,
+            names_backing: header.has_backing_file() && !options.no_backing,
             backing_attached: false,
             pack_next: 0,
         };
@@ -402,7 +402,23 @@ where
     /// backing's end are zeros. The backing is only ever read; open it
     /// read-only. Any backing attached before is dropped.
     pub fn with_backing<B2: Backing<D::Error>>(self, backing: B2) -> Qcow2<D, S, K, B2, W> {
-        let backing_attached = true;
+        self.rebuilt(backing, true)
+    }
+
+    /// The image with backing type `B2` but no backing attached yet:
+    /// `placeholder` (an empty device) stands in, and an image that names
+    /// a backing file keeps refusing what needs it until
+    /// [`Qcow2::with_backing`]. For callers that hold images of one type
+    /// whether or not they have a backing.
+    pub fn with_unattached_backing<B2: Backing<D::Error>>(
+        self,
+        placeholder: B2,
+    ) -> Qcow2<D, S, K, B2, W> {
+        self.rebuilt(placeholder, false)
+    }
+
+    /// The image with `backing` in place of its backing.
+    fn rebuilt<B2: Backing<D::Error>>(self, backing: B2, attached: bool) -> Qcow2<D, S, K, B2, W> {
         Qcow2 {
             dev: self.dev,
             backing,
@@ -418,7 +434,7 @@ where
             dev_clusters: self.dev_clusters,
             scratch: self.scratch,
             names_backing: self.names_backing,
-            backing_attached,
+            backing_attached: attached,
             pack_next: self.pack_next,
         }
     }
