@@ -1,12 +1,13 @@
 //! `info`: describe an image like `qemu-img info`.
 
+use crate::create::full_backing_name;
 use crate::disk::{probe, round_to_sector, Access, Disk, Format};
-use crate::error::{io_error, CliResult};
+use crate::error::{core_error, io_error, CliResult, CoreError};
 use crate::json::Json;
 use crate::size::size_to_str;
 use qcow2_core::format::incompatible;
 use qcow2_core::Version;
-use qcow2_std_shim::FileDevice;
+use qcow2_std_shim::{block_on, FileDevice};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
@@ -46,6 +47,22 @@ struct Qcow2Details {
     refcount_bits: u32,
     corrupt: bool,
     extended_l2: bool,
+    /// The data file extension's name, if any (shown even without the
+    /// data file feature bit, as QEMU does).
+    data_file: Option<String>,
+    /// Whether the data file is raw, when there is a data file.
+    data_file_raw: Option<bool>,
+}
+
+/// The backing file an image names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BackingInfo {
+    /// The name as stored.
+    name: String,
+    /// The name QEMU would open (relative to the image's directory).
+    full: String,
+    /// The backing format extension, if any.
+    format: Option<String>,
 }
 
 /// Everything `info` reports.
@@ -62,6 +79,7 @@ struct Summary {
     protocol: &'static str,
     cluster_size: Option<u64>,
     dirty: bool,
+    backing: Option<BackingInfo>,
     qcow2: Option<Qcow2Details>,
 }
 
@@ -103,11 +121,32 @@ fn summarize(args: &InfoArgs) -> CliResult<Summary> {
         protocol: if host_device { "host_device" } else { "file" },
         cluster_size: None,
         dirty: false,
+        backing: None,
         qcow2: None,
     };
     if let Disk::Qcow2(mut image) = disk {
         let info = image.info();
         let features = image.inner_mut().header().incompatible_features;
+        let names =
+            |e: CoreError| core_error(&format!("Could not open '{}'", summary.filename), &e);
+        let inner = image.inner_mut();
+        // Names are read as bytes; shown as UTF-8 (invalid bytes replaced).
+        let mut buf = vec![0u8; info.cluster_size as usize];
+        let read = |n: Option<usize>, buf: &[u8]| {
+            n.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        let name = block_on(inner.backing_file_name(&mut buf)).map_err(names)?;
+        let name = read(name, &buf);
+        let format = block_on(inner.backing_format(&mut buf)).map_err(names)?;
+        let format = read(format, &buf);
+        summary.backing = name.map(|name| BackingInfo {
+            full: full_backing_name(&summary.filename, &name),
+            name,
+            format,
+        });
+        let data_file = block_on(inner.data_file_name(&mut buf)).map_err(names)?;
+        let data_file = read(data_file, &buf);
+        let data_file_raw = inner.has_data_file().then(|| inner.data_file_raw());
         summary.cluster_size = Some(info.cluster_size);
         summary.dirty = info.dirty;
         summary.qcow2 = Some(Qcow2Details {
@@ -121,6 +160,8 @@ fn summarize(args: &InfoArgs) -> CliResult<Summary> {
             refcount_bits: info.refcount_bits,
             corrupt: info.corrupt,
             extended_l2: features & incompatible::EXTENDED_L2 != 0,
+            data_file,
+            data_file_raw,
         });
     }
     Ok(summary)
@@ -142,6 +183,16 @@ fn human(s: &Summary) -> String {
     if s.dirty {
         out += "cleanly shut down: no\n";
     }
+    if let Some(b) = &s.backing {
+        out += &format!("backing file: {}", b.name);
+        if b.full != b.name {
+            out += &format!(" (actual path: {})", b.full);
+        }
+        out += "\n";
+        if let Some(format) = &b.format {
+            out += &format!("backing file format: {format}\n");
+        }
+    }
     if let Some(q) = &s.qcow2 {
         out += "Format specific information:\n";
         out += &format!("    compat: {}\n", q.version.compat());
@@ -151,6 +202,12 @@ fn human(s: &Summary) -> String {
         }
         out += &format!("    refcount bits: {}\n", q.refcount_bits);
         if q.version == Version::V3 {
+            if let Some(name) = &q.data_file {
+                out += &format!("    data file: {name}\n");
+            }
+            if let Some(raw) = q.data_file_raw {
+                out += &format!("    data file raw: {raw}\n");
+            }
             out += &format!("    corrupt: {}\n", q.corrupt);
             out += &format!("    extended l2: {}\n", q.extended_l2);
         }
@@ -185,17 +242,20 @@ fn json(s: &Summary) -> Json {
         ),
         ("dirty-flag", Json::Bool(false)),
     ]);
-    let mut top = vec![
-        (
-            "children",
-            Json::Array(vec![Json::Object(vec![
-                ("name", Json::String("file".into())),
-                ("info", file_node),
-            ])]),
-        ),
+    let mut top = vec![(
+        "children",
+        Json::Array(vec![Json::Object(vec![
+            ("name", Json::String("file".into())),
+            ("info", file_node),
+        ])]),
+    )];
+    if let Some(format) = s.backing.as_ref().and_then(|b| b.format.as_ref()) {
+        top.push(("backing-filename-format", Json::String(format.clone())));
+    }
+    top.extend([
         ("virtual-size", Json::Number(s.virtual_size)),
         ("filename", Json::String(s.filename.clone())),
-    ];
+    ]);
     if let Some(cs) = s.cluster_size {
         top.push(("cluster-size", Json::Number(cs)));
     }
@@ -211,6 +271,12 @@ fn json(s: &Summary) -> Json {
         }
         data.push(("refcount-bits", Json::Number(u64::from(q.refcount_bits))));
         if q.version == Version::V3 {
+            if let Some(name) = &q.data_file {
+                data.push(("data-file", Json::String(name.clone())));
+            }
+            if let Some(raw) = q.data_file_raw {
+                data.push(("data-file-raw", Json::Bool(raw)));
+            }
             data.push(("corrupt", Json::Bool(q.corrupt)));
             data.push(("extended-l2", Json::Bool(q.extended_l2)));
         }
@@ -221,6 +287,10 @@ fn json(s: &Summary) -> Json {
                 ("data", Json::Object(data)),
             ]),
         ));
+    }
+    if let Some(b) = &s.backing {
+        top.push(("full-backing-filename", Json::String(b.full.clone())));
+        top.push(("backing-filename", Json::String(b.name.clone())));
     }
     top.push(("dirty-flag", Json::Bool(s.dirty)));
     Json::Object(top)
@@ -240,6 +310,7 @@ mod tests {
             protocol: "file",
             cluster_size: Some(65536),
             dirty: false,
+            backing: None,
             qcow2: Some(Qcow2Details {
                 version: Version::V3,
                 compression_type: "zlib",
@@ -247,6 +318,8 @@ mod tests {
                 refcount_bits: 16,
                 corrupt: false,
                 extended_l2: false,
+                data_file: None,
+                data_file_raw: None,
             }),
         }
     }
@@ -272,6 +345,40 @@ Child node '/file':
     disk size: 196 KiB
 ";
         assert_eq!(human(&sample()), expected);
+    }
+
+    #[test]
+    fn backing_and_data_file_lines_match_qemu_img() {
+        let mut s = sample();
+        s.filename = "sub/a.qcow2".into();
+        s.backing = Some(BackingInfo {
+            name: "b.raw".into(),
+            full: "sub/b.raw".into(),
+            format: Some("raw".into()),
+        });
+        if let Some(q) = &mut s.qcow2 {
+            q.data_file = Some("d.raw".into());
+            q.data_file_raw = Some(true);
+        }
+        let text = human(&s);
+        assert!(text.contains(
+            "cluster_size: 65536\nbacking file: b.raw (actual path: sub/b.raw)\n\
+             backing file format: raw\nFormat specific information:\n"
+        ));
+        assert!(text.contains(
+            "    refcount bits: 16\n    data file: d.raw\n    data file raw: true\n    corrupt:"
+        ));
+        let v: serde_json::Value = serde_json::from_str(&json(&s).to_pretty()).unwrap();
+        assert_eq!(v["backing-filename"], "b.raw");
+        assert_eq!(v["full-backing-filename"], "sub/b.raw");
+        assert_eq!(v["backing-filename-format"], "raw");
+        assert_eq!(v["format-specific"]["data"]["data-file"], "d.raw");
+        assert_eq!(v["format-specific"]["data"]["data-file-raw"], true);
+        // Same name: no actual path.
+        if let Some(b) = &mut s.backing {
+            b.full = b.name.clone();
+        }
+        assert!(human(&s).contains("backing file: b.raw\n"));
     }
 
     #[test]

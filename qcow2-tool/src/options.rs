@@ -2,6 +2,7 @@
 
 use crate::error::{CliError, CliResult};
 use crate::size::parse_size;
+use qcow2_core::format::header::ExternalFiles;
 use qcow2_core::{CreateOptions, Version};
 
 /// The options `qcow2-tool` understands, for `-o help`.
@@ -10,6 +11,22 @@ Supported qcow2 options:
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
   compression_type=<str> - Compression method used for image cluster compression (zlib only)
+  extended_l2=<bool (on/off)> - Extended L2 tables (off only)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (off only)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size";
+
+/// `-o help` of `create`: [`HELP`] with the keys naming other files.
+pub const CREATE_HELP: &str = "\
+Supported qcow2 options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  compression_type=<str> - Compression method used for image cluster compression (zlib only)
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
   extended_l2=<bool (on/off)> - Extended L2 tables (off only)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (off only)
@@ -31,6 +48,15 @@ pub struct ImageOptions {
     pub lazy_refcounts: Option<(bool, String)>,
     /// `compat=`, with the text given.
     pub compat: Option<(Version, String)>,
+    /// `backing_file=` (or `-b`): stored as given.
+    pub backing_file: Option<String>,
+    /// `backing_fmt=` (or `-F`).
+    pub backing_fmt: Option<String>,
+    /// `data_file=`: stored as given, created relative to the current
+    /// directory (as QEMU does).
+    pub data_file: Option<String>,
+    /// `data_file_raw=`, with the text given.
+    pub data_file_raw: Option<(bool, String)>,
 }
 
 impl Default for ImageOptions {
@@ -42,6 +68,10 @@ impl Default for ImageOptions {
             refcount_bits: 16,
             lazy_refcounts: None,
             compat: None,
+            backing_file: None,
+            backing_fmt: None,
+            data_file: None,
+            data_file_raw: None,
         }
     }
 }
@@ -135,6 +165,13 @@ pub fn parse(lists: &[String], allowed: &[&str]) -> CliResult<ImageOptions> {
                     let on = value.map_or(Ok(true), |v| parse_bool(key, v))?;
                     opts.lazy_refcounts = Some((on, value.unwrap_or("on").to_string()));
                 }
+                "data_file_raw" => {
+                    let on = value.map_or(Ok(true), |v| parse_bool(key, v))?;
+                    opts.data_file_raw = Some((on, value.unwrap_or("on").to_string()));
+                }
+                "backing_file" => opts.backing_file = Some(text.to_string()),
+                "backing_fmt" => opts.backing_fmt = Some(text.to_string()),
+                "data_file" => opts.data_file = Some(text.to_string()),
                 "compat" => {
                     let version = match text {
                         "0.10" | "v2" => Version::V2,
@@ -179,29 +216,61 @@ impl ImageOptions {
         self.lazy_refcounts.as_ref().is_some_and(|(on, _)| *on)
     }
 
-    /// Checks the options and turns them into core create options for a
+    /// Whether `data_file_raw` was asked for.
+    pub fn data_file_raw(&self) -> bool {
+        self.data_file_raw.as_ref().is_some_and(|(on, _)| *on)
+    }
+
+    /// The files the new image names, for the core.
+    pub fn files(&self) -> ExternalFiles<'_> {
+        ExternalFiles {
+            backing_file: self.backing_file.as_deref().map(str::as_bytes),
+            backing_format: self.backing_fmt.as_deref(),
+            data_file: self.data_file.as_deref().map(str::as_bytes),
+            data_file_raw: self.data_file_raw(),
+        }
+    }
+
+    /// Checks the options, in the order and with the messages of QEMU
+    /// 10's qcow2 driver, and turns them into core create options for a
     /// disk of `size` bytes (a multiple of 512).
     pub fn to_create(&self, size: u64) -> CliResult<CreateOptions> {
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
             return Err("Cluster size must be a power of two between 512 and 2048k".into());
         }
+        if self.backing_fmt.is_some() && self.backing_file.is_none() {
+            return Err("Backing format cannot be used without backing file".into());
+        }
+        let version = self.version();
+        if version == Version::V2 && self.lazy() {
+            return Err(
+                "Lazy refcounts only supported with compatibility level 1.1 \
+                        and above (use version=v3 or greater)"
+                    .into(),
+            );
+        }
         let bits = self.refcount_bits;
         if !bits.is_power_of_two() || bits > 64 {
             return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
         }
-        let version = self.version();
         if version == Version::V2 && bits != 16 {
             return Err(
                 "Different refcount widths than 16 bits require compatibility \
-                        level 1.1 or above (use compat=v3)"
+                        level 1.1 or above (use version=v3 or greater)"
                     .into(),
             );
         }
-        if version == Version::V2 && self.lazy() {
+        if self.data_file_raw() && self.data_file.is_none() {
+            return Err("data-file-raw requires data-file".into());
+        }
+        if self.data_file_raw() && self.backing_file.is_some() {
+            return Err("Backing file and data-file-raw cannot be used at the same time".into());
+        }
+        if self.data_file.is_some() && version == Version::V2 {
             return Err(
-                "Lazy refcounts only supported with compatibility level 1.1 \
-                        and above (use compat=v3)"
+                "External data files are only supported with compatibility level 1.1 \
+                 and above (use version=v3 or greater)"
                     .into(),
             );
         }
@@ -225,13 +294,78 @@ impl ImageOptions {
             .lazy_refcounts
             .as_ref()
             .map_or("off", |(_, text)| text.as_str());
+        let mut files = String::new();
+        for (key, value) in [
+            ("backing_file", self.backing_file.as_deref()),
+            ("backing_fmt", self.backing_fmt.as_deref()),
+            ("data_file", self.data_file.as_deref()),
+            (
+                "data_file_raw",
+                self.data_file_raw.as_ref().map(|(_, text)| text.as_str()),
+            ),
+        ] {
+            if let Some(value) = value {
+                files += &format!(" {key}={value}");
+            }
+        }
         format!(
-            "cluster_size={} extended_l2=off compression_type=zlib size={size}{compat} \
+            "cluster_size={} extended_l2=off compression_type=zlib size={size}{compat}{files} \
              lazy_refcounts={lazy} refcount_bits={}",
             self.cluster_size, self.refcount_bits
         )
     }
 }
+
+/// Keys `create` accepts for qcow2 images beyond [`QCOW2_KEYS`]: the
+/// files the image names.
+pub const FILE_KEYS: &[&str] = &["backing_file", "backing_fmt", "data_file", "data_file_raw"];
+
+/// Format drivers QEMU 10 knows (`qemu-img --help`): the values
+/// `backing_fmt` accepts.
+pub const QEMU_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
 
 /// Keys `create` and `convert` accept for qcow2 targets.
 pub const QCOW2_KEYS: &[&str] = &[
@@ -264,6 +398,36 @@ mod tests {
         assert_eq!(parse_one("refcount_bits=0x10").unwrap().refcount_bits, 16);
         assert_eq!(parse_one("compat=v2").unwrap().version(), Version::V2);
         assert!(parse_one("lazy_refcounts").unwrap().lazy());
+    }
+
+    #[test]
+    fn parses_file_keys() {
+        let keys: Vec<&str> = QCOW2_KEYS.iter().chain(FILE_KEYS).copied().collect();
+        let o = parse(
+            &["backing_file=b.img,backing_fmt=raw,data_file=d,,x,data_file_raw".to_string()],
+            &keys,
+        )
+        .unwrap();
+        assert_eq!(o.backing_file.as_deref(), Some("b.img"));
+        assert_eq!(o.backing_fmt.as_deref(), Some("raw"));
+        assert_eq!(o.data_file.as_deref(), Some("d,x"));
+        assert!(o.data_file_raw());
+        assert_eq!(
+            o.describe(1024),
+            "cluster_size=65536 extended_l2=off compression_type=zlib size=1024 \
+             backing_file=b.img backing_fmt=raw data_file=d,x data_file_raw=on \
+             lazy_refcounts=off refcount_bits=16"
+        );
+        // Accepted by the parser, refused as QEMU's qcow2 driver does.
+        assert_eq!(
+            o.to_create(1024),
+            Err("Backing file and data-file-raw cannot be used at the same time".into())
+        );
+        let files = o.files();
+        assert_eq!(files.backing_file, Some(&b"b.img"[..]));
+        assert!(files.data_file_raw);
+        // `convert` does not take them.
+        assert!(parse_one("backing_file=x").is_err());
     }
 
     #[test]
