@@ -288,7 +288,7 @@ where
                             let full = pos.is_multiple_of(SECTOR as u64);
                             if full && !(skip.0..skip.1).contains(&sector) {
                                 self.dev
-                                    .write(*at + sector, core::slice::from_ref(&acc))
+                                    .data_write(*at + sector, core::slice::from_ref(&acc))
                                     .await
                                     .map_err(Error::Io)?;
                             }

@@ -106,6 +106,16 @@ where
         end: u64,
         unmap: bool,
     ) -> Result<(), Error<D::Error>> {
+        if self.header.data_file_raw() {
+            // The raw data file gets the zeros first, over the whole range,
+            // as QEMU's qcow2_subcluster_zeroize does (guest offsets are
+            // host offsets there).
+            self.dev
+                .data_clear(first, end - first)
+                .await
+                .map_err(Error::Io)?;
+            self.cache.note_device_write();
+        }
         let bits = self.geo.cluster_bits - 9;
         let cluster_sectors = self.geo.cluster_sectors();
         let mut sector = first;
@@ -215,6 +225,9 @@ where
             L2Entry::Compressed { offset, len } => (offset & !511, (offset & 511) + len),
             L2Entry::Zero { .. } | L2Entry::Unallocated => return Ok(()),
         };
+        if self.external_data() {
+            return self.release_external(host, entry).await;
+        }
         // Rule 2: the entry change reaches the disk before the decrease.
         self.cache
             .require(&mut self.dev, Order::MappingFirst)
@@ -242,6 +255,33 @@ where
                     .await?;
             }
         }
+        Ok(())
+    }
+
+    /// [`Self::release`] for a cluster of an external data file (`entry`
+    /// mapped it at host byte `host`): no refcount to drop (QEMU's
+    /// qcow2_free_any_cluster); the cluster is discarded on the data file
+    /// at once, as QEMU passes the discard through (it belongs to this
+    /// guest cluster alone, so a crash before the entry change is durable
+    /// shows zeros or the old data there, never another cluster's). With
+    /// `data_file_raw` zeros are written instead, so that the data file
+    /// stays a raw image of the disk whatever the device does with a
+    /// discard.
+    async fn release_external(&mut self, host: u64, entry: L2Entry) -> Result<(), Error<D::Error>> {
+        if let L2Entry::Compressed { .. } = entry {
+            return Err(Error::corrupt(
+                "compressed cluster in an image with an external data file",
+                host,
+            ));
+        }
+        let (first, count) = (host / SECTOR as u64, self.geo.cluster_sectors());
+        let done = if self.header.data_file_raw() {
+            self.dev.data_clear(first, count).await
+        } else {
+            self.dev.data_discard(first, count).await
+        };
+        done.map_err(Error::Io)?;
+        self.cache.note_device_write();
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use crate::cache::{Cache, Slot};
 #[cfg(feature = "write")]
 use crate::check::Repair;
 use crate::compress::{NoWorkspace, Workspace};
+use crate::data::Devices;
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
@@ -203,7 +204,8 @@ impl Geometry {
 /// clusters and copy-on-write (none by default, see
 /// [`Qcow2::with_workspace`]).
 pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
-    pub(crate) dev: D,
+    /// The image file, and the external data file when attached.
+    pub(crate) dev: Devices<D>,
     pub(crate) backing: B,
     pub(crate) ws: W,
     pub(crate) cache: Cache<S, K>,
@@ -293,7 +295,7 @@ where
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
         let dev_clusters = geo.clusters_for(dev_bytes);
         let mut image = Qcow2 {
-            dev,
+            dev: Devices::new(dev),
             backing: NoBacking::new(),
             ws: NoWorkspace::default(),
             cache,
@@ -380,9 +382,15 @@ where
             // Clearing the bit would strand the bitmaps' clusters as leaks.
             return Err(Error::Unsupported("writing images with persistent bitmaps"));
         }
-        if header.autoclear_features != 0 {
-            // We maintain none of the autoclear features: declare them stale.
-            header.autoclear_features = 0;
+        // We maintain none of the autoclear features but raw external data
+        // (see `crate::data`): declare the others stale.
+        let kept = if header.has_data_file() {
+            autoclear::RAW_EXTERNAL
+        } else {
+            0
+        };
+        if header.autoclear_features & !kept != 0 {
+            header.autoclear_features &= kept;
             header_io::write_header(dev, scratch, &header).await?;
             dev.flush().await.map_err(Error::Io)?;
         }
@@ -539,13 +547,13 @@ where
 
     /// The underlying device.
     pub fn device(&self) -> &D {
-        &self.dev
+        &self.dev.meta
     }
 
     /// The underlying device, mutably: for device-specific controls (power,
     /// statistics). Writing to it behind the image's back corrupts the image.
     pub fn device_mut(&mut self) -> &mut D {
-        &mut self.dev
+        &mut self.dev.meta
     }
 
     pub(crate) fn check_range(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
@@ -561,6 +569,7 @@ where
     /// back on the way went out in order).
     pub async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Error<D::Error>> {
         self.check_range(first, buf.len() as u64)?;
+        self.require_data_file()?;
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
@@ -574,7 +583,7 @@ where
                 Mapping::Zero => now.fill([0; SECTOR]),
                 Mapping::Data { host } => {
                     self.dev
-                        .read(host / SECTOR as u64, now)
+                        .data_read(host / SECTOR as u64, now)
                         .await
                         .map_err(Error::Io)?;
                 }
@@ -617,6 +626,7 @@ where
         }
         self.check_range(first, count)?;
         self.require_backing()?;
+        self.require_data_file()?;
         if self.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }
@@ -738,7 +748,7 @@ where
     /// storage: unflushed metadata is lost, as in a crash. For error paths
     /// where the device failed and for crash tests.
     pub fn abandon(self) -> (D, S) {
-        (self.dev, self.cache.into_slots())
+        (self.dev.meta, self.cache.into_slots())
     }
 
     /// Flushes and closes the image, returning the device and cache storage.
@@ -751,7 +761,7 @@ where
         let mut image = self;
         async move {
             image.finish().await?;
-            Ok((image.dev, image.cache.into_slots()))
+            Ok((image.dev.meta, image.cache.into_slots()))
         }
     }
 }

@@ -37,6 +37,7 @@ mod check;
 pub mod compress;
 #[cfg(feature = "write")]
 mod create;
+mod data;
 mod device;
 mod error;
 mod fill;

@@ -3,7 +3,7 @@
 use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
 use crate::compress::Workspace;
-use crate::format::entry::{COMPRESSED, ZERO};
+use crate::format::entry::{COMPRESSED, COPIED, ZERO};
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
@@ -15,7 +15,9 @@ pub enum Mapping {
     Unallocated,
     /// Explicitly zero (v3 zero flag).
     Zero,
-    /// Stored uncompressed; `host` is the byte offset of the run's start.
+    /// Stored uncompressed; `host` is the byte offset of the run's start
+    /// in the image file, or in the external data file for an image with
+    /// one (where it equals the guest offset).
     Data {
         /// Host byte offset.
         host: u64,
@@ -141,15 +143,56 @@ where
             return Err(Error::corrupt("zero cluster entry in a v2 image", at));
         }
         // Other reserved bits are ignored, as QEMU does; `check` reports them.
-        let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
+        let entry = self.decode_l2(raw);
         match entry {
-            L2Entry::Data { offset, .. } => self.check_cluster(offset, DATA_CLUSTER)?,
+            L2Entry::Data { offset, .. } => self.check_data_cluster(offset, guest)?,
             L2Entry::Zero { offset, .. } if offset != 0 => {
-                self.check_cluster(offset, DATA_CLUSTER)?
+                self.check_data_cluster(offset, guest)?
+            }
+            L2Entry::Compressed { .. } if self.external_data() => {
+                // QEMU's qcow2_get_host_offset signals corruption the same way.
+                return Err(Error::corrupt(
+                    "compressed cluster in an image with an external data file",
+                    at,
+                ));
             }
             _ => {}
         }
         Ok((entry, at, raw))
+    }
+
+    /// Decodes a raw L2 entry of this image. With an external data file,
+    /// offset 0 with COPIED set is guest cluster 0's data (its host offset
+    /// is its guest offset), as QEMU's `qcow2_get_cluster_type` reads it.
+    pub(crate) fn decode_l2(&self, raw: u64) -> L2Entry {
+        let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
+        if entry == L2Entry::Unallocated && raw & COPIED != 0 && self.external_data() {
+            return L2Entry::Data {
+                offset: 0,
+                copied: true,
+            };
+        }
+        entry
+    }
+
+    /// Checks the host offset of guest cluster `guest`'s data: in the image
+    /// file, as [`Self::check_cluster`]; in an external data file, aligned
+    /// and equal to the guest offset (QEMU: "External data file host
+    /// cluster offset ... does not match guest cluster offset").
+    fn check_data_cluster(&self, host: u64, guest: u64) -> Result<(), Error<D::Error>> {
+        if !self.external_data() {
+            return self.check_cluster(host, DATA_CLUSTER);
+        }
+        if self.geo.within_cluster(host) != 0 {
+            return Err(Error::corrupt(DATA_CLUSTER[0], host));
+        }
+        if guest.checked_shl(self.geo.cluster_bits) != Some(host) {
+            return Err(Error::corrupt(
+                "data cluster offset differs from its guest offset in the external data file",
+                host,
+            ));
+        }
+        Ok(())
     }
 
     /// Mapping at guest `sector`, and how many sectors from there it is

@@ -364,9 +364,9 @@ mod tests {
         name_at(&mut b, 400, 4);
         poke(&mut b, 400, b"base");
         let mut img = open(b).unwrap();
-        ext(&mut img.dev, 112, EXT_BACKING_FORMAT, 300);
+        ext(&mut img.dev.meta, 112, EXT_BACKING_FORMAT, 300);
         assert!(matches!(format(&mut img), Err(Error::Corrupt { .. })));
-        ext(&mut img.dev, 112, EXT_BACKING_FORMAT, 3000);
+        ext(&mut img.dev.meta, 112, EXT_BACKING_FORMAT, 3000);
         assert!(matches!(format(&mut img), Err(Error::Corrupt { .. })));
     }
 
@@ -383,8 +383,7 @@ mod tests {
 
     #[test]
     fn data_file_name_is_read() {
-        // Open refuses data file images for now: set the bits in the open
-        // image's copy of the header.
+        // Set the bits in the open image's copy of the header.
         let mut b = base();
         ext(&mut b, 112, EXT_DATA_FILE, 6);
         poke(&mut b, 120, b"d.data");

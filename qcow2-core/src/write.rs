@@ -94,7 +94,7 @@ where
         let p = self.place(guest).await?;
         let sectors = self.geo.cluster_sectors();
         self.dev
-            .write_zeros(p.host / SECTOR as u64, sectors)
+            .data_write_zeros(p.host / SECTOR as u64, sectors)
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
@@ -132,7 +132,7 @@ where
                 // the compressed one's references.
                 fill = Fill::Compressed { host: offset, len };
                 replaces = entry;
-                (self.alloc_cluster().await?, true)
+                (self.alloc_data(guest).await?, true)
             }
             // A preallocated zero cluster we own is reused in place.
             L2Entry::Zero {
@@ -142,12 +142,12 @@ where
                 self.check_not_metadata(offset).await?;
                 (offset, true)
             }
-            L2Entry::Zero { .. } => (self.alloc_cluster().await?, true),
+            L2Entry::Zero { .. } => (self.alloc_data(guest).await?, true),
             L2Entry::Unallocated => {
                 if self.backing_covers(guest) {
                     fill = Fill::Backing;
                 }
-                (self.alloc_cluster().await?, true)
+                (self.alloc_data(guest).await?, true)
             }
         };
         Ok(Placement {
@@ -157,6 +157,19 @@ where
             fill,
             replaces,
         })
+    }
+
+    /// A host cluster for guest cluster `guest`'s data: from the refcounts,
+    /// or, with an external data file, the guest offset itself, outside
+    /// the refcounts (as QEMU's `do_alloc_cluster_offset`; see
+    /// [`crate::data`]).
+    async fn alloc_data(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
+        if self.external_data() {
+            return guest
+                .checked_shl(self.geo.cluster_bits)
+                .ok_or(Error::OutOfRange);
+        }
+        self.alloc_cluster().await
     }
 
     /// Writes `data` (guest sectors from `first`) to the planned clusters,
@@ -203,7 +216,7 @@ where
             }
             if p.fresh && skip > 0 {
                 self.dev
-                    .write_zeros(p.host / SECTOR as u64, skip)
+                    .data_write_zeros(p.host / SECTOR as u64, skip)
                     .await
                     .map_err(Error::Io)?;
             }
@@ -218,7 +231,10 @@ where
                 self.write_run(run_host, data.get(run_from..run_to)).await?;
                 run_from = run_to;
                 let end = host_sector + (to - from) as u64;
-                self.dev.write_zeros(end, tail).await.map_err(Error::Io)?;
+                self.dev
+                    .data_write_zeros(end, tail)
+                    .await
+                    .map_err(Error::Io)?;
             }
         }
         self.write_run(run_host, data.get(run_from..run_to)).await?;
@@ -257,7 +273,7 @@ where
             buf.get_mut(skip as usize..end as usize)
                 .ok_or(Error::Internal("copy-on-write data past the cluster"))?
                 .copy_from_slice(data);
-            self.dev.write(host, buf).await.map_err(Error::Io)?;
+            self.dev.data_write(host, buf).await.map_err(Error::Io)?;
         } else {
             match p.fill {
                 Fill::Compressed { host: from, len } => {
@@ -272,13 +288,16 @@ where
                         let sector = core::slice::from_mut(&mut self.scratch);
                         read_backing_into(&mut self.backing, guest_sector + s, sector).await?;
                         self.dev
-                            .write(host + s, core::slice::from_ref(&self.scratch))
+                            .data_write(host + s, core::slice::from_ref(&self.scratch))
                             .await
                             .map_err(Error::Io)?;
                     }
                 }
             }
-            self.dev.write(host + skip, data).await.map_err(Error::Io)?;
+            self.dev
+                .data_write(host + skip, data)
+                .await
+                .map_err(Error::Io)?;
         }
         self.cache.note_device_write();
         Ok(())
@@ -290,7 +309,9 @@ where
         data: Option<&[Sector]>,
     ) -> Result<(), Error<D::Error>> {
         match data {
-            Some(d) if !d.is_empty() => self.dev.write(host_sector, d).await.map_err(Error::Io),
+            Some(d) if !d.is_empty() => {
+                self.dev.data_write(host_sector, d).await.map_err(Error::Io)
+            }
             _ => Ok(()),
         }
     }
@@ -298,7 +319,12 @@ where
     /// Refuses guest writes into a cluster that is visibly metadata: held
     /// in the cache as a table slice, or a refcount block covering itself
     /// (where refcount blocks normally live). See [`crate::OpenOptions::verify`].
+    /// An external data file holds no metadata (QEMU skips its overlap
+    /// check there too).
     async fn check_not_metadata(&mut self, host: u64) -> Result<(), Error<D::Error>> {
+        if self.external_data() {
+            return Ok(());
+        }
         let cluster = host >> self.geo.cluster_bits;
         if self.cache.holds_any(host, self.geo.cluster_size)
             || self.refblock_of(cluster).await? == host

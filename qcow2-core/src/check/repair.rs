@@ -130,12 +130,21 @@ where
             for j in 0..self.geo.l2_entries {
                 let at = l2 + j * 8;
                 let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
-                let host = match L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3) {
+                let host = match self.decode_l2(raw) {
                     L2Entry::Data { offset, .. } => offset,
                     L2Entry::Zero { offset, .. } if offset != 0 => offset,
                     _ => continue,
                 };
-                if self.valid_clusters(host, cs) {
+                if self.external_data() {
+                    // Data file clusters have refcount 1 by definition.
+                    let fixed_raw = raw | crate::format::entry::COPIED;
+                    if self.geo.within_cluster(host) == 0 && fixed_raw != raw {
+                        self.cache
+                            .write_u64(&mut self.dev, at, Kind::L2, fixed_raw)
+                            .await?;
+                        fixed += 1;
+                    }
+                } else if self.valid_clusters(host, cs) {
                     fixed += self.set_copied(at, Kind::L2, raw, host).await?;
                 }
             }

@@ -111,6 +111,11 @@ where
         }
         let (l1, entries) = (self.geo.l1_offset, self.geo.l1_entries);
         self.walk_l1(w, l1, entries, true).await?;
+        if self.external_data() && self.header.nb_snapshots > 0 {
+            // QEMU: "ERROR n snapshots in image with data file" (one
+            // corruption, left alone by a repair).
+            w.entry_error();
+        }
         self.walk_snapshots(w).await?;
         self.walk_bitmaps(w).await
     }
@@ -324,7 +329,12 @@ where
                     self.fix_entry(w, at, Kind::L2, raw).await?;
                 }
             }
-            let entry = L2Entry::decode(raw, self.geo.cluster_bits, self.geo.v3);
+            let entry = self.decode_l2(raw);
+            if self.external_data() {
+                self.walk_external_l2_entry(w, at, entry, active, &mut next_contiguous)
+                    .await?;
+                continue;
+            }
             let (host, len, copied) = match entry {
                 L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => continue,
                 L2Entry::Zero { offset, copied } | L2Entry::Data { offset, copied } => {
@@ -369,6 +379,53 @@ where
             }
         }
         Ok(true)
+    }
+
+    /// The walk's part for one L2 entry (at `at`) of an image with an
+    /// external data file, as QEMU's check_refcounts_l2 and
+    /// check_oflag_copied: data clusters are counted as allocated (and
+    /// fragmented) but hold no reference in the image file; a misaligned
+    /// one is a corruption (cleared by a repair: reading it fails anyway),
+    /// so is a compressed cluster (which QEMU refuses to read), and, their
+    /// refcount being 1 by definition, a missing COPIED flag.
+    async fn walk_external_l2_entry(
+        &mut self,
+        w: &mut Walk<'_>,
+        at: u64,
+        entry: L2Entry,
+        active: bool,
+        next_contiguous: &mut u64,
+    ) -> Result<(), Error<D::Error>> {
+        let cs = self.geo.cluster_size;
+        let (host, copied) = match entry {
+            L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => return Ok(()),
+            L2Entry::Zero { offset, copied } | L2Entry::Data { offset, copied } => (offset, copied),
+            L2Entry::Compressed { .. } => {
+                w.entry_error();
+                if w.fix_entries {
+                    self.fix_entry(w, at, Kind::L2, 0).await?;
+                }
+                return Ok(());
+            }
+        };
+        if active && w.audit {
+            w.report.allocated_clusters += 1;
+            if *next_contiguous != 0 && host != *next_contiguous {
+                w.report.fragmented_clusters += 1;
+            }
+            *next_contiguous = host + cs;
+            if !copied {
+                w.report.corruptions += 1;
+                w.tally.copied += 1;
+            }
+        }
+        if self.geo.within_cluster(host) != 0 {
+            w.entry_error();
+            if w.fix_entries {
+                self.fix_entry(w, at, Kind::L2, 0).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Refcount table entry `i` when it names a plausible block (aligned,

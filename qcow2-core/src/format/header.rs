@@ -245,9 +245,6 @@ impl Header {
         if self.incompatible_features & !known != 0 {
             return Err(Error::Unsupported("unknown incompatible feature bits"));
         }
-        if self.incompatible_features & incompatible::EXTERNAL_DATA != 0 {
-            return Err(Error::Unsupported("external data files"));
-        }
         if self.incompatible_features & incompatible::EXTENDED_L2 != 0 {
             return Err(Error::Unsupported("extended L2 entries (subclusters)"));
         }
@@ -890,9 +887,10 @@ mod tests {
             check(&|h| h.incompatible_features = incompatible::EXTENDED_L2),
             Err(Error::Unsupported("extended L2 entries (subclusters)"))
         );
+        // External data files open (the data file is attached later).
         assert_eq!(
             check(&|h| h.incompatible_features = incompatible::EXTERNAL_DATA),
-            Err(Error::Unsupported("external data files"))
+            Ok(())
         );
         assert!(matches!(
             check(&|h| h.compression_type = 1),
