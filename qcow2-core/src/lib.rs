@@ -46,6 +46,8 @@ pub mod format;
 mod free;
 mod header_io;
 mod image;
+#[cfg(feature = "zlib")]
+pub mod inflate;
 mod map;
 mod names;
 #[cfg(feature = "write")]
@@ -56,6 +58,8 @@ mod refcount;
 mod testing;
 #[cfg(feature = "write")]
 mod write;
+#[cfg(feature = "zstd")]
+pub mod zstd;
 
 pub mod blockutil;
 pub mod bytes;

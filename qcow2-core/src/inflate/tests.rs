@@ -1,0 +1,509 @@
+//! The inflate decoder against zlib (zlib-rs through flate2): streams
+//! written with 4 KiB and 32 KiB windows, every cluster size, flat and ring
+//! windows, input in any chunking, and QEMU's rules for what is too short,
+//! too long or invalid.
+
+extern crate std;
+
+use std::vec;
+use std::vec::Vec;
+
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::*;
+
+/// Raw deflate of `data` with a `bits`-bit window at `level`.
+fn deflate(data: &[u8], bits: u8, level: u32) -> Vec<u8> {
+    let mut c = Compress::new_with_window_bits(flate2::Compression::new(level), false, bits);
+    let mut out = vec![0u8; data.len() + data.len() / 8 + 1024];
+    let status = c
+        .compress(data, &mut out, FlushCompress::Finish)
+        .expect("deflate");
+    assert_eq!(status, Status::StreamEnd);
+    out.truncate(c.total_out() as usize);
+    out
+}
+
+/// QEMU's read of a zlib compressed cluster: one inflate(Z_FINISH) into a
+/// cluster buffer; the cluster iff the buffer was filled.
+fn reference(stream: &[u8], cluster: usize) -> Option<Vec<u8>> {
+    reference_why(stream, cluster).ok()
+}
+
+/// [`reference`], with zlib's message when it fails.
+fn reference_why(stream: &[u8], cluster: usize) -> Result<Vec<u8>, std::string::String> {
+    let mut d = Decompress::new_with_window_bits(false, 15);
+    let mut out = vec![0u8; cluster];
+    match d.decompress(stream, &mut out, FlushDecompress::Finish) {
+        Ok(Status::StreamEnd | Status::BufError | Status::Ok)
+            if d.total_out() as usize == cluster =>
+        {
+            Ok(out)
+        }
+        Ok(_) => Err("short".into()),
+        Err(e) => Err(std::format!("{e}")),
+    }
+}
+
+/// zlib refuses a dynamic block whose code has no end-of-block symbol
+/// before decoding it; miniz_oxide decodes it (the block can never end,
+/// but the cluster may fill first).
+const MISSING_EOB: &str = "invalid code -- missing end-of-block";
+
+/// Drives `dec` as the core does: `chunk` bytes at a time, checking the
+/// decoder's contract; the cluster, or the error (a short stream is
+/// `Corrupt("short")`).
+fn run(
+    dec: &mut Inflate<'_>,
+    stream: &[u8],
+    cluster: usize,
+    chunk: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    dec.start(Compression::Zlib, cluster)?;
+    let mut out = Vec::new();
+    let mut chunks = stream.chunks(chunk.max(1)).peekable();
+    if stream.is_empty() {
+        let step = dec.step(&[], true)?;
+        assert_eq!((step.consumed, step.output.len()), (0, 0));
+        return Err(DecodeError::Corrupt("short"));
+    }
+    while let Some(mut bytes) = chunks.next() {
+        let last = chunks.peek().is_none();
+        while out.len() < cluster {
+            let step = dec.step(bytes, last)?;
+            assert!(step.consumed <= bytes.len());
+            out.extend_from_slice(step.output);
+            assert!(out.len() <= cluster, "more than a cluster");
+            if step.consumed == 0 && step.output.is_empty() {
+                assert!(bytes.is_empty() || last, "stalled with input left");
+                break;
+            }
+            bytes = &bytes[step.consumed..];
+        }
+        if out.len() == cluster {
+            return Ok(out);
+        }
+        if last {
+            return Err(DecodeError::Corrupt("short"));
+        }
+    }
+    unreachable!()
+}
+
+fn decode(
+    window: usize,
+    stream: &[u8],
+    cluster: usize,
+    chunk: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    let mut state = InflateState::new();
+    let mut buf = vec![0u8; window];
+    let mut dec = Inflate::new(&mut state, &mut buf);
+    run(&mut dec, stream, cluster, chunk)
+}
+
+/// xorshift64
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Compressible data with back-references of every reach: runs, text-like
+/// bytes from a small alphabet and copies from up to `reach` bytes back.
+fn sample(len: usize, reach: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        match rng.below(4) {
+            0 => {
+                let b = rng.next() as u8;
+                let n = 1 + rng.below(40);
+                v.extend(core::iter::repeat_n(b, n));
+            }
+            1 => {
+                for _ in 0..1 + rng.below(30) {
+                    v.push(b"etaoin shrdlu"[rng.below(13)]);
+                }
+            }
+            2 if v.len() > 8 => {
+                let back = 1 + rng.below(reach.min(v.len()));
+                let n = 3 + rng.below(60);
+                let from = v.len() - back;
+                for i in 0..n {
+                    v.push(v[from + i]);
+                }
+            }
+            _ => {
+                for _ in 0..1 + rng.below(8) {
+                    v.push(rng.next() as u8);
+                }
+            }
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+const CLUSTERS: [usize; 13] = [
+    512,
+    1 << 10,
+    2 << 10,
+    4 << 10,
+    8 << 10,
+    16 << 10,
+    32 << 10,
+    64 << 10,
+    128 << 10,
+    256 << 10,
+    512 << 10,
+    1 << 20,
+    2 << 20,
+];
+
+#[test]
+fn every_cluster_size_flat_and_ring() {
+    for (i, &cluster) in CLUSTERS.iter().enumerate() {
+        let data = sample(cluster, 30_000, i as u64 + 7);
+        for bits in [12u8, 15] {
+            let stream = deflate(&data, bits, 6);
+            assert_eq!(reference(&stream, cluster).as_deref(), Some(&data[..]));
+            // The whole cluster as the window: any deflate window.
+            assert_eq!(
+                decode(cluster, &stream, cluster, 512).as_deref(),
+                Ok(&data[..])
+            );
+            // A 32 KiB ring reads any stream.
+            assert_eq!(
+                decode(FULL_WINDOW, &stream, cluster, 4096).as_deref(),
+                Ok(&data[..])
+            );
+            // A 4 KiB ring reads QEMU's 4 KiB-window streams (and a window
+            // of 6 KiB uses its 4 KiB power of two).
+            if bits == 12 {
+                assert_eq!(
+                    decode(4096, &stream, cluster, 512).as_deref(),
+                    Ok(&data[..])
+                );
+                assert_eq!(
+                    decode(6144, &stream, cluster, 1000).as_deref(),
+                    Ok(&data[..])
+                );
+            } else if cluster > 8192 {
+                // Far references exist: an error, never wrong data.
+                let got = decode(4096, &stream, cluster, 512);
+                assert!(
+                    matches!(got, Err(DecodeError::Corrupt(m)) if m.contains("larger window")),
+                    "{cluster}: {got:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn any_chunking() {
+    let cluster = 16 << 10;
+    let data = sample(cluster, 3000, 99);
+    let stream = deflate(&data, 12, 9);
+    for chunk in [1, 2, 3, 7, 64, 511, 512, 513, stream.len()] {
+        for window in [cluster, 4096, 8192] {
+            assert_eq!(
+                decode(window, &stream, cluster, chunk).as_deref(),
+                Ok(&data[..]),
+                "{chunk}"
+            );
+        }
+    }
+}
+
+#[test]
+fn longer_stream_is_cut_and_padding_ignored() {
+    for cluster in [512, 4096, 65536] {
+        let data = sample(cluster * 3, 2000, 5);
+        let mut stream = deflate(&data, 12, 6);
+        stream.extend_from_slice(&[0xff; 700]);
+        for window in [cluster, 4096] {
+            assert_eq!(
+                decode(window, &stream, cluster, 512).as_deref(),
+                Ok(&data[..cluster])
+            );
+        }
+        let exact = deflate(&data[..cluster], 12, 6);
+        let mut padded = exact.clone();
+        padded.extend_from_slice(&[0xa5; 511]);
+        assert_eq!(
+            reference(&padded, cluster).as_deref(),
+            Some(&data[..cluster])
+        );
+        assert_eq!(
+            decode(cluster, &padded, cluster, 512).as_deref(),
+            Ok(&data[..cluster])
+        );
+    }
+}
+
+#[test]
+fn short_truncated_empty_are_errors() {
+    let cluster = 65536;
+    let data = sample(cluster, 2000, 11);
+    let stream = deflate(&data, 12, 6);
+    // Truncated.
+    let cut = &stream[..stream.len() - 10];
+    assert_eq!(reference(cut, cluster), None);
+    assert!(decode(cluster, cut, cluster, 512).is_err());
+    assert!(decode(4096, cut, cluster, 512).is_err());
+    // A complete stream of less than a cluster.
+    let small = deflate(&data[..cluster - 1], 12, 6);
+    assert_eq!(reference(&small, cluster), None);
+    for window in [cluster, 4096] {
+        assert_eq!(
+            decode(window, &small, cluster, 512),
+            Err(DecodeError::Corrupt(
+                "deflate stream ends before a whole cluster"
+            ))
+        );
+    }
+    // Empty input, and an empty stream.
+    assert_eq!(
+        decode(cluster, &[], cluster, 512),
+        Err(DecodeError::Corrupt("short"))
+    );
+    let empty = deflate(&[], 12, 6);
+    assert!(decode(cluster, &empty, cluster, 512).is_err());
+}
+
+/// Writes bits LSB first, Huffman codes MSB first (RFC 1951).
+struct Bits {
+    out: Vec<u8>,
+    acc: u32,
+    n: u32,
+}
+impl Bits {
+    fn new() -> Self {
+        Bits {
+            out: Vec::new(),
+            acc: 0,
+            n: 0,
+        }
+    }
+    fn put(&mut self, value: u32, n: u32) {
+        for i in 0..n {
+            self.acc |= ((value >> i) & 1) << self.n;
+            self.n += 1;
+            if self.n == 8 {
+                self.out.push(self.acc as u8);
+                self.acc = 0;
+                self.n = 0;
+            }
+        }
+    }
+    fn code(&mut self, code: u32, n: u32) {
+        for i in (0..n).rev() {
+            self.put((code >> i) & 1, 1);
+        }
+    }
+    /// A literal or length symbol of the fixed code.
+    fn fixed(&mut self, sym: u32) {
+        match sym {
+            0..=143 => self.code(0x30 + sym, 8),
+            144..=255 => self.code(0x190 + sym - 144, 9),
+            256..=279 => self.code(sym - 256, 7),
+            _ => self.code(0xc0 + sym - 280, 8),
+        }
+    }
+    fn finish(mut self) -> Vec<u8> {
+        if self.n > 0 {
+            self.out.push(self.acc as u8);
+        }
+        self.out
+    }
+}
+
+/// A fixed-Huffman stream: `literals` literal bytes, then a match of
+/// length 258 at distance `dist` (code and extra bits), repeated `matches`
+/// times, then end of block.
+fn with_match(literals: usize, dist: u32, matches: usize) -> Vec<u8> {
+    let mut b = Bits::new();
+    b.put(1, 1); // BFINAL
+    b.put(1, 2); // fixed Huffman
+    for i in 0..literals {
+        b.fixed((i % 251) as u32);
+    }
+    // Distance code for `dist`.
+    let (code, base, extra) = (0u32..30)
+        .map(|c| {
+            let extra = if c < 4 { 0 } else { c / 2 - 1 };
+            let base = if c < 4 {
+                c + 1
+            } else {
+                (1 << (c / 2)) + (c % 2) * (1 << (c / 2 - 1)) + 1
+            };
+            (c, base, extra)
+        })
+        .find(|&(_, base, extra)| dist >= base && dist < base + (1 << extra))
+        .expect("distance code");
+    for _ in 0..matches {
+        b.fixed(285); // length 258
+        b.code(code, 5);
+        b.put(dist - base, extra);
+    }
+    b.fixed(256);
+    b.finish()
+}
+
+#[test]
+fn reference_before_the_start_is_an_error() {
+    for cluster in [4096usize, 65536] {
+        // Sanity: a valid match decodes.
+        let ok = with_match(100, 100, (cluster - 100).div_ceil(258));
+        assert!(reference(&ok, cluster).is_some());
+        assert!(decode(cluster, &ok, cluster, 512).is_ok());
+        // Distance 1 before any output; distance 200 after 100 bytes.
+        for stream in [with_match(0, 1, 20), with_match(100, 200, 300)] {
+            assert_eq!(reference(&stream, cluster), None);
+            for window in [cluster, 4096, 8192] {
+                assert_eq!(
+                    decode(window, &stream, cluster, 512),
+                    Err(DecodeError::Corrupt("invalid deflate stream")),
+                    "{cluster} {window}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn reference_beyond_the_ring_is_an_error() {
+    // 10,000 literals, then matches 8,000 back: fine in QEMU's reading,
+    // beyond a 4 KiB ring, within an 8 KiB one.
+    let cluster: usize = 65536;
+    let stream = with_match(10_000, 8_000, (cluster - 10_000).div_ceil(258));
+    let want = reference(&stream, cluster).expect("reference");
+    assert_eq!(
+        decode(cluster, &stream, cluster, 512).as_deref(),
+        Ok(&want[..])
+    );
+    assert_eq!(
+        decode(8192, &stream, cluster, 512).as_deref(),
+        Ok(&want[..])
+    );
+    assert_eq!(
+        decode(4096, &stream, cluster, 512),
+        Err(DecodeError::Corrupt(
+            "invalid deflate stream, or one using a larger window than the decoder's buffer"
+        ))
+    );
+}
+
+#[test]
+fn invalid_code_right_after_the_cluster() {
+    // The cluster ends on a literal; then an invalid distance code (30)
+    // follows a length: zlib decodes it and fails, so must we.
+    let cluster = 4096;
+    let mut b = Bits::new();
+    b.put(1, 1);
+    b.put(1, 2);
+    for i in 0..cluster {
+        b.fixed((i % 7) as u32);
+    }
+    b.fixed(257);
+    b.code(30, 5);
+    b.fixed(256);
+    let stream = b.finish();
+    assert_eq!(reference(&stream, cluster), None);
+    for chunk in [1, 512, stream.len()] {
+        for window in [cluster, cluster + 1, 2048 * 4] {
+            let got = decode(window, &stream, cluster, chunk);
+            assert!(got.is_err(), "{chunk} {window} {:?}", got.map(|v| v.len()));
+        }
+    }
+    // An end of block there instead is fine.
+    let mut b = Bits::new();
+    b.put(1, 1);
+    b.put(1, 2);
+    for i in 0..cluster {
+        b.fixed((i % 7) as u32);
+    }
+    b.fixed(256);
+    let good = b.finish();
+    let want = reference(&good, cluster).expect("reference");
+    for chunk in [1, 512, good.len()] {
+        assert_eq!(
+            decode(cluster, &good, cluster, chunk).as_deref(),
+            Ok(&want[..])
+        );
+    }
+}
+
+#[test]
+fn mutated_streams_match_zlib() {
+    let mut rng = Rng(0x5eed);
+    let mut differ = std::vec::Vec::new();
+    let rounds = std::env::var("INFLATE_ROUNDS").map_or(3000, |r| r.parse().unwrap_or(3000));
+    for round in 0..rounds {
+        let cluster = [512usize, 4096, 65536][round % 3];
+        let data = sample(cluster + rng.below(2) * 100, 5000, round as u64);
+        let mut stream = deflate(&data, if round % 2 == 0 { 12 } else { 15 }, 6);
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(stream.len());
+            stream[i] ^= 1 << rng.below(8);
+        }
+        if rng.below(4) == 0 {
+            stream.truncate(rng.below(stream.len() + 1));
+        }
+        let why = reference_why(&stream, cluster);
+        let tolerated = matches!(&why, Err(m) if m.contains(MISSING_EOB));
+        let want = why.ok();
+        let chunk = 1 + rng.below(600);
+        if std::env::var("INFLATE_DUMP").ok() == Some(std::format!("{round}")) {
+            std::fs::write("/tmp/inflate-dump.bin", &stream).unwrap();
+            std::println!("cluster {cluster} chunk {chunk} want {:?}", want.is_some());
+            return;
+        }
+        // Exact: a window of 32 KiB or more (flat, or a ring).
+        for window in [cluster.max(FULL_WINDOW), FULL_WINDOW] {
+            let got = decode(window, &stream, cluster, chunk).ok();
+            if got != want && !tolerated {
+                differ.push((round, window, got.is_some(), want.is_some()));
+            }
+        }
+        // Smaller windows: the same, or an error (a reference farther than
+        // the window, maybe past the cluster's end where zlib stops first).
+        for window in [cluster, 4096] {
+            if let (Ok(got), false) = (decode(window, &stream, cluster, chunk), tolerated) {
+                assert_eq!(Some(got), want, "round {round}");
+            }
+        }
+    }
+    assert!(differ.is_empty(), "{differ:?}");
+}
+
+#[test]
+fn wrong_format_and_small_window() {
+    let mut state = InflateState::new();
+    let mut buf = [0u8; 2048];
+    let mut dec = Inflate::new(&mut state, &mut buf);
+    assert!(matches!(
+        dec.start(Compression::Zstd, 4096),
+        Err(DecodeError::Unsupported(_))
+    ));
+    assert!(matches!(
+        dec.start(Compression::Zlib, 4096),
+        Err(DecodeError::Unsupported(_))
+    ));
+    assert!(dec.start(Compression::Zlib, 2048).is_ok());
+    assert!(matches!(dec.step(&[], true), Ok(Step { consumed: 0, .. })));
+}
+
+#[test]
+fn state_size() {
+    const { assert!(STATE_BYTES > 10_000 && STATE_BYTES < 11_000) };
+}
