@@ -1,0 +1,341 @@
+//! Compressed clusters on a host: [`HostWorkspace`] (the image's working
+//! memory: a cluster-sized bounce buffer, an input buffer for a whole
+//! compressed extent, and [`HostDecoder`]), and QEMU's compressors
+//! ([`compress_cluster`], [`HostCompressor`]).
+//!
+//! Both formats follow QEMU 10.0 (`block/qcow2-threads.c`) exactly:
+//! - zlib reads: one inflate into a cluster-sized buffer (zlib-rs through
+//!   flate2, 32 KiB window, so streams written with any window read); the
+//!   cluster iff the buffer fills; output past it is cut, input after it
+//!   ignored;
+//! - zstd reads: `ZSTD_decompressStream` until the cluster is full
+//!   (several frames allowed); an error, a step without progress, or a
+//!   frame not finished when the cluster is full (more output than a
+//!   cluster) fails;
+//! - zlib writes: raw deflate at the default level with a 4 KiB window and
+//!   memLevel 9 (zlib-rs, so the bytes can differ from C zlib's while
+//!   reading back the same); zstd writes: one `ZSTD_compressStream2(e_end)`
+//!   with default parameters (level 3, content size in the frame header, no
+//!   checksum). Output is limited to `cluster_size - 1` bytes: a cluster
+//!   that does not fit is stored plainly.
+//!
+//! Nothing here is shared between threads: each thread makes its own
+//! [`HostDecoder`] / [`HostCompressor`], or calls [`decompress_cluster`] /
+//! [`compress_cluster`], which make theirs.
+
+use flate2::{Decompress, FlushDecompress, Status};
+use qcow2_core::compress::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
+use qcow2_core::{Sector, SECTOR};
+use zlib_rs::{DeflateConfig, DeflateFlush, Method, Strategy};
+use zstd::zstd_safe::{self, CCtx, DCtx, InBuffer, OutBuffer, ResetDirective};
+
+/// A [`Workspace`] for host images: bounce buffer of one cluster, input
+/// buffer of two clusters and a sector (the largest compressed extent,
+/// wherever it starts in its sector), and a [`HostDecoder`].
+pub struct HostWorkspace {
+    bounce: Vec<Sector>,
+    input: Vec<Sector>,
+    decoder: HostDecoder,
+}
+
+impl HostWorkspace {
+    /// The workspace for images of `cluster_size` bytes (a power of two,
+    /// 512 B to 2 MiB).
+    pub fn new(cluster_size: u64) -> Self {
+        let sectors = (cluster_size as usize).div_ceil(SECTOR).max(1);
+        HostWorkspace {
+            bounce: vec![[0; SECTOR]; sectors],
+            input: vec![[0; SECTOR]; 2 * sectors + 1],
+            decoder: HostDecoder::new(),
+        }
+    }
+}
+
+impl Workspace for HostWorkspace {
+    type Decoder = HostDecoder;
+
+    fn parts(&mut self) -> Parts<'_, HostDecoder> {
+        Parts {
+            bounce: &mut self.bounce,
+            input: &mut self.input,
+            decoder: &mut self.decoder,
+        }
+    }
+}
+
+/// The state of one cluster in [`HostDecoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// Collecting the extent's bytes.
+    Input,
+    /// The cluster was handed out.
+    Done,
+    Failed(DecodeError),
+}
+
+/// Decodes compressed clusters of both formats with the reference
+/// libraries, by QEMU's rules (see the module documentation). As a
+/// [`Decoder`] it collects the compressed bytes until `last` and decodes
+/// the cluster in one go; [`HostDecoder::decompress`] does the same on a
+/// whole extent.
+pub struct HostDecoder {
+    zlib: Decompress,
+    zstd: Option<DCtx<'static>>,
+    format: Compression,
+    cluster: usize,
+    collected: Vec<u8>,
+    out: Vec<u8>,
+    phase: Phase,
+}
+
+impl Default for HostDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostDecoder {
+    /// A decoder; its buffers grow to the cluster size on first use.
+    pub fn new() -> Self {
+        HostDecoder {
+            zlib: Decompress::new_with_window_bits(false, 15),
+            zstd: None,
+            format: Compression::Zlib,
+            cluster: 0,
+            collected: Vec::new(),
+            out: Vec::new(),
+            phase: Phase::Idle,
+        }
+    }
+
+    /// Decodes the compressed extent `input` (its sector padding included)
+    /// into `out`, which is one cluster long, by QEMU's rules.
+    pub fn decompress(
+        &mut self,
+        format: Compression,
+        input: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), DecodeError> {
+        match format {
+            Compression::Zlib => inflate(&mut self.zlib, input, out),
+            Compression::Zstd => {
+                let dctx = self.zstd.get_or_insert_with(DCtx::create);
+                zstd_decompress(dctx, input, out)
+            }
+        }
+    }
+}
+
+/// zlib as QEMU: `inflate(Z_FINISH)` once; success iff the output filled.
+fn inflate(z: &mut Decompress, input: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    z.reset(false);
+    match z.decompress(input, out, FlushDecompress::Finish) {
+        Ok(Status::StreamEnd | Status::BufError | Status::Ok)
+            if z.total_out() == out.len() as u64 =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err(DecodeError::Corrupt(
+            "deflate stream ends before a whole cluster",
+        )),
+        Err(_) => Err(DecodeError::Corrupt("invalid deflate stream")),
+    }
+}
+
+/// zstd as QEMU: `ZSTD_decompressStream` until the output is full, each
+/// call making progress; the last call must have finished its frame.
+fn zstd_decompress(dctx: &mut DCtx<'_>, input: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
+    dctx.reset(ResetDirective::SessionOnly)
+        .map_err(|_| DecodeError::Corrupt("zstd: cannot reset the context"))?;
+    let size = out.len();
+    let mut output = OutBuffer::around(out);
+    let mut input = InBuffer::around(input);
+    let mut ret = 0;
+    while output.pos() < size {
+        let (in_before, out_before) = (input.pos(), output.pos());
+        ret = dctx
+            .decompress_stream(&mut output, &mut input)
+            .map_err(|_| DecodeError::Corrupt("invalid zstd stream"))?;
+        if input.pos() <= in_before && output.pos() <= out_before {
+            return Err(DecodeError::Corrupt(
+                "zstd stream ends before a whole cluster",
+            ));
+        }
+    }
+    if ret > 0 {
+        return Err(DecodeError::Corrupt("zstd frame longer than the cluster"));
+    }
+    Ok(())
+}
+
+impl Decoder for HostDecoder {
+    fn start(&mut self, format: Compression, cluster_size: usize) -> Result<(), DecodeError> {
+        self.format = format;
+        self.cluster = cluster_size;
+        self.collected.clear();
+        self.phase = Phase::Input;
+        Ok(())
+    }
+
+    fn step(&mut self, input: &[u8], last: bool) -> Result<Step<'_>, DecodeError> {
+        match self.phase {
+            Phase::Idle => return Err(DecodeError::Unsupported("decoder step before start")),
+            Phase::Failed(e) => return Err(e),
+            Phase::Done => {
+                return Ok(Step {
+                    consumed: input.len(),
+                    output: &[],
+                })
+            }
+            Phase::Input => {}
+        }
+        if !last {
+            // Keep it: QEMU decodes the whole extent at once.
+            self.collected.extend_from_slice(input);
+            return Ok(Step {
+                consumed: input.len(),
+                output: &[],
+            });
+        }
+        let mut out = std::mem::take(&mut self.out);
+        out.resize(self.cluster, 0);
+        let result = if self.collected.is_empty() {
+            self.decompress(self.format, input, &mut out)
+        } else {
+            let mut all = std::mem::take(&mut self.collected);
+            all.extend_from_slice(input);
+            let r = self.decompress(self.format, &all, &mut out);
+            self.collected = all;
+            r
+        };
+        self.out = out;
+        match result {
+            Ok(()) => {
+                self.phase = Phase::Done;
+                Ok(Step {
+                    consumed: input.len(),
+                    output: &self.out,
+                })
+            }
+            Err(e) => {
+                self.phase = Phase::Failed(e);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// [`HostDecoder::decompress`] with a decoder of its own.
+pub fn decompress_cluster(
+    format: Compression,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    HostDecoder::new().decompress(format, input, out)
+}
+
+/// QEMU's zlib settings: `deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+/// -12, 9, Z_DEFAULT_STRATEGY)`.
+const QEMU_DEFLATE: DeflateConfig = DeflateConfig {
+    level: -1,
+    method: Method::Deflated,
+    window_bits: -12,
+    mem_level: 9,
+    strategy: Strategy::Default,
+};
+
+/// Compresses clusters as QEMU does, keeping its contexts from one
+/// cluster to the next (one per thread).
+pub struct HostCompressor {
+    zlib: Option<zlib_rs::Deflate>,
+    zstd: Option<CCtx<'static>>,
+}
+
+impl Default for HostCompressor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostCompressor {
+    /// A compressor; contexts are made on first use.
+    pub fn new() -> Self {
+        HostCompressor {
+            zlib: None,
+            zstd: None,
+        }
+    }
+
+    /// Compresses the cluster `data` (a whole cluster: QEMU pads the last
+    /// one of an image with zeros) into `out`: true when the result has
+    /// at most `data.len() - 1` bytes, false when the cluster is to be
+    /// stored plainly (`out` then holds nothing useful).
+    pub fn compress(&mut self, format: Compression, data: &[u8], out: &mut Vec<u8>) -> bool {
+        let limit = data.len().saturating_sub(1);
+        out.clear();
+        out.resize(limit, 0);
+        let len = match format {
+            Compression::Zlib => {
+                let z = self
+                    .zlib
+                    .get_or_insert_with(|| zlib_rs::Deflate::new_with_config(QEMU_DEFLATE));
+                z.reset();
+                match z.compress(data, out, DeflateFlush::Finish) {
+                    Ok(zlib_rs::Status::StreamEnd) => Some(z.total_out() as usize),
+                    _ => None,
+                }
+            }
+            Compression::Zstd => {
+                let cctx = self.zstd.get_or_insert_with(CCtx::create);
+                zstd_compress(cctx, data, out)
+            }
+        };
+        match len {
+            Some(n) if n <= limit => {
+                out.truncate(n);
+                true
+            }
+            _ => {
+                out.clear();
+                false
+            }
+        }
+    }
+}
+
+/// One `ZSTD_compressStream2(e_end)`, as QEMU: finished in one call, or
+/// the cluster does not compress.
+fn zstd_compress(cctx: &mut CCtx<'_>, data: &[u8], out: &mut [u8]) -> Option<usize> {
+    cctx.reset(zstd_safe::ResetDirective::SessionOnly).ok()?;
+    let mut output = OutBuffer::around(out);
+    let mut input = InBuffer::around(data);
+    match cctx.compress_stream2(
+        &mut output,
+        &mut input,
+        zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
+    ) {
+        Ok(0) => Some(output.pos()),
+        _ => None,
+    }
+}
+
+/// [`HostCompressor::compress`] with a compressor of its own: QEMU's
+/// settings, `false` when the cluster does not shrink below
+/// `data.len() - 1` bytes and is to be stored plainly.
+pub fn compress_cluster(format: Compression, data: &[u8], out: &mut Vec<u8>) -> bool {
+    HostCompressor::new().compress(format, data, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_safe_types() {
+        fn send<T: Send>() {}
+        send::<HostDecoder>();
+        send::<HostCompressor>();
+        send::<HostWorkspace>();
+    }
+}
