@@ -6,9 +6,9 @@
 
 mod backing;
 mod blocking;
-pub mod codec;
 mod fault;
 mod file;
+pub mod data_file;
 pub mod fuzzing;
 mod hole;
 pub mod lock;

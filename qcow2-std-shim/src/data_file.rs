@@ -1,0 +1,171 @@
+//! Opening an image's external data file from files.
+//!
+//! An image with the external data file feature keeps its guest data in a
+//! second file, named in its header (see [`qcow2_core::Qcow2::attach_data_file`]).
+//! [`attach_data_file`] finds that file, asks the caller whether it may be
+//! opened ([`DataFileOptions::allow`]: an image from an untrusted source
+//! must not make the host open arbitrary paths), opens it read-only or
+//! writable as the image, and attaches it.
+//!
+//! A relative name is resolved against the image's directory, as backing
+//! file names are. QEMU 10 differs
+//! here: it opens a relative data file name relative to its working
+//! directory (`bdrv_open_child` with the bare name), so the two agree when
+//! run from the image's directory or with absolute names;
+//! [`DataFileOptions::relative_to_cwd`] gives QEMU's behaviour.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use qcow2_core::Error;
+
+use crate::{FileDevice, Image};
+
+/// How [`attach_data_file`] opens an image's data file.
+pub struct DataFileOptions<'a> {
+    /// Whether the data file at this path (resolved, not canonical) may be
+    /// opened; asked before the file is touched. Not asked for
+    /// [`DataFileOptions::data_file`], which the caller chose.
+    pub allow: &'a dyn Fn(&Path) -> bool,
+    /// Opens a file, writable or not: the place for locking.
+    pub open_file: &'a dyn Fn(&Path, bool) -> io::Result<FileDevice>,
+    /// The data file to use instead of the name in the header (QEMU's
+    /// `data-file` option); required for an image that names none.
+    pub data_file: Option<&'a Path>,
+    /// Resolve a relative name against the working directory, as QEMU 10
+    /// does, rather than the image's directory.
+    pub relative_to_cwd: bool,
+}
+
+fn allow_any(_: &Path) -> bool {
+    true
+}
+
+fn open_plain(path: &Path, writable: bool) -> io::Result<FileDevice> {
+    FileDevice::open(path, writable)
+}
+
+impl DataFileOptions<'static> {
+    /// Opens the data file the image names, without locking, relative to
+    /// the image's directory: for images whose origin is trusted.
+    pub fn trusting() -> Self {
+        DataFileOptions {
+            allow: &allow_any,
+            open_file: &open_plain,
+            data_file: None,
+            relative_to_cwd: false,
+        }
+    }
+}
+
+/// Why [`attach_data_file`] failed.
+#[derive(Debug)]
+pub enum DataFileError {
+    /// The image has an external data file but names none, and no
+    /// [`DataFileOptions::data_file`] was given.
+    Required,
+    /// A [`DataFileOptions::data_file`] was given for an image without an
+    /// external data file.
+    NotExternal,
+    /// [`DataFileOptions::allow`] refused the data file.
+    Refused {
+        /// The data file.
+        path: PathBuf,
+    },
+    /// The data file could not be opened.
+    Open {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
+    /// The image could not be read (its data file name), or refused the
+    /// device.
+    Image {
+        /// Why.
+        error: Error<io::Error>,
+    },
+}
+
+impl fmt::Display for DataFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // QEMU's words for both.
+            DataFileError::Required => f.write_str("'data-file' is required for this image"),
+            DataFileError::NotExternal => {
+                f.write_str("'data-file' can only be set for images with an external data file")
+            }
+            DataFileError::Refused { path } => {
+                write!(f, "data file '{}' is not allowed", path.display())
+            }
+            DataFileError::Open { path, error } => {
+                write!(f, "Could not open '{}': {error}", path.display())
+            }
+            DataFileError::Image { error } => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for DataFileError {}
+
+/// Where data file `name`, named by the image at `image`, is: an absolute
+/// name as it is, a relative one in the image's directory.
+pub fn resolve_data_file(image: &Path, name: &str) -> PathBuf {
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return name.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(name),
+        None => name.to_path_buf(),
+    }
+}
+
+/// The data file name an open image's header holds (the extension, shown
+/// by `qemu-img info` even without the feature bit), as UTF-8 (lossy).
+pub fn data_file_name(image: &mut Image<FileDevice>) -> Result<Option<String>, Error<io::Error>> {
+    let mut buf = vec![0u8; image.info().cluster_size as usize];
+    let Some(len) = crate::block_on(image.inner_mut().data_file_name(&mut buf))? else {
+        return Ok(None);
+    };
+    Ok(Some(String::from_utf8_lossy(&buf[..len]).into_owned()))
+}
+
+/// Opens and attaches the external data file of `image` (opened from
+/// `path`) as `options` allow, read-only or writable as the image was
+/// opened. Returns the data file's path, or `None` for an image without
+/// an external data file (nothing to do).
+pub fn attach_data_file(
+    image: &mut Image<FileDevice>,
+    path: &Path,
+    options: &DataFileOptions<'_>,
+) -> Result<Option<PathBuf>, DataFileError> {
+    let external = image.inner_mut().has_data_file();
+    let data_path = match (external, options.data_file) {
+        (false, None) => return Ok(None),
+        (false, Some(_)) => return Err(DataFileError::NotExternal),
+        (true, Some(given)) => given.to_path_buf(),
+        (true, None) => {
+            let name = data_file_name(image).map_err(|error| DataFileError::Image { error })?;
+            let name = name.ok_or(DataFileError::Required)?;
+            let resolved = if options.relative_to_cwd {
+                PathBuf::from(&name)
+            } else {
+                resolve_data_file(path, &name)
+            };
+            if !(options.allow)(&resolved) {
+                return Err(DataFileError::Refused { path: resolved });
+            }
+            resolved
+        }
+    };
+    let writable = !image.info().read_only;
+    let dev = (options.open_file)(&data_path, writable).map_err(|error| DataFileError::Open {
+        path: data_path.clone(),
+        error,
+    })?;
+    crate::block_on(image.inner_mut().attach_data_file(dev))
+        .map_err(|(error, _)| DataFileError::Image { error })?;
+    Ok(Some(data_path))
+}
