@@ -6,6 +6,7 @@
 
 mod backing;
 mod blocking;
+pub mod codec;
 mod fault;
 mod file;
 pub mod data_file;
