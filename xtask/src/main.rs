@@ -7,8 +7,9 @@
 //! - `firmware --out DIR`: the `firmware/` example under QEMU (Cortex-M4F),
 //!   its stack, future and RAM figures checked against the budget, the
 //!   images it writes checked by `qemu-img check` (see `firmware.rs`).
-//! - `size`: the RAM table, futures, stack, panic sites and `.text` of the
-//!   firmware example (see `size.rs`).
+//! - `size [--codecs]`: the RAM table, futures, stack, panic sites and
+//!   `.text` of the firmware example and of the decoders of compressed
+//!   clusters (only those with `--codecs`; see `size.rs`).
 //! - `corpus`: regenerate the hostile image corpus and the fuzz seeds.
 //! - `fuzz [--secs N] [TARGET...]`: run every cargo-fuzz target (or the
 //!   named ones) for N seconds each (default 60), installing cargo-fuzz
@@ -31,7 +32,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("interop") => interop(),
-        Some("size") => size::main(),
+        Some("size") => size::main(&args[1..]),
         Some("firmware") => firmware::main(&args[1..]),
         Some("corpus") => corpus::generate(std::path::Path::new("qcow2-std-shim/tests/hostile"))
             .and_then(|()| corpus::fuzz_seeds(std::path::Path::new("fuzz"))),
@@ -39,7 +40,7 @@ fn main() {
         Some("miri") => miri(),
         Some("bench") => bench::run(&args[1..]),
         _ => Err(
-            "usage: cargo xtask ci | interop | size | firmware --out DIR | corpus | fuzz [--secs N] [TARGET...] | miri | bench [--runs N] [--quick]"
+            "usage: cargo xtask ci | interop | size [--codecs] | firmware --out DIR | corpus | fuzz [--secs N] [TARGET...] | miri | bench [--runs N] [--quick]"
                 .into(),
         ),
     };
@@ -123,6 +124,7 @@ fn ci() -> Result<(), String> {
         run(&cargo, &build)?;
     }
     firmware::lint()?;
+    size::lint_probe()?;
     let firmware_out = std::path::Path::new("target/firmware-ci");
     let figures = firmware::run_checked(firmware_out)?;
     run(&cargo, &["test", "--workspace"])?;
@@ -130,11 +132,15 @@ fn ci() -> Result<(), String> {
 }
 
 /// Feature sets of the core that CI lints and builds besides the default:
-/// read-only, read-only with `check`, and with `defmt` logging.
+/// read-only, read-only with `check`, with `defmt` logging, and with the
+/// decoders of compressed clusters (read-only with zlib, as a bootloader
+/// would; both decoders with writing).
 const CORE_FEATURE_SETS: &[&[&str]] = &[
     &["--no-default-features"],
     &["--no-default-features", "--features", "check"],
     &["--features", "defmt"],
+    &["--no-default-features", "--features", "zlib"],
+    &["--features", "zlib,zstd"],
 ];
 
 /// The fuzz targets, as named in `fuzz/Cargo.toml`.

@@ -2,13 +2,18 @@
 //! (`firmware/`, built for `thumbv7em-none-eabihf` and run under QEMU):
 //! the RAM table (cache slot, cache, image, scratch buffers), every API
 //! future with the stack its poll takes, the stack per phase, the panic
-//! call sites left in the binary and `.text` per feature set.
+//! call sites left in the binary and `.text` per feature set; and those of
+//! the decoders of compressed clusters (features `zlib`, `zstd`), from the
+//! codec probe (`xtask/codec-probe/`, built, never run): their `.text`
+//! over the probe's baseline, their panic call sites, and the RAM rows of
+//! their state, window, tables and buffers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::firmware::{self, Figures, MAIN_BIN, READONLY_BIN};
+use crate::{cargo, ensure_target, run, EMBEDDED_TARGET};
 
 /// Most panic call sites from qcow2-core the firmware binary may hold (see
 /// [`panic_sites`] and [`PanicSite::in_core`]); CI fails above it. Set to
@@ -31,9 +36,271 @@ pub const FEATURE_SETS: &[(&str, &[&str], &[&str])] = &[
     ("read-only", &["--no-default-features"], &[READONLY_BIN]),
 ];
 
+/// The codec probe: the core's decoders in a Cortex-M4F binary (own
+/// workspace, like `firmware/`).
+pub const PROBE_DIR: &str = "xtask/codec-probe";
+/// The probe's binary.
+const PROBE_BIN: &str = "qcow2-codec-probe";
+
+/// Builds of the probe: (name, cargo arguments). `none` is the baseline
+/// the decoders' `.text` is measured over.
+const PROBE_SETS: &[(&str, &[&str])] = &[
+    ("none", &[]),
+    ("zlib", &["--features", "zlib"]),
+    ("zstd", &["--features", "zstd"]),
+    ("zlib,zstd", &["--features", "zlib,zstd"]),
+];
+
+/// The RAM rows the probe measures: (`RAM_*` symbol, what it is).
+const PROBE_RAM: &[(&str, &str)] = &[
+    (
+        "RAM_INFLATE_STATE",
+        "zlib decoder state, `inflate::InflateState` (feature `zlib`)",
+    ),
+    (
+        "RAM_INFLATE_WINDOW",
+        "zlib decoder window, `inflate::MIN_WINDOW`: reads every image QEMU writes \
+         (32 KiB or a whole cluster reads any deflate stream)",
+    ),
+    (
+        "RAM_ZSTD_TABLES",
+        "zstd decoder tables, `zstd::ZstdTables` (feature `zstd`)",
+    ),
+    (
+        "RAM_ZSTD_BUFFERS_64K",
+        "zstd decoder buffers for 64 KiB clusters: history (a cluster), block and \
+         literals (`zstd::scratch_bytes`: a cluster, at most 128 KiB, each)",
+    ),
+];
+
+/// What the codec probe measured.
+pub struct Codecs {
+    /// `.text` per probe build, in [`PROBE_SETS`] order.
+    text: Vec<(&'static str, u64)>,
+    /// Sizes of the `RAM_*` symbols.
+    ram: BTreeMap<String, u64>,
+    /// Panic call sites per decoder build (`zlib`, `zstd`), each with the
+    /// crate it comes from.
+    sites: Vec<(&'static str, Vec<(PanicSite, String)>)>,
+}
+
+/// Checks the probe's formatting and lints it in every feature set.
+pub fn lint_probe() -> Result<(), String> {
+    ensure_target()?;
+    let manifest = format!("{PROBE_DIR}/Cargo.toml");
+    let target_dir = format!("{PROBE_DIR}/target");
+    run(
+        &cargo(),
+        &["fmt", "--manifest-path", &manifest, "--", "--check"],
+    )?;
+    for (_, features) in PROBE_SETS {
+        let mut args = vec![
+            "clippy",
+            "--release",
+            "--manifest-path",
+            &manifest,
+            "--target",
+            EMBEDDED_TARGET,
+            "--target-dir",
+            &target_dir,
+        ];
+        args.extend_from_slice(features);
+        args.extend_from_slice(&["--", "-D", "warnings"]);
+        run(&cargo(), &args)?;
+    }
+    Ok(())
+}
+
+/// Builds the probe with `features` and returns its binary (copied aside,
+/// so that the next build does not replace it).
+fn build_probe(name: &str, features: &[&str]) -> Result<PathBuf, String> {
+    ensure_target()?;
+    let manifest = format!("{PROBE_DIR}/Cargo.toml");
+    let target_dir = format!("{PROBE_DIR}/target");
+    let mut args = vec![
+        "build",
+        "--release",
+        "--manifest-path",
+        &manifest,
+        "--target",
+        EMBEDDED_TARGET,
+        "--target-dir",
+        &target_dir,
+    ];
+    args.extend_from_slice(features);
+    run(&cargo(), &args)?;
+    let built = Path::new(&target_dir)
+        .join(EMBEDDED_TARGET)
+        .join("release")
+        .join(PROBE_BIN);
+    let copy = Path::new(&target_dir).join(format!("{PROBE_BIN}-{}", name.replace(',', "-")));
+    std::fs::copy(&built, &copy).map_err(|e| format!("{}: {e}", built.display()))?;
+    Ok(copy)
+}
+
+/// Builds the probe in every set and measures it.
+pub fn codecs() -> Result<Codecs, String> {
+    let mut codecs = Codecs {
+        text: Vec::new(),
+        ram: BTreeMap::new(),
+        sites: Vec::new(),
+    };
+    for (name, features) in PROBE_SETS {
+        let elf = build_probe(name, features)?;
+        codecs.text.push((name, text_size(&elf)?));
+        if *name == "zlib" || *name == "zstd" {
+            let sites = panic_sites(&elf)?;
+            let crates = site_crates(&elf, &sites);
+            codecs
+                .sites
+                .push((name, sites.into_iter().zip(crates).collect()));
+        }
+        if *name == "zlib,zstd" {
+            codecs.ram = symbol_sizes(&elf)?;
+        }
+    }
+    Ok(codecs)
+}
+
+impl Codecs {
+    /// Panic sites of the decoders that come from qcow2-core itself.
+    fn in_core(&self) -> usize {
+        self.sites
+            .iter()
+            .map(|(_, s)| s.iter().filter(|(_, c)| c == "qcow2-core").count())
+            .sum()
+    }
+
+    /// `.text` rows and panic sites.
+    fn print(&self) {
+        let base = self.text.first().map_or(0, |t| t.1);
+        for (name, text) in &self.text {
+            if *name == "none" {
+                println!("text codec probe baseline: {text} B");
+            } else {
+                println!(
+                    "text codec {name}: {} B (the decoder in the probe, over its baseline)",
+                    text.saturating_sub(base)
+                );
+            }
+        }
+        for (name, sites) in &self.sites {
+            let mut by_crate: BTreeMap<&str, usize> = BTreeMap::new();
+            for (_, krate) in sites {
+                *by_crate.entry(krate).or_default() += 1;
+            }
+            let list: Vec<String> = by_crate.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            println!(
+                "panic sites with the {name} decoder: {} ({})",
+                sites.len(),
+                list.join(", ")
+            );
+        }
+    }
+}
+
+/// The crate of each site in `elf`: that of the innermost inlined frame
+/// that is not Rust's library code, from `llvm-symbolizer --inlining`
+/// (LTO inlines the decoders into the probe's `main`, so the function a
+/// site is in says little); by [`PanicSite::in_core`] and the source line
+/// when llvm-symbolizer is missing.
+fn site_crates(elf: &Path, sites: &[PanicSite]) -> Vec<String> {
+    let fallback = |site: &PanicSite| {
+        if site.in_core() {
+            "qcow2-core".to_string()
+        } else {
+            crate_of_path(&site.source).unwrap_or_else(|| "?".into())
+        }
+    };
+    // Not in rustup's llvm-tools: LLVM's own, on PATH.
+    let output = Some("llvm-symbolizer").and_then(|tool| {
+        let mut cmd = Command::new(tool);
+        cmd.arg(format!("--obj={}", elf.display()))
+            .arg("--inlining");
+        for site in sites {
+            cmd.arg(format!("0x{}", site.address));
+        }
+        cmd.output().ok().filter(|o| o.status.success())
+    });
+    let Some(output) = output else {
+        return sites.iter().map(fallback).collect();
+    };
+    // One block of frames per address (function line, then `path:line:col`
+    // line), blocks separated by empty lines.
+    let text = String::from_utf8_lossy(&output.stdout);
+    let blocks: Vec<&str> = text
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .collect();
+    if blocks.len() != sites.len() {
+        return sites.iter().map(fallback).collect();
+    }
+    blocks
+        .iter()
+        .zip(sites)
+        .map(|(block, site)| {
+            block
+                .lines()
+                .filter(|l| l.starts_with('/'))
+                .find(|l| !l.starts_with("/rustc/"))
+                .and_then(crate_of_path)
+                .unwrap_or_else(|| fallback(site))
+        })
+        .collect()
+}
+
+/// The crate a source path belongs to: `qcow2-core`, the probe, or a
+/// registry crate (its directory's name without the version).
+fn crate_of_path(path: &str) -> Option<String> {
+    if path.contains("qcow2-core/src/") {
+        return Some("qcow2-core".into());
+    }
+    if path.contains("codec-probe/src/") {
+        return Some("the probe".into());
+    }
+    path.split('/')
+        .find(|part| part.contains('-') && part.ends_with(|c: char| c.is_ascii_digit()))
+        .map(|dir| {
+            dir.rsplit_once('-')
+                .map_or(dir, |(name, _)| name)
+                .to_string()
+        })
+}
+
+/// The sizes of the `RAM_*` symbols in `elf`, from `llvm-nm -S`.
+fn symbol_sizes(elf: &Path) -> Result<BTreeMap<String, u64>, String> {
+    let nm = llvm_tool("llvm-nm")?;
+    let out = Command::new(&nm)
+        .arg("-S")
+        .arg(elf)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nm.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [_, size, _, name] if name.starts_with("RAM_") => {
+                    Some((name.to_string(), u64::from_str_radix(size, 16).ok()?))
+                }
+                _ => None,
+            }
+        })
+        .collect())
+}
+
 /// `cargo xtask size`: runs the firmware in `target/firmware-size` and
-/// prints the tables (over-budget figures are reported, not fatal).
-pub fn main() -> Result<(), String> {
+/// prints the tables (over-budget figures are reported, not fatal);
+/// `cargo xtask size --codecs`: only the codec probe's figures.
+pub fn main(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--codecs") {
+        let codecs = codecs()?;
+        println!("| RAM (thumbv7em-none-eabihf) | bytes |");
+        println!("|---|---|");
+        print_codec_ram(&codecs);
+        codecs.print();
+        return Ok(());
+    }
     let figures = firmware::run_collect(Path::new("target/firmware-size"))?;
     report(&figures, false)
 }
@@ -42,7 +309,8 @@ pub fn main() -> Result<(), String> {
 /// `.text`; with `enforce`, fails when the panic sites exceed
 /// [`MAX_PANIC_SITES`].
 pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
-    print_tables(figures);
+    let codecs = codecs()?;
+    print_tables(figures, &codecs);
     let bins = firmware::build(&[])?;
     let sites = panic_sites(&bins.main)?;
     let in_core = sites.iter().filter(|s| s.in_core()).count();
@@ -71,6 +339,13 @@ pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
             println!("text {name} {binary}: {} B", text_size(path)?);
         }
     }
+    codecs.print();
+    if enforce && codecs.in_core() > 0 {
+        return Err(format!(
+            "{} panic sites from qcow2-core in the codec probe (its decoder wrappers must have none)",
+            codecs.in_core()
+        ));
+    }
     if enforce && in_core > MAX_PANIC_SITES {
         return Err(format!(
             "{in_core} panic sites from qcow2-core in the firmware binary, more than \
@@ -80,8 +355,19 @@ pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The RAM rows of the decoders.
+fn print_codec_ram(codecs: &Codecs) {
+    for (symbol, what) in PROBE_RAM {
+        let bytes = codecs
+            .ram
+            .get(*symbol)
+            .map_or("?".to_string(), |b| b.to_string());
+        println!("| {what} | {bytes} |");
+    }
+}
+
 /// The RAM, future and stack tables, in Markdown.
-fn print_tables(figures: &Figures) {
+fn print_tables(figures: &Figures, codecs: &Codecs) {
     let ram = |name: &str| {
         figures
             .get(MAIN_BIN, "ram", name)
@@ -107,6 +393,7 @@ fn print_tables(figures: &Figures) {
             println!("| scratch buffer `{name}` (the example's) | {} |", f.bytes);
         }
     }
+    print_codec_ram(codecs);
     println!();
     println!("| call | future (bytes) | poll stack beyond the future (bytes) |");
     println!("|---|---|---|");
@@ -146,6 +433,8 @@ pub struct PanicSite {
     /// The innermost source line of the call (`path:line`, from the line
     /// table; empty when there is none).
     pub source: String,
+    /// The call's address (hex, as llvm-objdump prints it).
+    pub address: String,
 }
 
 impl PanicSite {
@@ -189,7 +478,7 @@ pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
     struct Function {
         name: String,
         /// (branch target, source line)
-        calls: Vec<(String, String)>,
+        calls: Vec<(String, String, String)>,
         returns: bool,
     }
     let mut functions: Vec<Function> = Vec::new();
@@ -232,7 +521,15 @@ pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
                 .map(|(t, _)| t)
                 .filter(|t| !t.contains("+0x"))
             {
-                function.calls.push((target.to_string(), source.clone()));
+                let address = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches(':')
+                    .to_string();
+                function
+                    .calls
+                    .push((target.to_string(), source.clone(), address));
             }
         }
     }
@@ -248,7 +545,9 @@ pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
                 !f.returns
                     && (f.name.starts_with("core::") || f.name.starts_with("<core::"))
                     && !panicking.contains(f.name.as_str())
-                    && f.calls.iter().any(|(c, _)| panicking.contains(c.as_str()))
+                    && f.calls
+                        .iter()
+                        .any(|(c, _, _)| panicking.contains(c.as_str()))
             })
             .map(|f| f.name.as_str())
             .collect();
@@ -262,12 +561,13 @@ pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
         if panicking.contains(f.name.as_str()) {
             continue;
         }
-        for (target, source) in &f.calls {
+        for (target, source, address) in &f.calls {
             if panicking.contains(target.as_str()) && !target.contains("_resumed") {
                 sites.push(PanicSite {
                     function: f.name.clone(),
                     target: target.clone(),
                     source: source.clone(),
+                    address: address.clone(),
                 });
             }
         }
