@@ -40,6 +40,7 @@ mod create;
 mod data;
 mod device;
 mod error;
+mod extent;
 mod fill;
 pub mod format;
 #[cfg(feature = "write")]
@@ -75,6 +76,7 @@ pub use compress::{Compression, NoWorkspace, Workspace};
 pub use create::CreateOptions;
 pub use device::{BlockDevice, Sector, SECTOR};
 pub use error::{Error, OpenError};
+pub use extent::CompressedExtent;
 pub use format::Version;
 pub use image::{ImageInfo, OpenOptions, Qcow2};
 pub use map::Mapping;

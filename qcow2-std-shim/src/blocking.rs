@@ -2,7 +2,7 @@
 
 use crate::backing::HostBacking;
 use crate::block_on;
-use qcow2_core::compress::Buffers;
+use crate::codec::{HostCompressor, HostDecoder, HostWorkspace};
 use qcow2_core::{
     BlockDevice, CheckReport, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Repair,
     Sector, Slot, SECTOR,
@@ -15,26 +15,21 @@ pub const HOST_CACHE_SLOTS: usize = 512;
 /// Scratch for check, repair and dirty-image rebuilds: 4 MiB counts a
 /// million clusters (64 GiB at 64 KiB clusters) per pass.
 pub const HOST_SCRATCH_BYTES: usize = 4 << 20;
+/// Reads of at least this many clusters decode compressed clusters on
+/// several threads.
+const PARALLEL_CLUSTERS: u64 = 4;
 /// The host cache storage.
 pub type HostCache = Box<[Slot<HOST_SLICE_SECTORS>]>;
-/// The working memory of host images.
-pub type HostWorkspace = Buffers<Box<[Sector]>>;
 /// An image with the host cache, a backing (possibly none) and working
-/// memory.
+/// memory (bounce buffer and decoders).
 pub type HostQcow2<D> = Qcow2<D, HostCache, HOST_SLICE_SECTORS, HostBacking<D>, HostWorkspace>;
-
-/// Host working memory for images of `cluster_size` bytes.
-pub fn host_workspace(cluster_size: u64) -> HostWorkspace {
-    let sectors = (cluster_size / SECTOR as u64) as usize;
-    Buffers::new(vec![[0; SECTOR]; sectors].into_boxed_slice())
-}
 
 /// `image` made a host image: working memory, no backing yet.
 fn hosted<D: BlockDevice>(image: Qcow2<D, HostCache, HOST_SLICE_SECTORS>) -> HostQcow2<D> {
     let cluster_size = image.info().cluster_size;
     image
-        .with_backing(HostBacking::None)
-        .with_workspace(host_workspace(cluster_size))
+        .with_unattached_backing(HostBacking::None)
+        .with_workspace(HostWorkspace::new(cluster_size))
 }
 
 /// A fresh host cache of [`HOST_CACHE_SLOTS`] slices.
@@ -134,11 +129,108 @@ impl<D: BlockDevice> Image<D> {
     }
 
     /// Reads `buf.len()` bytes at byte `offset` (partial sectors through
-    /// the core's [`qcow2_core::bytes`] read-modify-write).
+    /// the core's [`qcow2_core::bytes`] read-modify-write). Compressed
+    /// clusters in a read of several clusters are decoded on every core.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
+        if (buf.len() as u64) < PARALLEL_CLUSTERS * self.info().cluster_size {
+            return self.read_serial(offset, buf);
+        }
+        self.read_parallel(offset, buf)
+    }
+
+    /// [`Image::read_at`] on this thread.
+    fn read_serial(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
         let mut scratch = [0u8; SECTOR];
         let read = qcow2_core::bytes::read_at(&mut self.inner, offset, buf, &mut scratch);
         block_on(read).map_err(from_bytes)
+    }
+
+    /// Reads like [`Image::read_serial`], but takes the compressed
+    /// clusters' bytes off the device first and decodes them on several
+    /// threads with [`HostDecoder::decompress`], the decoder the image's
+    /// own reads use. A cluster that fails to decode is read again
+    /// serially, for the core's precise error.
+    fn read_parallel(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), D> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or(Error::OutOfRange)?;
+        if end > self.virtual_size() {
+            return Err(Error::OutOfRange);
+        }
+        let cluster = self.info().cluster_size;
+        let Some(format) = self.inner.compression() else {
+            return self.read_serial(offset, buf);
+        };
+        // The compressed clusters' bytes, in order: (position in `buf`,
+        // length, position in the cluster, stream).
+        let mut jobs: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (mapping, run) = self.map(at)?;
+            let n = (run.max(1) as usize).min(buf.len() - pos);
+            match mapping {
+                Mapping::Compressed { host, len } => {
+                    let extent = self.inner.compressed_extent(host, len)?;
+                    let mut input = vec![[0u8; SECTOR]; extent.sectors as usize];
+                    block_on(
+                        self.inner
+                            .device_mut()
+                            .read(extent.first_sector, &mut input),
+                    )
+                    .map_err(Error::Io)?;
+                    let bytes = input.as_flattened()[extent.skip..].to_vec();
+                    jobs.push((pos, n, (at % cluster) as usize, bytes));
+                }
+                _ => self.read_serial(at, &mut buf[pos..pos + n])?,
+            }
+            pos += n;
+        }
+        // Each job's slice of `buf`, split off in order.
+        let mut slices: Vec<(&mut [u8], usize, &[u8])> = Vec::with_capacity(jobs.len());
+        let mut rest = &mut *buf;
+        let mut taken = 0usize;
+        for (at, n, within, input) in &jobs {
+            let (_, tail) = rest.split_at_mut(at - taken);
+            let (mine, tail) = tail.split_at_mut(*n);
+            slices.push((mine, *within, input));
+            rest = tail;
+            taken = at + n;
+        }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_worker = slices.len().div_ceil(workers).max(1);
+        let mut failed: Vec<usize> = Vec::new();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = slices
+                .chunks_mut(per_worker)
+                .enumerate()
+                .map(|(w, chunk)| {
+                    scope.spawn(move || {
+                        let mut decoder = HostDecoder::new();
+                        let mut out = vec![0u8; cluster as usize];
+                        let mut bad = Vec::new();
+                        for (i, (dst, within, input)) in chunk.iter_mut().enumerate() {
+                            match decoder.decompress(format, input, &mut out) {
+                                Ok(()) => dst.copy_from_slice(&out[*within..*within + dst.len()]),
+                                Err(_) => bad.push(w * per_worker + i),
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            for handle in handles {
+                match handle.join() {
+                    Ok(bad) => failed.extend(bad),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        });
+        for i in failed {
+            let (at, n, _, _) = &jobs[i];
+            self.read_serial(offset + *at as u64, &mut buf[*at..*at + *n])?;
+        }
+        Ok(())
     }
 
     /// Writes `buf` at byte `offset` (partial sectors by read-modify-write).
@@ -146,6 +238,52 @@ impl<D: BlockDevice> Image<D> {
         let mut scratch = [0u8; SECTOR];
         let write = qcow2_core::bytes::write_at(&mut self.inner, offset, buf, &mut scratch);
         block_on(write).map_err(from_bytes)
+    }
+
+    /// Writes `data` at byte `offset` compressed in the image's format
+    /// (QEMU's settings), cluster by cluster; clusters that do not shrink
+    /// are written plainly, as QEMU does. `offset` must be on a cluster
+    /// boundary and `data` whole clusters, except that the last cluster of
+    /// the disk may be partial (it is compressed zero-padded). What the
+    /// clusters held before is replaced.
+    pub fn write_compressed_at(&mut self, offset: u64, data: &[u8]) -> Result<(), D> {
+        let cluster = self.info().cluster_size;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(Error::OutOfRange)?;
+        if end > self.virtual_size() {
+            return Err(Error::OutOfRange);
+        }
+        if !offset.is_multiple_of(cluster)
+            || !((data.len() as u64).is_multiple_of(cluster) || end == self.virtual_size())
+        {
+            return Err(Error::InvalidArgument(
+                "compressed writes cover whole clusters",
+            ));
+        }
+        let format = qcow2_core::Compression::from_type(self.info().compression_type)
+            .ok_or(Error::Unsupported("compression type"))?;
+        let mut compressor = HostCompressor::new();
+        let mut padded = vec![0u8; cluster as usize];
+        let mut out = Vec::new();
+        for (i, chunk) in data.chunks(cluster as usize).enumerate() {
+            let at = offset + i as u64 * cluster;
+            padded[..chunk.len()].copy_from_slice(chunk);
+            padded[chunk.len()..].fill(0);
+            if compressor.compress(format, &padded, &mut out) {
+                self.write_compressed_cluster(at / cluster, &out)?;
+            } else {
+                self.write_at(at, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores guest cluster `guest` as the compressed stream `compressed`
+    /// (see [`qcow2_core::Qcow2::write_compressed`]): for callers that
+    /// compress on several threads.
+    pub fn write_compressed_cluster(&mut self, guest: u64, compressed: &[u8]) -> Result<(), D> {
+        block_on(self.inner.write_compressed(guest, compressed))
     }
 
     /// Makes `len` bytes at byte `offset` read as zeros: whole sectors

@@ -6,10 +6,11 @@
 
 mod backing;
 mod blocking;
+pub mod chain;
 pub mod codec;
+pub mod data_file;
 mod fault;
 mod file;
-pub mod data_file;
 pub mod fuzzing;
 mod hole;
 pub mod lock;
@@ -17,9 +18,10 @@ mod ram;
 
 pub use backing::HostBacking;
 pub use blocking::{
-    host_cache, host_workspace, HostCache, HostQcow2, HostWorkspace, Image, HOST_CACHE_SLOTS,
-    HOST_SCRATCH_BYTES, HOST_SLICE_SECTORS,
+    host_cache, HostCache, HostQcow2, Image, HOST_CACHE_SLOTS, HOST_SCRATCH_BYTES,
+    HOST_SLICE_SECTORS,
 };
+pub use chain::{attach_chain, open_chain, ChainError, ChainOptions};
 pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::FileDevice;
 pub use hole::punch_hole;

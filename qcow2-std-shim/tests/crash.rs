@@ -6,14 +6,34 @@
 //! check` finds no corruption.
 
 use qcow2_core::backing::Backing;
+use qcow2_core::compress::{Compression, Parts, Workspace};
 use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
 };
+use qcow2_std_shim::codec::{compress_cluster, HostDecoder};
 use qcow2_std_shim::{block_on, FaultDevice, FaultError, HostBacking, RamDevice, Survival};
 
 const SLOTS: usize = 4;
 type Cache = [Slot<1>; SLOTS];
-type Image = Qcow2<FaultDevice, Cache, 1, HostBacking<FaultDevice>>;
+type Image = Qcow2<FaultDevice, Cache, 1, HostBacking<FaultDevice>, Lean>;
+
+/// A decoder and no buffers: copy-on-write, compressed reads and writes
+/// go a sector at a time, the firmware's way (the paths with the most
+/// device writes).
+#[derive(Default)]
+struct Lean(HostDecoder);
+
+impl Workspace for Lean {
+    type Decoder = HostDecoder;
+
+    fn parts(&mut self) -> Parts<'_, HostDecoder> {
+        Parts {
+            bounce: &mut [],
+            input: &mut [],
+            decoder: &mut self.0,
+        }
+    }
+}
 
 /// Devices a raw backing can be made of.
 trait FromBytes: BlockDevice + Sized {
@@ -39,12 +59,13 @@ fn open_image<D: FromBytes>(
     slots: Cache,
     options: OpenOptions,
     backing: Option<&[u8]>,
-) -> Result<Qcow2<D, Cache, 1, HostBacking<D>>, qcow2_core::OpenError<D, Cache>> {
+) -> Result<Qcow2<D, Cache, 1, HostBacking<D>, Lean>, qcow2_core::OpenError<D, Cache>> {
     let img = block_on(Qcow2::open(dev, slots, options))?;
-    Ok(img.with_backing(match backing {
+    let img = img.with_backing(match backing {
         Some(bytes) => HostBacking::Raw(D::with_bytes(bytes)),
         None => HostBacking::None,
-    }))
+    });
+    Ok(img.with_workspace(Lean::default()))
 }
 
 fn cache() -> Cache {
@@ -67,6 +88,11 @@ enum Op {
         first: u64,
         len: u64,
         unmap: bool,
+    },
+    /// Write guest cluster `cluster` compressed (zlib), new contents in
+    /// every sector.
+    WriteCompressed {
+        cluster: u64,
     },
     Flush,
     Reopen,
@@ -120,6 +146,29 @@ impl Model {
         Ok(())
     }
 
+    fn write_compressed(
+        &mut self,
+        img: &mut Image,
+        cluster: u64,
+        cluster_sectors: u64,
+    ) -> Result<(), Error<FaultError>> {
+        let first = cluster * cluster_sectors;
+        let mut data = Vec::new();
+        for s in first..first + cluster_sectors {
+            self.serial += 1;
+            self.recent[s as usize].push(self.serial);
+            data.extend(sector_of(self.serial));
+        }
+        let mut out = Vec::new();
+        assert!(compress_cluster(Compression::Zlib, &data, &mut out));
+        block_on(img.write_compressed(cluster, &out))?;
+        for s in first..first + cluster_sectors {
+            let at = ((s - first) as usize) * SECTOR;
+            self.current[s as usize] = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+        }
+        Ok(())
+    }
+
     /// Sectors `[from, to)` read as zeros now; a crash may keep the old
     /// contents or the zeros.
     fn zeroed(&mut self, from: u64, to: u64) {
@@ -169,9 +218,9 @@ impl Model {
 
     /// Checks every sector of a reopened image against what may survive;
     /// returns the content ids read.
-    fn verify<D: BlockDevice, B: Backing<D::Error>>(
+    fn verify<D: BlockDevice, B: Backing<D::Error>, W: Workspace>(
         &self,
-        img: &mut Qcow2<D, Cache, 1, B>,
+        img: &mut Qcow2<D, Cache, 1, B, W>,
         what: &str,
     ) -> Vec<u64> {
         let mut buf = vec![[0u8; SECTOR]; self.durable.len()];
@@ -248,6 +297,10 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
     for op in &w.ops {
         let result = match *op {
             Op::Write { first, len } => model.write(&mut img, first, len),
+            Op::WriteCompressed { cluster } => {
+                let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
+                model.write_compressed(&mut img, cluster, cluster_sectors)
+            }
             Op::Discard { first, len } => {
                 let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
                 // v2 over a backing discards nothing (no zero flag).
@@ -316,8 +369,8 @@ fn qemu_check(bytes: &[u8], what: &str) -> (u64, u64) {
 
 /// Whether the refcount blocks are consecutive clusters directly followed
 /// by the refcount table (else a rebuild scattered them in free clusters).
-fn contiguous_refcounts<B: Backing<qcow2_std_shim::RamError>>(
-    img: &Qcow2<RamDevice, Cache, 1, B>,
+fn contiguous_refcounts<B: Backing<qcow2_std_shim::RamError>, W: Workspace>(
+    img: &Qcow2<RamDevice, Cache, 1, B, W>,
 ) -> bool {
     let h = img.header();
     let bytes = img.device().as_bytes();
@@ -1022,4 +1075,67 @@ fn crash_during_copy_on_write_from_a_backing() {
         &backing_cow_workload("backing copy-on-write, v2", v2, 0xc2),
         Device::Growable,
     );
+}
+
+/// Compressed writes packing clusters into shared host clusters (or one
+/// each, with 1-bit refcounts), mixed with plain writes over compressed
+/// clusters (copy-on-write through the decoder), discards, write-zeroes,
+/// flushes and reopens.
+fn compressed_workload(name: &'static str, options: CreateOptions, seed: u64) -> Workload {
+    let sectors = options.size / SECTOR as u64;
+    let cluster = 1u64 << (options.cluster_bits - 9);
+    let clusters = sectors / cluster;
+    let mut rng = Rng(seed);
+    let mut ops = vec![];
+    for c in 0..clusters / 2 {
+        ops.push(Op::WriteCompressed { cluster: c });
+    }
+    ops.push(Op::Flush);
+    for i in 0..60 {
+        let c = rng.below(clusters);
+        ops.push(match i % 6 {
+            0 | 3 => Op::WriteCompressed { cluster: c },
+            1 => Op::Write {
+                first: c * cluster + rng.below(cluster),
+                len: 1,
+            },
+            2 => Op::Discard {
+                first: c * cluster,
+                len: cluster,
+            },
+            4 => Op::Zero {
+                first: c * cluster + rng.below(cluster),
+                len: 1,
+                unmap: false,
+            },
+            _ => Op::Write {
+                first: c * cluster,
+                len: cluster.min(sectors - c * cluster),
+            },
+        });
+        match i % 20 {
+            9 => ops.push(Op::Flush),
+            17 => ops.push(Op::Reopen),
+            _ => {}
+        }
+    }
+    Workload {
+        name,
+        options,
+        ops,
+        base: None,
+        backing: None,
+    }
+}
+
+/// Compressed writes and overwrites of compressed clusters: every write
+/// index, the three survival modes, 16-bit and 1-bit refcounts, growable
+/// and fixed-size devices.
+#[test]
+fn crash_during_compressed_writes_and_overwrites() {
+    let packed = compressed_workload("compressed, 4 KiB clusters", opts(64 << 10, 12, 4), 0xc7);
+    run(&packed, Device::Growable);
+    run(&packed, Device::Fixed { spare_clusters: 0 });
+    let single = compressed_workload("compressed, 1-bit refcounts", opts(16 << 10, 9, 0), 0xc1);
+    run(&single, Device::Growable);
 }

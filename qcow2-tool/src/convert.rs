@@ -2,8 +2,11 @@
 //! leaving zero regions unallocated (sparse).
 
 use crate::disk::{round_to_sector, Access, Disk, Extent, Format};
-use crate::error::{core_error, CliResult, CoreError};
+use crate::error::{core_error, CliError, CliResult, CoreError};
 use crate::options::{self, QCOW2_KEYS};
+use qcow2_std_shim::codec::HostCompressor;
+use qcow2_std_shim::qcow2_core::Compression;
+use qcow2_std_shim::{FileDevice, Image};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +33,10 @@ pub struct ConvertArgs {
     /// the copy (like `qemu-img convert -U`).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Compress the target's clusters (qcow2 only), in the target's
+    /// `compression_type`, on several threads.
+    #[arg(short = 'c')]
+    compress: bool,
     /// The source image.
     source: PathBuf,
     /// The target image (created or overwritten).
@@ -57,6 +64,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<()> {
     }
     let src_name = args.source.display().to_string();
     let dst_name = args.target.display().to_string();
+    if args.compress && args.output_format != Format::Qcow2 {
+        return Err("Compression not supported for this file format".into());
+    }
     if same_file(&args.source, &args.target) {
         return Err(format!("'{src_name}' and '{dst_name}' are the same file").into());
     }
@@ -75,7 +85,13 @@ pub fn run(args: &ConvertArgs) -> CliResult<()> {
     };
     let mut dst = Disk::create(&args.target, args.output_format, size, &create)
         .map_err(|e| e.convert_target(&dst_name, args.output_format))?;
-    copy(&mut src, &mut dst, granule, &src_name, &dst_name)
+    let copied = match &mut dst {
+        Disk::Qcow2(image) if args.compress => {
+            copy_compressed(&mut src, image, &src_name, &dst_name)
+        }
+        _ => copy(&mut src, &mut dst, granule, &src_name, &dst_name),
+    };
+    copied
         .and_then(|()| dst.close().map_err(|e| core_error(&dst_name, &e)))
         .inspect_err(|_| {
             // A partial copy is of no use: do not leave it behind.
@@ -122,6 +138,93 @@ fn copy(
             written.map_err(|e| core_error(&format!("error while writing {dst_name}"), &e))?;
             offset += n as u64;
         }
+    }
+    Ok(())
+}
+
+/// Copies `src` into the empty qcow2 image `dst` with every cluster that
+/// holds data compressed (or stored plainly when it does not shrink):
+/// batches of clusters are read, compressed on every core, then written in
+/// order. All-zero clusters stay unallocated.
+fn copy_compressed(
+    src: &mut Disk,
+    dst: &mut Image<FileDevice>,
+    src_name: &str,
+    dst_name: &str,
+) -> CliResult<()> {
+    let read_err = |e| core_error(&format!("error while reading {src_name}"), &e);
+    let write_err = |e| core_error(&format!("error while writing {dst_name}"), &e);
+    let format = Compression::from_type(dst.info().compression_type)
+        .ok_or_else(|| CliError::from("unknown compression type"))?;
+    let cluster = dst.info().cluster_size as usize;
+    let size = src.size();
+    let clusters = size.div_ceil(cluster as u64);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // A few clusters per worker and batch: enough to keep every core busy.
+    let batch = (BUFFER_BYTES / cluster).max(workers);
+    let mut buf = vec![0u8; batch * cluster];
+    let mut results: Vec<Option<Vec<u8>>> = vec![None; batch];
+    let mut compressors: Vec<HostCompressor> =
+        (0..workers).map(|_| HostCompressor::new()).collect();
+    let mut first = 0u64;
+    while first < clusters {
+        let n = (batch as u64).min(clusters - first) as usize;
+        let offset = first * cluster as u64;
+        let len = (size - offset).min((n * cluster) as u64) as usize;
+        // Reads: skip the source's zero extents, zero-fill the tail.
+        let chunk = &mut buf[..n * cluster];
+        chunk.fill(0);
+        let mut pos = 0usize;
+        while pos < len {
+            let (extent, run) = src.extent(offset + pos as u64).map_err(read_err)?;
+            let take = (run.min((len - pos) as u64)) as usize;
+            if extent == Extent::Data {
+                src.read_at(offset + pos as u64, &mut chunk[pos..pos + take])
+                    .map_err(read_err)?;
+            }
+            pos += take;
+        }
+        // Compression on every core; `None` for all-zero clusters (left
+        // unallocated), an empty vector for clusters stored plainly.
+        let per_worker = n.div_ceil(workers);
+        std::thread::scope(|scope| {
+            let jobs = chunk
+                .chunks(per_worker * cluster)
+                .zip(results[..n].chunks_mut(per_worker))
+                .zip(compressors.iter_mut());
+            for ((data, out), compressor) in jobs {
+                scope.spawn(move || {
+                    for (cluster_data, slot) in data.chunks(cluster).zip(out.iter_mut()) {
+                        *slot = if is_zero(cluster_data) {
+                            None
+                        } else {
+                            let mut bytes = slot.take().unwrap_or_default();
+                            if !compressor.compress(format, cluster_data, &mut bytes) {
+                                bytes.clear();
+                            }
+                            Some(bytes)
+                        };
+                    }
+                });
+            }
+        });
+        for (i, result) in results[..n].iter().enumerate() {
+            let guest = first + i as u64;
+            let at = guest * cluster as u64;
+            match result {
+                None => {}
+                Some(bytes) if !bytes.is_empty() => dst
+                    .write_compressed_cluster(guest, bytes)
+                    .map_err(write_err)?,
+                Some(_) => {
+                    // Does not shrink: stored plainly (the disk's part).
+                    let end = ((i + 1) * cluster).min(len);
+                    dst.write_at(at, &chunk[i * cluster..end])
+                        .map_err(write_err)?
+                }
+            }
+        }
+        first += n as u64;
     }
     Ok(())
 }

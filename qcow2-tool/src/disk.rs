@@ -3,6 +3,7 @@
 use crate::error::{core_error, io_error, CliError, CliResult, CoreError};
 use qcow2_core::format::MAGIC;
 use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
+use qcow2_std_shim::chain::{attach_chain, ChainError, ChainOptions, DEFAULT_MAX_DEPTH};
 use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
 use std::io::{self, Read};
@@ -181,6 +182,23 @@ impl OpenError {
             "{shown}: error while converting {}: ",
             format.name()
         ))
+    }
+}
+
+/// The message for a backing chain that could not be opened under the
+/// image `shown`, as `qemu-img` words it.
+fn backing_error(shown: &str, e: ChainError) -> CliError {
+    let context = format!("Could not open '{shown}': Could not open backing file");
+    match e {
+        ChainError::Open { path, error } => {
+            let inner = io_error(&format!("Could not open '{}'", path.display()), &error);
+            CliError(format!("{context}: {inner}"))
+        }
+        ChainError::Image { path, error } => core_error(
+            &format!("{context}: Could not open '{}'", path.display()),
+            &error,
+        ),
+        other => CliError(format!("{context}: {other}")),
     }
 }
 
@@ -372,6 +390,23 @@ impl Disk {
                     )),
                     e => core_error(&format!("Could not open '{shown}'"), &e),
                 })?;
+                // As qemu-img: metadata-only verbs (info) leave the chain
+                // closed; the others open it, read-only and locked so that
+                // nobody writes a backing under them.
+                let image = if access == Access::Metadata {
+                    image
+                } else {
+                    let open_backing = |path: &Path, _writable: bool| {
+                        let mode = Access::CopySource.lock_mode(Format::Qcow2, force_share);
+                        FileDevice::open_locked(path, false, mode)
+                    };
+                    let chain = ChainOptions {
+                        allow: &|_| true,
+                        open_file: &open_backing,
+                        max_depth: DEFAULT_MAX_DEPTH,
+                    };
+                    attach_chain(image, path, &chain).map_err(|e| backing_error(&shown, e))?
+                };
                 Ok(Disk::Qcow2(Box::new(image)))
             }
         }
@@ -470,9 +505,15 @@ impl Disk {
             },
             Disk::Qcow2(image) => {
                 let (mapping, len) = image.map(offset)?;
-                let extent = match mapping {
-                    Mapping::Unallocated | Mapping::Zero => Extent::Zero,
-                    Mapping::Data { .. } | Mapping::Compressed { .. } => Extent::Data,
+                // Unallocated clusters read the backing where it reaches:
+                // data as far as this run knows, split at the backing's end.
+                let backing_end = image.backing_bytes();
+                let (extent, len) = match mapping {
+                    Mapping::Unallocated if offset < backing_end => {
+                        (Extent::Data, len.min(backing_end - offset))
+                    }
+                    Mapping::Unallocated | Mapping::Zero => (Extent::Zero, len),
+                    Mapping::Data { .. } | Mapping::Compressed { .. } => (Extent::Data, len),
                 };
                 Ok((extent, len.max(1)))
             }
@@ -484,6 +525,35 @@ impl Disk {
         match self {
             Disk::Raw(raw) => raw.read_at(offset, buf),
             Disk::Qcow2(image) => image.read_at(offset, buf),
+        }
+    }
+
+    /// Writes `data` at guest `offset` compressed (qemu-io's `write -c`),
+    /// as QEMU's qcow2 driver: whole clusters on cluster boundaries (the
+    /// disk's last cluster may be partial), clusters not already holding
+    /// data (EIO otherwise); raw images cannot (ENOTSUP).
+    pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), CoreError> {
+        match self {
+            Disk::Raw(_) => Err(Error::Unsupported("compressed writes to raw images")),
+            Disk::Qcow2(image) => {
+                let cluster = image.info().cluster_size;
+                let end = offset.saturating_add(data.len() as u64);
+                let whole =
+                    (data.len() as u64).is_multiple_of(cluster) || end == image.virtual_size();
+                if !offset.is_multiple_of(cluster) || !whole {
+                    return Err(Error::InvalidArgument(
+                        "compressed writes cover whole clusters",
+                    ));
+                }
+                let mut at = offset;
+                while at < end {
+                    if let (Mapping::Data { .. } | Mapping::Compressed { .. }, _) = image.map(at)? {
+                        return Err(Error::Io(io::Error::from_raw_os_error(5)));
+                    }
+                    at += cluster;
+                }
+                image.write_compressed_at(offset, data)
+            }
         }
     }
 

@@ -5,10 +5,12 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
-use test_support::output::{as_ours, io_without_timing};
 use test_support::qemu::{check_json, data_ranges, guest_map, json};
 use test_support::raw::poke;
 use test_support::{noise, ok, qemu_img, run, stderr, stdout, Scratch};
+
+mod common;
+use common::compare_io;
 
 /// The tool under test.
 const TOOL: &str = env!("CARGO_BIN_EXE_qcow2-tool");
@@ -311,46 +313,6 @@ fn convert_huge_sparse_image_quickly() {
         started.elapsed() < Duration::from_secs(60),
         "sparse conversion must not walk every cluster"
     );
-}
-
-/// Runs the same qemu-io commands through `qemu-io` and `qcow2-tool io` on
-/// two copies of `image`, checks that stdout (without timings), stderr and
-/// exit status agree, and that the images end up with equal contents.
-fn compare_io(s: &Scratch, image: &str, flags: &[&str], commands: &[&str], tag: &str) -> i32 {
-    let a = s.path(&format!("{tag}-qemu.qcow2"));
-    let b = s.path(&format!("{tag}-ours.qcow2"));
-    std::fs::copy(image, &a).expect("copy image");
-    std::fs::copy(image, &b).expect("copy image");
-    let script: Vec<&str> = commands.iter().flat_map(|c| ["-c", *c]).collect();
-    let mut qargs: Vec<&str> = flags.to_vec();
-    qargs.extend(&script);
-    qargs.push(&a);
-    let theirs = run("qemu-io", &qargs);
-    let mut targs: Vec<&str> = vec!["io"];
-    targs.extend(flags);
-    targs.extend(&script);
-    targs.push(&b);
-    let ours = tool(&targs);
-    assert_eq!(
-        io_without_timing(&stdout(&ours)),
-        io_without_timing(&stdout(&theirs)),
-        "stdout of {tag}"
-    );
-    assert_eq!(stderr(&ours), as_ours(&stderr(&theirs)), "stderr of {tag}");
-    assert_eq!(
-        ours.status.code(),
-        theirs.status.code(),
-        "exit code of {tag}"
-    );
-    // Every report line pair is there, timing line included.
-    assert_eq!(
-        stdout(&ours).matches(" ops; ").count(),
-        stdout(&theirs).matches(" ops; ").count()
-    );
-    let cmp = ok(qemu_img(&["compare", &a, &b]), "qemu-img compare");
-    assert!(cmp.contains("Images are identical"), "{cmp}");
-    ok(qemu_img(&["check", &b]), "qemu-img check");
-    ours.status.code().unwrap_or(-1)
 }
 
 #[test]

@@ -160,6 +160,9 @@ pub struct Extent {
     pub zero: bool,
     /// Whether the range holds data (an allocated data cluster).
     pub data: bool,
+    /// Whether the data is in compressed clusters.
+    #[serde(default)]
+    pub compressed: bool,
     /// Host offset of the data, when there is some.
     pub offset: Option<u64>,
 }

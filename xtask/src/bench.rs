@@ -361,6 +361,31 @@ fn mixed_raw(path: &Path, size: u64) -> Result<(), String> {
     })
 }
 
+/// Compressible data, as an OS image holds: every byte one of 16 values
+/// (about 2:1 for deflate), in runs that repeat every 4 KiB with a few
+/// changes, and a quarter of the 64 KiB clusters zero.
+fn compressible_raw(path: &Path, size: u64) -> Result<(), String> {
+    let mut state = 3;
+    write_raw(path, size, |_, buf| {
+        fill_random(buf, &mut state);
+        for (i, cluster) in buf.chunks_mut(64 << 10).enumerate() {
+            if i % 4 == 3 {
+                cluster.fill(0);
+                continue;
+            }
+            for b in cluster.iter_mut() {
+                *b = b'a' + (*b & 15);
+            }
+            // Half of each cluster repeats its first 4 KiB.
+            let (head, rest) = cluster.split_at_mut(4096);
+            for block in rest.chunks_mut(4096).step_by(2) {
+                block.copy_from_slice(&head[..block.len()]);
+            }
+        }
+        true
+    })
+}
+
 /// Bytes available to unprivileged users on the file system of `dir`.
 fn free_bytes(dir: &Path) -> Result<u64, String> {
     let path = CString::new(dir.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
@@ -476,6 +501,14 @@ fn prepare(dir: &Path, scale: &Scale, ours: &str) -> Result<(bool, Vec<String>),
         mixed_raw(&dir.join("mixed.raw"), size),
     )?;
     p.run("qemu-img convert -f raw -O qcow2 mixed.raw mixed.qcow2")?;
+    p.step(
+        &format!(
+            "(xtask) text.raw: {size} bytes of 16-symbol data, half of each \
+             64 KiB cluster repeating its first 4 KiB, every fourth cluster zero"
+        ),
+        compressible_raw(&dir.join("text.raw"), size),
+    )?;
+    p.run("qemu-img convert -c -f raw -O qcow2 text.raw text-c.qcow2")?;
     p.run("qemu-img create -q -f qcow2 huge.qcow2 2P")?;
     let free = free_bytes(dir)?;
     let big = free >= BIG_IMAGE_MIN_FREE || scale.big_image < (1 << 30);
@@ -647,7 +680,60 @@ fn convert_workloads(ours: &str, scale: &Scale) -> Vec<Workload> {
     vec![
         one("raw", "qcow2", "mixed.raw"),
         one("qcow2", "raw", "mixed.qcow2"),
+        compressed_convert(ours, scale, true),
+        compressed_convert(ours, scale, false),
     ]
+}
+
+/// `convert -c` of compressible data into a zlib-compressed qcow2 image
+/// (`compress`), or that image back to raw; the raw baseline copies the
+/// raw data (`cp`).
+fn compressed_convert(ours: &str, scale: &Scale, compress: bool) -> Workload {
+    let gib = scale.image as f64 / f64::from(1u32 << 30);
+    let (source, src_format, dst_format) = if compress {
+        ("text.raw", "raw", "qcow2")
+    } else {
+        ("text-c.qcow2", "qcow2", "raw")
+    };
+    let target = |name: &str| format!("out-{name}-c.{dst_format}");
+    let variant = |tool: Tool, program: &str, extra: &[&str], name: &str| {
+        let mut args = strings(&["convert"]);
+        args.extend(strings(extra));
+        if compress {
+            args.push("-c".into());
+        }
+        args.extend(strings(&["-f", src_format, "-O", dst_format, source]));
+        args.push(target(name));
+        Variant {
+            tool,
+            program: program.to_string(),
+            args,
+            remove: vec![target(name)],
+            setup: None,
+        }
+    };
+    let copy = Variant {
+        tool: Tool::Raw,
+        program: "cp".into(),
+        args: strings(&["--sparse=always", "text.raw", "out-raw-c.raw"]),
+        remove: strings(&["out-raw-c.raw"]),
+        setup: None,
+    };
+    let name = if compress {
+        format!("convert -c raw -> qcow2 (zlib), {gib} GiB compressible data")
+    } else {
+        format!("convert compressed qcow2 (zlib) -> raw, {gib} GiB compressible data")
+    };
+    Workload {
+        name,
+        metrics: vec![Metric::Wall],
+        variants: vec![
+            variant(Tool::Ours, ours, &[], "ours"),
+            variant(Tool::Qemu, "qemu-img", &["-t", "writeback"], "qemu"),
+            copy,
+        ],
+        warm: vec![source.to_string()],
+    }
 }
 
 /// Opening an image and reading its first 4 KiB.
@@ -796,6 +882,10 @@ fn verify_converts(dir: &Path) -> Result<(), String> {
         ("mixed.raw", "out-qemu.qcow2"),
         ("mixed.qcow2", "out-ours.raw"),
         ("mixed.qcow2", "out-qemu.raw"),
+        ("text.raw", "out-ours-c.qcow2"),
+        ("text.raw", "out-qemu-c.qcow2"),
+        ("text-c.qcow2", "out-ours-c.raw"),
+        ("text-c.qcow2", "out-qemu-c.raw"),
     ] {
         prep(dir, "qemu-img", &["compare", source, target])
             .map_err(|e| format!("convert produced a wrong image: {e}"))?;

@@ -403,13 +403,14 @@ impl Session<'_> {
 
     /// `write [-Cfqu] [-P pattern | -z] off len`.
     fn write(&mut self, args: &[String]) -> Status {
-        let (opts, operands) = getopt(args, "CfpP:qruz");
-        let (mut parsable, mut quiet, mut fua, mut unmap, mut zero) =
-            (false, false, false, false, false);
+        let (opts, operands) = getopt(args, "CcfpP:qruz");
+        let (mut parsable, mut quiet, mut fua, mut unmap, mut zero, mut compress) =
+            (false, false, false, false, false, false);
         let mut pattern: Option<u8> = None;
         for opt in &opts {
             match opt {
                 Opt::Flag('C') => parsable = true,
+                Opt::Flag('c') => compress = true,
                 Opt::Flag('f') => fua = true,
                 Opt::Flag('p' | 'r') => {}
                 Opt::Flag('q') => quiet = true,
@@ -425,6 +426,10 @@ impl Session<'_> {
         let [off_arg, len_arg] = operands.as_slice() else {
             return usage(&WRITE);
         };
+        if fua && compress {
+            outln!("-f and -b or -c cannot be specified at the same time");
+            return Status::Failed;
+        }
         if unmap && !zero {
             outln!("-u requires -z to be specified");
             return Status::Failed;
@@ -436,10 +441,20 @@ impl Session<'_> {
         let Some((offset, count)) = offset_and_length(off_arg, len_arg) else {
             return Status::Failed;
         };
+        if compress {
+            for (value, what) in [(offset, "offset"), (count, "count")] {
+                if value % 512 != 0 {
+                    outln!("{value} is not a sector-aligned value for '{what}'");
+                    return Status::Failed;
+                }
+            }
+        }
         let start = Instant::now();
         let result = if zero {
             self.check_range(offset, count)
                 .and_then(|()| self.disk.write_zeroes(offset, count, unmap))
+        } else if compress {
+            self.write_compressed(offset, count, pattern.unwrap_or(0xcd))
         } else {
             self.write_pattern(offset, count, pattern.unwrap_or(0xcd))
         }
@@ -455,6 +470,14 @@ impl Session<'_> {
             );
         }
         Status::Ok
+    }
+
+    /// Writes `count` bytes of `pattern` at `offset`, compressed.
+    fn write_compressed(&mut self, offset: u64, count: u64, pattern: u8) -> Result<(), CoreError> {
+        self.check_range(offset, count)?;
+        let mut buf = alloc(count)?;
+        buf.fill(pattern);
+        self.disk.write_compressed(offset, &buf)
     }
 
     /// Writes `count` bytes of `pattern` at `offset`.
