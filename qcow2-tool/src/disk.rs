@@ -4,6 +4,7 @@ use crate::error::{core_error, io_error, CliError, CliResult, CoreError};
 use qcow2_core::format::MAGIC;
 use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
 use qcow2_std_shim::chain::{attach_chain, ChainError, ChainOptions, DEFAULT_MAX_DEPTH};
+use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
 use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
 use std::io::{self, Read};
@@ -393,7 +394,7 @@ impl Disk {
                 // As qemu-img: metadata-only verbs (info) leave the chain
                 // closed; the others open it, read-only and locked so that
                 // nobody writes a backing under them.
-                let image = if access == Access::Metadata {
+                let mut image = if access == Access::Metadata {
                     image
                 } else {
                     let open_backing = |path: &Path, _writable: bool| {
@@ -407,6 +408,31 @@ impl Disk {
                     };
                     attach_chain(image, path, &chain).map_err(|e| backing_error(&shown, e))?
                 };
+                if access != Access::Metadata {
+                    // The external data file, named relative to the image,
+                    // locked as a raw image of the same access.
+                    let open_data = |path: &Path, writable: bool| {
+                        FileDevice::open_locked(
+                            path,
+                            writable,
+                            access.lock_mode(Format::Raw, force_share),
+                        )
+                    };
+                    let data = DataFileOptions {
+                        open_file: &open_data,
+                        ..DataFileOptions::trusting()
+                    };
+                    attach_data_file(&mut image, path, &data).map_err(|e| match e {
+                        DataFileError::Open { path, error } => io_error(
+                            &format!(
+                                "Could not open '{shown}': Could not open '{}'",
+                                path.display()
+                            ),
+                            &error,
+                        ),
+                        other => CliError(format!("Could not open '{shown}': {other}")),
+                    })?;
+                }
                 Ok(Disk::Qcow2(Box::new(image)))
             }
         }
