@@ -108,7 +108,7 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("header-length-odd", "open: corrupt image: header_length not a multiple of 8 (at host offset 0x0)", |i, _| put32(i, 100, 113)),
     ("unknown-incompatible-bit", "open: unsupported feature: unknown incompatible feature bits", |i, _| put64(i, 72, 1 << 63)),
     ("extended-l2-bit", "open: unsupported feature: extended L2 entries (subclusters)", |i, _| put64(i, 72, 1 << 4)),
-    ("external-data-bit", "open: unsupported feature: external data files", |i, _| put64(i, 72, 1 << 2)),
+    ("external-data-bit", "read: unsupported feature: the image has an external data file that is not attached (Qcow2::attach_data_file)", |i, _| put64(i, 72, 1 << 2)),
     ("compression-type-without-bit", "open: corrupt image: compression type disagrees with its feature bit (at host offset 0x0)", |i, _| i[104] = 1),
     ("compression-type-unknown", "open: unsupported feature: compression type other than zlib or zstd", |i, _| { put64(i, 72, 1 << 3); i[104] = 9 }),
     ("snapshots-too-many", "open: corrupt image: too many snapshots (at host offset 0x0)", |i, _| put32(i, 60, u32::MAX)),
@@ -122,7 +122,7 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("extension-fde", "open: unsupported feature: encryption", |i, _| { put32(i, 112, 0x0537_be77); put32(i, 116, 16) }),
     // Without the incompatible bit QEMU ignores the data file name.
     ("extension-external-data", "ok", |i, _| { put32(i, 112, 0x4441_5441); put32(i, 116, 4); i[120..124].copy_from_slice(b"data") }),
-    ("external-data-bit-and-name", "open: unsupported feature: external data files", |i, _| { put64(i, 72, 1 << 2); put32(i, 112, 0x4441_5441); put32(i, 116, 4); i[120..124].copy_from_slice(b"data") }),
+    ("external-data-bit-and-name", "read: unsupported feature: the image has an external data file that is not attached (Qcow2::attach_data_file)", |i, _| { put64(i, 72, 1 << 2); put32(i, 112, 0x4441_5441); put32(i, 116, 4); i[120..124].copy_from_slice(b"data") }),
     ("external-data-name-beyond-cluster", "open: corrupt image: header extension beyond the first cluster (at host offset 0x70)", |i, _| { put32(i, 112, 0x4441_5441); put32(i, 116, 0xffff_fff0) }),
     ("bitmaps-extension-empty", "open: corrupt image: bitmaps extension of invalid length (at host offset 0x70)", |i, _| { put32(i, 112, 0x2385_2875); put32(i, 116, 0) }),
     ("backing-format-too-long", "open: corrupt image: backing format name too long (at host offset 0x70)", |i, _| { put32(i, 112, 0xe279_2aca); put32(i, 116, 16); i[120..136].copy_from_slice(b"qcow2qcow2qcow2q"); put64(i, 136, 0) }),
