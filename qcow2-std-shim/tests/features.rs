@@ -77,7 +77,10 @@ fn unimplemented_features_are_refused_by_name() {
     qemu::create(&data_file, &opt, 1 << 20);
     let mut img = open(&data_file, true).unwrap();
     let mut buf = vec![0; 512];
-    assert!(matches!(img.read_at(0, &mut buf), Err(Error::Unsupported(_))));
+    assert!(matches!(
+        img.read_at(0, &mut buf),
+        Err(Error::Unsupported(_))
+    ));
     drop(img);
 
     // Encryption: crypt_method 1 (AES) patched into a plain image.
