@@ -41,8 +41,9 @@ impl CreateOptions {
     /// Writes a new image's metadata to `dev` as [`Qcow2::create`] does,
     /// naming the backing file and external data file of `files` in its
     /// header (see [`ExternalFiles`]), without opening it: open it with
-    /// [`Qcow2::open`] (this crate does not open images with an external
-    /// data file yet). The header cluster is laid out as QEMU lays it out.
+    /// [`Qcow2::open`] (an image with an external data file then needs
+    /// [`Qcow2::attach_data_file`] before guest I/O). The header cluster is
+    /// laid out as QEMU lays it out.
     ///
     /// With [`ExternalFiles::data_file_raw`], every guest cluster is mapped
     /// up front to the same offset of the data file (QEMU's metadata
@@ -174,8 +175,8 @@ where
     /// data file of `files` in the header as QEMU writes them (see
     /// [`CreateOptions::format`]), and opens it read-write. An overlay
     /// opens without its backing attached (attach it with
-    /// [`Qcow2::with_backing`] before guest I/O). An image with a data
-    /// file is formatted but does not open yet: the error is the open's.
+    /// [`Qcow2::with_backing`] before guest I/O), and an image with a data
+    /// file without it (attach it with [`Qcow2::attach_data_file`]).
     pub async fn create_with_files(
         mut dev: D,
         cache: S,

@@ -47,6 +47,13 @@ where
         if count == 0 {
             return Err(Error::OutOfRange);
         }
+        if self.external_data() {
+            // QEMU refuses them too (ENOTSUP): data clusters live in the
+            // data file at their guest offset.
+            return Err(Error::Unsupported(
+                "compressed writes to an image with an external data file",
+            ));
+        }
         if data.is_empty() || data.len() as u64 >= self.geo.cluster_size {
             return Err(Error::InvalidArgument(
                 "compressed data must be shorter than a cluster",

@@ -248,11 +248,23 @@ fn attach_backing(
         }
     };
     let backing = if qcow2 {
-        let backing_image =
+        let mut backing_image =
             Image::open(dev, &OpenOptions::read_only()).map_err(|error| ChainError::Image {
                 path: backing_path.clone(),
                 error,
             })?;
+        // A backing with an external data file reads through it.
+        let data = crate::data_file::DataFileOptions {
+            allow: chain.allow,
+            open_file: chain.open_file,
+            ..crate::data_file::DataFileOptions::trusting()
+        };
+        crate::data_file::attach_data_file(&mut backing_image, &backing_path, &data).map_err(
+            |e| ChainError::Open {
+                path: backing_path.clone(),
+                error: io::Error::other(e.to_string()),
+            },
+        )?;
         attach_backing(backing_image, &backing_path, chain, depth + 1, seen)?.into_backing()
     } else {
         HostBacking::Raw(dev)

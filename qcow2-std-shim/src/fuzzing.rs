@@ -28,12 +28,39 @@ pub fn header(data: &[u8]) {
 }
 
 /// Opening arbitrary bytes read-only, mapping and reading the whole disk
-/// (bounded), and checking: no panic, no hang.
+/// (bounded), and checking: no panic, no hang. Compressed clusters are
+/// read through both decoders, the host's and the core's no-heap inflate
+/// (with a 4 KiB ring), which must agree whenever both succeed.
 pub fn open_read(data: &[u8]) {
     let dev = RamDevice::from_bytes(data);
-    let Ok(mut img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
+    let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
     };
+    let cluster = img.info().cluster_size;
+    let host = read_all(img.with_workspace(crate::codec::HostWorkspace::new(cluster)));
+    let dev = RamDevice::from_bytes(data);
+    let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
+        return;
+    };
+    let mut state = Box::new(qcow2_core::inflate::InflateState::new());
+    let mut window = vec![0u8; 4096];
+    let mut input = [[0u8; SECTOR]; 1];
+    let decoder = qcow2_core::inflate::Inflate::new(&mut state, &mut window);
+    let workspace = qcow2_core::inflate::InflateWorkspace::new(decoder, &mut [], &mut input);
+    let core = read_all(img.with_workspace(workspace));
+    for (h, c) in host.iter().zip(&core) {
+        if let (Some(h), Some(c)) = (h, c) {
+            assert_eq!(h, c, "the two decoders read different data");
+        }
+    }
+}
+
+/// Maps and reads the first 512 extents of `img` a sector each, then
+/// checks it; returns what each read returned (`None`: an error).
+fn read_all<W: qcow2_core::Workspace>(
+    mut img: Qcow2<RamDevice, [Slot<1>; 4], 1, qcow2_core::NoBacking<RamDevice>, W>,
+) -> Vec<Option<Sector>> {
+    let mut reads = Vec::new();
     let size = img.virtual_size();
     let mut offset = 0;
     let mut sector = [[0u8; SECTOR]; 1];
@@ -43,7 +70,8 @@ pub fn open_read(data: &[u8]) {
         }
         match block_on(img.map(offset)) {
             Ok((_, len)) => {
-                let _ = block_on(img.read(offset / SECTOR as u64, &mut sector));
+                let read = block_on(img.read(offset / SECTOR as u64, &mut sector));
+                reads.push(read.ok().map(|()| sector[0]));
                 offset += len.max(1);
             }
             Err(_) => break,
@@ -51,6 +79,7 @@ pub fn open_read(data: &[u8]) {
     }
     let mut scratch = [0u8; 256];
     let _ = block_on(img.check(&mut scratch));
+    reads
 }
 
 /// Guest sectors compared before and after a repair (the first ones).
