@@ -702,6 +702,7 @@ impl<'a> HeaderArea<'a> {
 
     /// Fills `out` with the header cluster's bytes from byte `at` on
     /// (zeros past [`HeaderArea::end`]).
+    #[inline(never)]
     pub fn fill(&self, at: u64, out: &mut [u8]) {
         out.fill(0);
         let mut raw = [0u8; V3_LENGTH as usize];
