@@ -50,6 +50,20 @@ fn reference_why(stream: &[u8], cluster: usize) -> Result<Vec<u8>, std::string::
 /// but the cluster may fill first).
 const MISSING_EOB: &str = "invalid code -- missing end-of-block";
 
+/// Whether zlib, given room past the cluster, fails right after the
+/// cluster's last byte where QEMU's read (without room) succeeds: a
+/// back-reference before the start of the stream, which zlib checks only
+/// when it has room to copy and miniz_oxide checks before it needs room.
+/// (zlib-rs reports it as "invalid distance too far back" or, in its fast
+/// path, "repeated call with bad state".)
+fn too_far_right_after(stream: &[u8], cluster: usize) -> bool {
+    let mut d = Decompress::new_with_window_bits(false, 15);
+    let mut out = vec![0u8; cluster + 258];
+    d.decompress(stream, &mut out, FlushDecompress::Finish)
+        .is_err()
+        && d.total_out() as usize == cluster
+}
+
 /// Drives `dec` as the core does: `chunk` bytes at a time, checking the
 /// decoder's contract; the cluster, or the error (a short stream is
 /// `Corrupt("short")`).
@@ -460,7 +474,8 @@ fn mutated_streams_match_zlib() {
             stream.truncate(rng.below(stream.len() + 1));
         }
         let why = reference_why(&stream, cluster);
-        let tolerated = matches!(&why, Err(m) if m.contains(MISSING_EOB));
+        let tolerated = matches!(&why, Err(m) if m.contains(MISSING_EOB))
+            || why.is_ok() && too_far_right_after(&stream, cluster);
         let want = why.ok();
         let chunk = 1 + rng.below(600);
         if std::env::var("INFLATE_DUMP").ok() == Some(std::format!("{round}")) {
