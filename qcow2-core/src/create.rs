@@ -4,10 +4,10 @@ use crate::cache::Slot;
 use crate::format::entry::COPIED;
 use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
 use crate::format::{
-    compatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
+    compatible, incompatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
     MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
 };
-use crate::{BlockDevice, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Compression, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
 /// Parameters of a new image, with `qemu-img create`'s defaults.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -23,11 +23,15 @@ pub struct CreateOptions {
     pub version: Version,
     /// Set the lazy refcounts compatible bit (v3 only).
     pub lazy_refcounts: bool,
+    /// The compression format of the image's compressed clusters (the
+    /// header's `compression_type`; default zlib). Anything but zlib needs
+    /// v3 and sets the compression-type incompatible bit, as QEMU does.
+    pub compression: Compression,
 }
 
 impl CreateOptions {
     /// Defaults for a disk of `size` bytes: 64 KiB clusters, 16-bit
-    /// refcounts, version 3, no lazy refcounts.
+    /// refcounts, version 3, no lazy refcounts, zlib compression.
     pub const fn new(size: u64) -> Self {
         CreateOptions {
             size,
@@ -35,6 +39,7 @@ impl CreateOptions {
             refcount_order: 4,
             version: Version::V3,
             lazy_refcounts: false,
+            compression: Compression::Zlib,
         }
     }
 
@@ -79,6 +84,11 @@ impl CreateOptions {
         }
         if self.version == Version::V2 && self.lazy_refcounts {
             return Err(Error::InvalidArgument("lazy refcounts require compat 1.1"));
+        }
+        if self.version == Version::V2 && self.compression != Compression::Zlib {
+            return Err(Error::InvalidArgument(
+                "compression other than zlib requires compat 1.1",
+            ));
         }
         if !self.size.is_multiple_of(SECTOR as u64) {
             return Err(Error::InvalidArgument(
@@ -238,7 +248,10 @@ async fn format<D: BlockDevice>(
         refcount_table_clusters: layout.reftable_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: match options.compression {
+            Compression::Zlib => 0,
+            _ => incompatible::COMPRESSION_TYPE,
+        },
         compatible_features: if options.lazy_refcounts {
             compatible::LAZY_REFCOUNTS
         } else {
@@ -247,7 +260,7 @@ async fn format<D: BlockDevice>(
         autoclear_features: 0,
         refcount_order: options.refcount_order,
         header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
-        compression_type: 0,
+        compression_type: options.compression.type_byte(),
     };
     // The header, its extensions and the backing file name, as QEMU
     // writes them, a sector at a time.
@@ -360,4 +373,54 @@ async fn preallocate<D: BlockDevice>(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::ram;
+    use embassy_futures::block_on;
+
+    fn small(compression: Compression, version: Version) -> CreateOptions {
+        CreateOptions {
+            cluster_bits: 9,
+            version,
+            compression,
+            ..CreateOptions::new(64 << 10)
+        }
+    }
+
+    #[test]
+    fn zstd_sets_the_type_and_its_incompatible_bit() {
+        let mut cache = [const { Slot::<1>::EMPTY }; 8];
+        let options = small(Compression::Zstd, Version::V3);
+        let image = block_on(Qcow2::create(ram(), &mut cache, options)).unwrap();
+        assert_eq!(image.info().compression_type, 1);
+        let dev = block_on(image.close()).unwrap().0;
+        let header = &dev.data[0];
+        // Incompatible features end at byte 79; compression_type is byte 104.
+        assert_eq!(header[79], incompatible::COMPRESSION_TYPE as u8);
+        assert_eq!(header[104], 1);
+        // QEMU's v3 header length: 112 bytes, with the compression type.
+        assert_eq!(&header[100..104], &112u32.to_be_bytes());
+
+        let zlib = block_on(Qcow2::create(
+            ram(),
+            &mut cache,
+            small(Compression::Zlib, Version::V3),
+        ));
+        let dev = block_on(zlib.unwrap().close()).unwrap().0;
+        assert_eq!((dev.data[0][79], dev.data[0][104]), (0, 0));
+    }
+
+    #[test]
+    fn zstd_needs_v3() {
+        let mut cache = [const { Slot::<1>::EMPTY }; 8];
+        let options = small(Compression::Zstd, Version::V2);
+        let err = block_on(Qcow2::create(ram(), &mut cache, options)).err();
+        assert!(matches!(
+            err.map(|e| e.error),
+            Some(Error::InvalidArgument(m)) if m.contains("zlib")
+        ));
+    }
 }

@@ -186,6 +186,7 @@ pub fn ops(data: &[u8]) {
             Version::V3
         },
         lazy_refcounts: a & 0x40 != 0 && a & 0x80 == 0,
+        ..CreateOptions::new(256 << 10)
     };
     let options = CreateOptions {
         refcount_order: if options.version == Version::V2 {

@@ -552,8 +552,7 @@ fn opts(size: u64, cluster_bits: u32, refcount_order: u32) -> CreateOptions {
         size,
         cluster_bits,
         refcount_order,
-        version: Version::V3,
-        lazy_refcounts: false,
+        ..CreateOptions::new(size)
     }
 }
 

@@ -256,6 +256,7 @@ impl Config {
             refcount_order: self.refcount_order,
             version: self.version,
             lazy_refcounts: self.lazy,
+            ..CreateOptions::new(size)
         }
     }
 }

@@ -105,7 +105,7 @@ fn options(size: u64, cluster_bits: u32, refcount_order: u32, version: Version) 
         cluster_bits,
         refcount_order,
         version,
-        lazy_refcounts: false,
+        ..CreateOptions::new(size)
     }
 }
 

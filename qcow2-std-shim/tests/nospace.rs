@@ -22,6 +22,7 @@ fn options(size: u64, cluster_bits: u32, lazy_refcounts: bool) -> CreateOptions 
         refcount_order: 4,
         version: Version::V3,
         lazy_refcounts,
+        ..CreateOptions::new(size)
     }
 }
 

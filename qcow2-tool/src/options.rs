@@ -3,14 +3,14 @@
 use crate::error::{CliError, CliResult};
 use crate::size::parse_size;
 use qcow2_core::format::header::ExternalFiles;
-use qcow2_core::{CreateOptions, Version};
+use qcow2_core::{Compression, CreateOptions, Version};
 
 /// The options `qcow2-tool` understands, for `-o help`.
 pub const HELP: &str = "\
 Supported qcow2 options:
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
-  compression_type=<str> - Compression method used for image cluster compression (zlib only)
+  compression_type=<str> - Compression method used for image cluster compression
   extended_l2=<bool (on/off)> - Extended L2 tables (off only)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (off only)
@@ -24,7 +24,7 @@ Supported qcow2 options:
   backing_fmt=<str>      - Image format of the base image
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
-  compression_type=<str> - Compression method used for image cluster compression (zlib only)
+  compression_type=<str> - Compression method used for image cluster compression
   data_file=<str>        - File name of an external data file
   data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
   extended_l2=<bool (on/off)> - Extended L2 tables (off only)
@@ -57,6 +57,10 @@ pub struct ImageOptions {
     pub data_file: Option<String>,
     /// `data_file_raw=`, with the text given.
     pub data_file_raw: Option<(bool, String)>,
+    /// `compression_type=`, as given (`zlib` or `zstd`; checked by
+    /// [`ImageOptions::to_create`], after the `Formatting` line as QEMU
+    /// does).
+    pub compression_type: Option<String>,
 }
 
 impl Default for ImageOptions {
@@ -72,6 +76,7 @@ impl Default for ImageOptions {
             backing_fmt: None,
             data_file: None,
             data_file_raw: None,
+            compression_type: None,
         }
     }
 }
@@ -185,8 +190,9 @@ pub fn parse(lists: &[String], allowed: &[&str]) -> CliResult<ImageOptions> {
                     };
                     opts.compat = Some((version, text.to_string()));
                 }
-                "compression_type" if text != "zlib" => {
-                    return Err(format!("compression_type={text} is not supported").into())
+                "compression_type" => {
+                    // A bare key is QEMU's "on".
+                    opts.compression_type = Some(value.unwrap_or("on").to_string());
                 }
                 "extended_l2" | "preallocation" => {
                     let off = if key == "preallocation" {
@@ -235,6 +241,7 @@ impl ImageOptions {
     /// 10's qcow2 driver, and turns them into core create options for a
     /// disk of `size` bytes (a multiple of 512).
     pub fn to_create(&self, size: u64) -> CliResult<CreateOptions> {
+        let compression = self.compression()?;
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
             return Err("Cluster size must be a power of two between 512 and 2048k".into());
@@ -274,13 +281,33 @@ impl ImageOptions {
                     .into(),
             );
         }
+        if version == Version::V2 && compression != Compression::Zlib {
+            return Err(
+                "Non-zlib compression type is only supported with compatibility \
+                        level 1.1 and above (use version=v3 or greater)"
+                    .into(),
+            );
+        }
         Ok(CreateOptions {
             size,
             cluster_bits: cs.trailing_zeros(),
             refcount_order: bits.trailing_zeros(),
             version,
             lazy_refcounts: self.lazy(),
+            compression,
         })
+    }
+
+    /// The compression format asked for (zlib unless `compression_type`
+    /// names another), with QEMU's error for a name it does not know.
+    pub fn compression(&self) -> CliResult<Compression> {
+        match self.compression_type.as_deref() {
+            None | Some("zlib") => Ok(Compression::Zlib),
+            Some("zstd") => Ok(Compression::Zstd),
+            Some(other) => {
+                Err(format!("Parameter 'compression-type' does not accept value '{other}'").into())
+            }
+        }
     }
 
     /// The option part of `qemu-img create`'s `Formatting` line.
@@ -309,9 +336,11 @@ impl ImageOptions {
             }
         }
         format!(
-            "cluster_size={} extended_l2=off compression_type=zlib size={size}{compat}{files} \
+            "cluster_size={} extended_l2=off compression_type={} size={size}{compat}{files} \
              lazy_refcounts={lazy} refcount_bits={}",
-            self.cluster_size, self.refcount_bits
+            self.cluster_size,
+            self.compression_type.as_deref().unwrap_or("zlib"),
+            self.refcount_bits
         )
     }
 }
@@ -398,6 +427,17 @@ mod tests {
         assert_eq!(parse_one("refcount_bits=0x10").unwrap().refcount_bits, 16);
         assert_eq!(parse_one("compat=v2").unwrap().version(), Version::V2);
         assert!(parse_one("lazy_refcounts").unwrap().lazy());
+        let zstd = parse_one("compression_type=zstd").unwrap();
+        assert_eq!(zstd.to_create(512).unwrap().compression, Compression::Zstd);
+        assert!(zstd
+            .describe(512)
+            .contains(" compression_type=zstd size=512 "));
+        let zlib = parse_one("compression_type=zlib").unwrap().to_create(512);
+        assert_eq!(zlib.unwrap().compression, Compression::Zlib);
+        assert_eq!(
+            parse_one("compression_type=lz4").unwrap().to_create(512),
+            Err("Parameter 'compression-type' does not accept value 'lz4'".into())
+        );
     }
 
     #[test]
@@ -440,7 +480,6 @@ mod tests {
             "compat=2",
             ",cluster_size=4k",
             "cluster_size=4k,",
-            "compression_type=zstd",
             "extended_l2=on",
             "size=1M",
         ] {
@@ -455,6 +494,10 @@ mod tests {
             "refcount_bits=128",
             "compat=0.10,refcount_bits=8",
             "compat=0.10,lazy_refcounts=on",
+            "compat=0.10,compression_type=zstd",
+            "compression_type=lz4",
+            "compression_type=ZSTD",
+            "compression_type",
         ] {
             assert!(parse_one(bad).unwrap().to_create(1 << 20).is_err(), "{bad}");
         }

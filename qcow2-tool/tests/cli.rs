@@ -54,6 +54,14 @@ fn create_options_agree_with_qemu_img() {
         ("compat=0.10", "1G", 65536, 16, "0.10", false),
         ("compat=v2,cluster_size=8k", "10M", 8192, 16, "0.10", false),
         ("compat=v3,lazy_refcounts=on", "1T", 65536, 16, "1.1", true),
+        (
+            "compression_type=zstd,cluster_size=4k",
+            "5M",
+            4096,
+            16,
+            "1.1",
+            false,
+        ),
     ];
     for (i, &(opts, size, cluster, bits, compat, lazy)) in cases.iter().enumerate() {
         let img = s.path(&format!("c{i}.qcow2"));
@@ -78,6 +86,12 @@ fn create_options_agree_with_qemu_img() {
         assert_eq!(data["compat"], compat, "{opts}");
         if compat == "1.1" {
             assert_eq!(data["lazy-refcounts"], lazy, "{opts}");
+            let compression = if opts.contains("zstd") {
+                "zstd"
+            } else {
+                "zlib"
+            };
+            assert_eq!(data["compression-type"], compression, "{opts}");
         }
         assert_eq!(info["dirty-flag"], false);
     }
@@ -105,6 +119,7 @@ fn info_matches_qemu_img() {
         "cluster_size=4096,refcount_bits=8,lazy_refcounts=on",
         "compat=0.10",
         "cluster_size=2M,refcount_bits=32",
+        "cluster_size=4096,compression_type=zstd",
     ]
     .iter()
     .enumerate()

@@ -58,6 +58,8 @@ fn io_write_c_matches_qemu_io() {
         "cluster_size=4096",
         "cluster_size=512",
         "compat=0.10",
+        "cluster_size=65536,compression_type=zstd",
+        "cluster_size=4096,refcount_bits=1,compression_type=zstd",
     ]
     .iter()
     .enumerate()
@@ -101,6 +103,8 @@ fn convert_c_matches_qemu_img_both_ways() {
         "cluster_size=65536",
         "cluster_size=4096,refcount_bits=1",
         "cluster_size=2M",
+        "compression_type=zstd",
+        "cluster_size=4096,refcount_bits=1,compression_type=zstd",
     ] {
         let (ours, theirs) = (s.path("ours.qcow2"), s.path("theirs.qcow2"));
         let _ = std::fs::remove_file(&ours);

@@ -5,7 +5,7 @@
 //! The files are committed; this generator documents how they were made
 //! and rebuilds them when the list changes.
 
-use qcow2_core::{CreateOptions, Version};
+use qcow2_core::CreateOptions;
 use qcow2_std_shim::{Image, RamDevice};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -35,11 +35,8 @@ fn put64(img: &mut [u8], at: usize, v: u64) {
 /// A 64 KiB disk with 512-byte clusters and data at guest 0..1536 and 40960.
 fn base() -> (Vec<u8>, Layout) {
     let options = CreateOptions {
-        size: 64 << 10,
         cluster_bits: 9,
-        refcount_order: 4,
-        version: Version::V3,
-        lazy_refcounts: false,
+        ..CreateOptions::new(64 << 10)
     };
     let mut img = Image::create(RamDevice::new(), &options).expect("create base");
     img.write_at(0, &[0x11; 1536]).expect("write");
