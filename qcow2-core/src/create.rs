@@ -1,5 +1,7 @@
 //! Creating a new, empty image.
 
+use core::pin::pin;
+
 use crate::cache::Slot;
 use crate::format::entry::COPIED;
 use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
@@ -7,6 +9,7 @@ use crate::format::{
     compatible, incompatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
     MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
 };
+use crate::outline::OutOfLine;
 use crate::{BlockDevice, Compression, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
 /// Parameters of a new image, with `qemu-img create`'s defaults.
@@ -160,25 +163,8 @@ where
     /// one must be large enough, and its first clusters are overwritten. On
     /// failure the device and cache come back in the [`OpenError`].
     /// Cancelled, it leaves a device that may not open as an image.
-    pub async fn create(
-        mut dev: D,
-        cache: S,
-        options: CreateOptions,
-    ) -> Result<Self, OpenError<D, S>> {
-        let total = match format(&mut dev, &options, &ExternalFiles::NONE).await {
-            Ok(total) => total,
-            Err(error) => {
-                return Err(OpenError {
-                    error,
-                    device: dev,
-                    cache,
-                })
-            }
-        };
-        let mut image = Qcow2::open(dev, cache, OpenOptions::read_write()).await?;
-        // On a fixed device larger than the metadata, data starts right after it.
-        image.free_hint = total;
-        Ok(image)
+    pub async fn create(dev: D, cache: S, options: CreateOptions) -> Result<Self, OpenError<D, S>> {
+        Self::create_with_files(dev, cache, options, &ExternalFiles::NONE).await
     }
 
     /// Formats `dev` like [`Qcow2::create`], naming the backing file and
@@ -193,7 +179,12 @@ where
         options: CreateOptions,
         files: &ExternalFiles<'_>,
     ) -> Result<Self, OpenError<D, S>> {
-        let total = match format(&mut dev, &options, files).await {
+        // Format's frame is on the stack only while it runs, not under open.
+        let formatted = {
+            let format = pin!(format(&mut dev, &options, files));
+            OutOfLine(format).await
+        };
+        let total = match formatted {
             Ok(total) => total,
             Err(error) => {
                 return Err(OpenError {
@@ -203,9 +194,16 @@ where
                 })
             }
         };
-        let mut image = Qcow2::open(dev, cache, OpenOptions::read_write()).await?;
-        image.free_hint = total;
-        Ok(image)
+        Self::open_created(dev, cache, total).await
+    }
+
+    /// Opens an image just formatted, with `total` clusters of metadata:
+    /// on a fixed device larger than that, data starts right after it.
+    /// A fresh image is clean and not verified, so open never rebuilds or
+    /// checks it: no rebuild scratch (and none in this future).
+    async fn open_created(dev: D, cache: S, total: u64) -> Result<Self, OpenError<D, S>> {
+        let options = OpenOptions::read_write();
+        Self::open_from(dev, cache, options, &mut [], total).await
     }
 }
 

@@ -10,6 +10,10 @@ use crate::format::{autoclear, compatible, header::overlaps, incompatible, Heade
 use crate::map::Mapping;
 use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
 
+/// [`Qcow2::open_from`]'s `free_hint` for "allocate from the device's
+/// end" (a plain value rather than an `Option`: smaller futures).
+pub(crate) const DEVICE_END: u64 = u64::MAX;
+
 /// How to open an image.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -254,17 +258,31 @@ where
         // 128 host clusters per rebuild pass: small, so that this future
         // stays under 4 KiB on firmware; more passes on larger images.
         let mut scratch = [0u8; 512];
-        Self::open_with_scratch(dev, cache, options, &mut scratch).await
+        Self::open_from(dev, cache, options, &mut scratch, DEVICE_END).await
     }
 
     /// Opens the image like [`Qcow2::open`], using `rebuild_scratch` (4 bytes
     /// per host cluster and pass) should a dirty image need its refcounts
     /// rebuilt.
     pub async fn open_with_scratch(
+        dev: D,
+        cache: S,
+        options: OpenOptions,
+        rebuild_scratch: &mut [u8],
+    ) -> Result<Self, OpenError<D, S>> {
+        Self::open_from(dev, cache, options, rebuild_scratch, DEVICE_END).await
+    }
+
+    /// Opens the image; allocation starts at host cluster `free_hint`
+    /// ([`DEVICE_END`]: the device's end; create knows where its metadata
+    /// ends, and passes that). The image is returned as the tail expression, so that its
+    /// callers' frames do not hold copies of it.
+    pub(crate) async fn open_from(
         mut dev: D,
         cache: S,
         options: OpenOptions,
         rebuild_scratch: &mut [u8],
+        free_hint: u64,
     ) -> Result<Self, OpenError<D, S>> {
         let mut scratch = [0u8; SECTOR];
         let header = match Self::read_header(&mut dev, &mut scratch, options).await {
@@ -306,7 +324,11 @@ where
             corrupt_detected: false,
             // Valid only while the autoclear bit says so.
             bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
-            free_hint: dev_clusters,
+            free_hint: if free_hint == DEVICE_END {
+                dev_clusters
+            } else {
+                free_hint
+            },
             dev_clusters,
             scratch,
             names_backing: header.has_backing_file() && !options.no_backing,

@@ -52,6 +52,8 @@ pub mod inflate;
 mod map;
 mod names;
 #[cfg(feature = "write")]
+mod outline;
+#[cfg(feature = "write")]
 mod pack;
 #[cfg(feature = "check")]
 mod refcount;
