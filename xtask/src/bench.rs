@@ -509,6 +509,7 @@ fn prepare(dir: &Path, scale: &Scale, ours: &str) -> Result<(bool, Vec<String>),
         compressible_raw(&dir.join("text.raw"), size),
     )?;
     p.run("qemu-img convert -c -f raw -O qcow2 text.raw text-c.qcow2")?;
+    p.run("qemu-img convert -c -o compression_type=zstd -f raw -O qcow2 text.raw text-zstd.qcow2")?;
     p.run("qemu-img create -q -f qcow2 huge.qcow2 2P")?;
     let free = free_bytes(dir)?;
     let big = free >= BIG_IMAGE_MIN_FREE || scale.big_image < (1 << 30);
@@ -680,27 +681,67 @@ fn convert_workloads(ours: &str, scale: &Scale) -> Vec<Workload> {
     vec![
         one("raw", "qcow2", "mixed.raw"),
         one("qcow2", "raw", "mixed.qcow2"),
-        compressed_convert(ours, scale, true),
-        compressed_convert(ours, scale, false),
+        compressed_convert(ours, scale, Codec::Zlib, true),
+        compressed_convert(ours, scale, Codec::Zlib, false),
+        compressed_convert(ours, scale, Codec::Zstd, true),
+        compressed_convert(ours, scale, Codec::Zstd, false),
     ]
 }
 
-/// `convert -c` of compressible data into a zlib-compressed qcow2 image
-/// (`compress`), or that image back to raw; the raw baseline copies the
-/// raw data (`cp`).
-fn compressed_convert(ours: &str, scale: &Scale, compress: bool) -> Workload {
+/// The compression formats of the compressed `convert` rows.
+#[derive(Clone, Copy)]
+enum Codec {
+    Zlib,
+    Zstd,
+}
+
+impl Codec {
+    /// `compression_type` value.
+    fn name(self) -> &'static str {
+        match self {
+            Codec::Zlib => "zlib",
+            Codec::Zstd => "zstd",
+        }
+    }
+
+    /// The compressed image made from `text.raw` by qemu-img at setup.
+    fn image(self) -> &'static str {
+        match self {
+            Codec::Zlib => "text-c.qcow2",
+            Codec::Zstd => "text-zstd.qcow2",
+        }
+    }
+
+    /// Suffix of the output files' names.
+    fn suffix(self) -> &'static str {
+        match self {
+            Codec::Zlib => "c",
+            Codec::Zstd => "zstd",
+        }
+    }
+}
+
+/// `convert -c` of compressible data into a qcow2 image compressed with
+/// `codec` (`compress`), or that image back to raw; the raw baseline
+/// copies the raw data (`cp`).
+fn compressed_convert(ours: &str, scale: &Scale, codec: Codec, compress: bool) -> Workload {
     let gib = scale.image as f64 / f64::from(1u32 << 30);
     let (source, src_format, dst_format) = if compress {
         ("text.raw", "raw", "qcow2")
     } else {
-        ("text-c.qcow2", "qcow2", "raw")
+        (codec.image(), "qcow2", "raw")
     };
-    let target = |name: &str| format!("out-{name}-c.{dst_format}");
+    let suffix = codec.suffix();
+    let target = |name: &str| format!("out-{name}-{suffix}.{dst_format}");
     let variant = |tool: Tool, program: &str, extra: &[&str], name: &str| {
         let mut args = strings(&["convert"]);
         args.extend(strings(extra));
         if compress {
             args.push("-c".into());
+            args.extend(strings(&[
+                "-o",
+                &format!("compression_type={}", codec.name()),
+            ]));
         }
         args.extend(strings(&["-f", src_format, "-O", dst_format, source]));
         args.push(target(name));
@@ -715,14 +756,15 @@ fn compressed_convert(ours: &str, scale: &Scale, compress: bool) -> Workload {
     let copy = Variant {
         tool: Tool::Raw,
         program: "cp".into(),
-        args: strings(&["--sparse=always", "text.raw", "out-raw-c.raw"]),
-        remove: strings(&["out-raw-c.raw"]),
+        args: strings(&["--sparse=always", "text.raw", &target("raw")]),
+        remove: vec![target("raw")],
         setup: None,
     };
+    let codec = codec.name();
     let name = if compress {
-        format!("convert -c raw -> qcow2 (zlib), {gib} GiB compressible data")
+        format!("convert -c raw -> qcow2 ({codec}), {gib} GiB compressible data")
     } else {
-        format!("convert compressed qcow2 (zlib) -> raw, {gib} GiB compressible data")
+        format!("convert compressed qcow2 ({codec}) -> raw, {gib} GiB compressible data")
     };
     Workload {
         name,
@@ -886,6 +928,10 @@ fn verify_converts(dir: &Path) -> Result<(), String> {
         ("text.raw", "out-qemu-c.qcow2"),
         ("text-c.qcow2", "out-ours-c.raw"),
         ("text-c.qcow2", "out-qemu-c.raw"),
+        ("text.raw", "out-ours-zstd.qcow2"),
+        ("text.raw", "out-qemu-zstd.qcow2"),
+        ("text-zstd.qcow2", "out-ours-zstd.raw"),
+        ("text-zstd.qcow2", "out-qemu-zstd.raw"),
     ] {
         prep(dir, "qemu-img", &["compare", source, target])
             .map_err(|e| format!("convert produced a wrong image: {e}"))?;
@@ -1110,6 +1156,10 @@ fn report(options: &Options, scale: &Scale, outcome: &Outcome, table: &str) -> S
          - Images are {image} MiB with 64 KiB clusters, created by `qemu-img convert`\n  \
            from a raw file of random data (reads, overwrites) or of mixed data (a third\n  \
            holes, the rest random with every fourth 64 KiB cluster zero; `convert`).\n  \
+           Compressed `convert` rows use compressible data (16 symbols, half of each\n  \
+           cluster repeating its first 4 KiB, every fourth cluster zero), compressed\n  \
+           by qemu-img with zlib or zstd; their raw baseline is `cp --sparse=always`\n  \
+           of the raw data.\n  \
            Random workloads use step {SCATTER_STEP} (4099 pages) so offsets scatter\n  \
            over every 4 KiB page. Files are read once before each workload (page\n  \
            cache warm) and `sync` runs before every run. Allocating writes and\n  \
