@@ -2,10 +2,12 @@
 //! the end of the image, over garbage, with a sector count too small for
 //! the stream. Each read gives a precise `Corrupt` error (never a panic,
 //! never bytes from outside the extent) through the host's decoder and the
-//! core's no-heap inflate alike; the rest of the image still reads.
+//! core's no-heap decoders alike (inflate for zlib images, zstd-zero for
+//! zstd images); the rest of the image still reads.
 
 use qcow2_core::inflate::{Inflate, InflateState, InflateWorkspace};
-use qcow2_core::{Error, OpenOptions, Qcow2, Slot, SECTOR};
+use qcow2_core::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
+use qcow2_core::{Compression, Error, OpenOptions, Qcow2, Slot, SECTOR};
 use qcow2_std_shim::{block_on, FileDevice, Image};
 use test_support::qemu;
 use test_support::raw::{peek64, poke, poke64};
@@ -13,14 +15,15 @@ use test_support::Scratch;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
-/// A compressed image of 4 KiB clusters (zlib) whose first two clusters
-/// are compressed; returns its path and the host offset of cluster 0's L2
-/// entry.
-fn compressed_image(s: &Scratch, name: &str) -> (String, u64) {
+/// A compressed image of 4 KiB clusters (`format`) whose first two
+/// clusters are compressed; returns its path and the host offset of
+/// cluster 0's L2 entry.
+fn compressed_image(s: &Scratch, name: &str, format: Compression) -> (String, u64) {
     let plain = s.path("plain.raw");
     std::fs::write(&plain, data(1 << 20)).unwrap();
     let path = s.path(name);
-    let opts = ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096"];
+    let options = format!("cluster_size=4096,compression_type={}", format.name());
+    let opts = ["-f", "raw", "-O", "qcow2", "-o", &options];
     let mut args = vec!["convert", "-c"];
     args.extend(opts);
     args.extend([plain.as_str(), path.as_str()]);
@@ -39,8 +42,12 @@ fn data(len: usize) -> Vec<u8> {
 }
 
 /// Reads guest cluster `cluster` through the host workspace and through
-/// the core's inflate; returns both results.
-fn read_both(path: &str, cluster: u64) -> [Result<Vec<u8>, Error<std::io::Error>>; 2] {
+/// the core's decoder for `format`; returns both results.
+fn read_both(
+    path: &str,
+    cluster: u64,
+    format: Compression,
+) -> [Result<Vec<u8>, Error<std::io::Error>>; 2] {
     let mut host = Image::open(
         FileDevice::open(path, false).unwrap(),
         &OpenOptions::read_only(),
@@ -51,13 +58,27 @@ fn read_both(path: &str, cluster: u64) -> [Result<Vec<u8>, Error<std::io::Error>
     let dev = FileDevice::open(path, false).unwrap();
     let cache = vec![Slot::<1>::EMPTY; 8];
     let img = block_on(Qcow2::open(dev, cache, OpenOptions::read_only())).unwrap();
-    let mut state = Box::new(InflateState::new());
-    let mut window = vec![0u8; 4096];
     let mut input = [[0u8; SECTOR]; 2];
-    let decoder = Inflate::new(&mut state, &mut window);
-    let mut img = img.with_workspace(InflateWorkspace::new(decoder, &mut [], &mut input));
     let mut sectors = vec![[0u8; SECTOR]; 8];
-    let b = block_on(img.read(cluster * 8, &mut sectors)).map(|()| sectors.as_flattened().to_vec());
+    let b = match format {
+        Compression::Zlib => {
+            let mut state = Box::new(InflateState::new());
+            let mut window = vec![0u8; 4096];
+            let decoder = Inflate::new(&mut state, &mut window);
+            let mut img = img.with_workspace(InflateWorkspace::new(decoder, &mut [], &mut input));
+            block_on(img.read(cluster * 8, &mut sectors))
+        }
+        Compression::Zstd => {
+            let mut tables = Box::new(ZstdTables::new());
+            let mut history = vec![0u8; 4096];
+            let mut block = vec![0u8; scratch_bytes(4096)];
+            let mut literals = vec![0u8; scratch_bytes(4096)];
+            let decoder = Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
+            let mut img = img.with_workspace(ZstdWorkspace::new(decoder, &mut [], &mut input));
+            block_on(img.read(cluster * 8, &mut sectors))
+        }
+    };
+    let b = b.map(|()| sectors.as_flattened().to_vec());
     [a, b]
 }
 
@@ -70,11 +91,20 @@ fn corrupt_what<T>(r: &Result<T, Error<std::io::Error>>) -> &'static str {
 }
 
 #[test]
-fn hostile_descriptors_are_corrupt_for_both_decoders() {
-    let s = Scratch::new("compressed-hostile");
-    let (good, entry) = compressed_image(&s, "good.qcow2");
+fn hostile_zlib_descriptors_are_corrupt_for_both_decoders() {
+    hostile_descriptors(Compression::Zlib);
+}
+
+#[test]
+fn hostile_zstd_descriptors_are_corrupt_for_both_decoders() {
+    hostile_descriptors(Compression::Zstd);
+}
+
+fn hostile_descriptors(format: Compression) {
+    let s = Scratch::new(&format!("compressed-hostile-{}", format.name()));
+    let (good, entry) = compressed_image(&s, "good.qcow2", format);
     let guest = data(8192);
-    for (i, r) in read_both(&good, 0).into_iter().enumerate() {
+    for (i, r) in read_both(&good, 0, format).into_iter().enumerate() {
         let r = r.unwrap();
         let first = r.iter().zip(&guest).position(|(a, b)| a != b);
         assert!(
@@ -107,14 +137,14 @@ fn hostile_descriptors_are_corrupt_for_both_decoders() {
         let path = s.path(&format!("{name}.qcow2"));
         std::fs::copy(&good, &path).unwrap();
         poke64(&path, entry, entry_value);
-        for r in read_both(&path, 0) {
+        for r in read_both(&path, 0, format) {
             let what = corrupt_what(&r);
             if !wanted.is_empty() {
                 assert_eq!(what, wanted, "{name}");
             }
         }
         // The other compressed cluster still reads.
-        for r in read_both(&path, 1) {
+        for r in read_both(&path, 1, format) {
             assert!(r.unwrap() == guest[4096..], "{name}");
         }
     }
@@ -123,7 +153,7 @@ fn hostile_descriptors_are_corrupt_for_both_decoders() {
     std::fs::copy(&good, &path).unwrap();
     let host = raw & ((1u64 << offset_bits) - 1);
     poke(&path, host, &[0xff; 64]);
-    for r in read_both(&path, 0) {
+    for r in read_both(&path, 0, format) {
         corrupt_what(&r);
     }
 }
