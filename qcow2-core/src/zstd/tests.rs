@@ -335,6 +335,62 @@ fn damaged_frames_never_decode_differently() {
     assert!(stricter < rounds / 10, "{stricter}");
 }
 
+/// Hex of two damaged frames (512-byte cluster, one literals-only block
+/// with four Huffman streams) found by differential fuzzing: libzstd
+/// decodes both, zstd-zero refuses them.
+const LEFTOVER_BITS: &[&str] = &[
+    "28b52ffd6000012d07000660380bb0b50d368d9a0432dc7c023500330034002f",
+    "28c4ab09f19e105f26c4eb84789c108f24c4231d2fe878f778a0c7a31eaf3d5e",
+    "f478e5f126c52b295e05c56b503c02136fc0c40bc217247c33c2d7113e8ef0c5",
+    "085f89f089948f52be90f255cb77cb572cdf08f92ae4a3209f04f91ae48b20df",
+    "54f045055f294480d837c4be12fbcab06f22fa24a2afaaf84215df157c54c557",
+    "32df321f90f9ee7c010c9f80e12b18be40c30768f88486af247ca42fc07d45f7",
+    "95ee03237d33d227237d21d237a17d0cedabdb27b76f40fb04b48fa87da4f6d5",
+    "b44fa67d12ed93621f01fb02b02f00",
+];
+const OVERREAD: &[&str] = &[
+    "28b52ffd6000012d07000660380bb0b50d368d9a0432dc7c023500330034002f",
+    "28c4ab09f19e104f26c4eb84789c108f24c4001d2fe878f778a0c7a31eaf3d5e",
+    "f478e5f126c52b295e05c56b503c02136fc0c40bc217247c33c2d7113e8ef0c5",
+    "085f89f089948f52be90f255cb77cb572cdf08f92ae4a3209f04f91ae48b20df",
+    "54f045055f294480d837c4be12fbc2b06f22fa24a2afaaf84215df557c54c557",
+    "32df321f90f9ee7c010c9f80e12b18be40c30768f88486af247ca42fc07d45f7",
+    "95ee03237d33d227237d21d237a17d0cedabdb27b76f40fb04b48fa87da4f6d5",
+    "b44fa67d12ed93621f01fb02b02f00",
+];
+
+fn unhex(parts: &[&str]) -> Vec<u8> {
+    let hex: std::string::String = parts.concat();
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0))
+        .collect()
+}
+
+/// The two kinds of damaged Huffman literal streams where zstd-zero is
+/// stricter than libzstd: a stream read past its end, and bits left over
+/// after a stream's last literal. Both are Corrupt here (QEMU would return
+/// libzstd's 512 bytes); neither occurs in a frame an encoder wrote.
+#[test]
+fn damaged_huffman_streams_are_stricter_than_libzstd() {
+    let mut mem = Mem::new(4096, 4096);
+    let mut dec = mem.decoder();
+    for (name, parts) in [("leftover bits", LEFTOVER_BITS), ("overread", OVERREAD)] {
+        let stream = unhex(parts);
+        assert_eq!(
+            reference(&stream, 512).map(|v| v.len()),
+            Some(512),
+            "{name}: libzstd decodes it"
+        );
+        assert!(
+            matches!(
+                run(&mut dec, &stream, 512, 64),
+                Err(DecodeError::Corrupt(_))
+            ),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn random_bytes_are_errors() {
     let mut rng = Rng(0xabc);
