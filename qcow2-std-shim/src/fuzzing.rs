@@ -29,9 +29,11 @@ pub fn header(data: &[u8]) {
 
 /// Opening arbitrary bytes read-only, mapping and reading the whole disk
 /// (bounded), and checking: no panic, no hang. Compressed clusters are
-/// read through both decoders, the host's and the core's no-heap inflate
-/// (with a 4 KiB ring), which must agree whenever both succeed.
+/// read through both decoders, the host's and the core's no-heap one (for
+/// zlib images inflate with a 4 KiB ring, for zstd images zstd-zero with a
+/// cluster of history), which must agree whenever both succeed.
 pub fn open_read(data: &[u8]) {
+    use qcow2_core::{inflate, zstd};
     let dev = RamDevice::from_bytes(data);
     let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
@@ -42,12 +44,20 @@ pub fn open_read(data: &[u8]) {
     let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
     };
-    let mut state = Box::new(qcow2_core::inflate::InflateState::new());
-    let mut window = vec![0u8; 4096];
     let mut input = [[0u8; SECTOR]; 1];
-    let decoder = qcow2_core::inflate::Inflate::new(&mut state, &mut window);
-    let workspace = qcow2_core::inflate::InflateWorkspace::new(decoder, &mut [], &mut input);
-    let core = read_all(img.with_workspace(workspace));
+    let core = if img.compression() == Some(qcow2_core::Compression::Zstd) {
+        let mut tables = Box::new(zstd::ZstdTables::new());
+        let mut history = vec![0u8; cluster as usize];
+        let mut block = vec![0u8; zstd::scratch_bytes(cluster as usize)];
+        let mut literals = vec![0u8; zstd::scratch_bytes(cluster as usize)];
+        let decoder = zstd::Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
+        read_all(img.with_workspace(zstd::ZstdWorkspace::new(decoder, &mut [], &mut input)))
+    } else {
+        let mut state = Box::new(inflate::InflateState::new());
+        let mut window = vec![0u8; 4096];
+        let decoder = inflate::Inflate::new(&mut state, &mut window);
+        read_all(img.with_workspace(inflate::InflateWorkspace::new(decoder, &mut [], &mut input)))
+    };
     for (h, c) in host.iter().zip(&core) {
         if let (Some(h), Some(c)) = (h, c) {
             assert_eq!(h, c, "the two decoders read different data");

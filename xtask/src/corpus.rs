@@ -252,7 +252,7 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         made += 1;
     }
-    // A compressed image and one with an internal snapshot.
+    // Compressed images (zlib, zstd) and one with an internal snapshot.
     let plain = tmp.join("plain.qcow2");
     let p = plain.to_str().ok_or("temp path not UTF-8")?;
     qemu(
@@ -284,9 +284,28 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
             c,
         ],
     )?;
+    let zstd = tmp.join("compressed-zstd.qcow2");
+    let z = zstd.to_str().ok_or("temp path not UTF-8")?;
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512,compression_type=zstd",
+            p,
+            z,
+        ],
+    )?;
     qemu("qemu-img", &["snapshot", "-c", "s1", p])?;
     qemu("qemu-io", &["-c", "write -P 0x55 0 1k", p])?;
-    for (name, path) in [("compressed", &compressed), ("snapshot", &plain)] {
+    for (name, path) in [
+        ("compressed", &compressed),
+        ("compressed-zstd", &zstd),
+        ("snapshot", &plain),
+    ] {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         for dir in ["open_read", "check_repair"] {
             std::fs::write(fuzz.join("corpus").join(dir).join(name), &bytes)
