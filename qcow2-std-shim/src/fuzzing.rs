@@ -5,9 +5,12 @@
 //! breaks a promise (a wrong read, an unclean image after repair); errors
 //! the library reports for bad input are expected and ignored.
 
+use crate::codec::{compress_cluster, HostWorkspace};
 use crate::{block_on, FaultDevice, RamDevice, Survival};
 use qcow2_core::format::Header;
-use qcow2_core::{CreateOptions, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR};
+use qcow2_core::{
+    Compression, CreateOptions, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
+};
 
 type Small<D> = Qcow2<D, [Slot<1>; 4], 1>;
 
@@ -178,14 +181,35 @@ fn id_of(s: &Sector) -> u64 {
     }
 }
 
+/// The image `ops` drives: compressed clusters read through the host's
+/// decoders.
+type OpsImage =
+    Qcow2<FaultDevice, [Slot<1>; 4], 1, qcow2_core::NoBacking<FaultDevice>, HostWorkspace>;
+
+/// Opens `dev` read-write (or read-only) for `ops`, with a workspace.
+fn ops_open(dev: FaultDevice, slots: [Slot<1>; 4], read_only: bool) -> OpsImage {
+    let options = if read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    };
+    let img = block_on(Small::open(dev, slots, options)).expect("open");
+    let cluster = img.info().cluster_size;
+    img.with_workspace(HostWorkspace::new(cluster))
+}
+
 /// Operation sequences (write, read, discard, write-zeroes, flush, reopen,
 /// crash) on a fresh image, checked against a model of what each sector
-/// may hold.
+/// may hold. When the second byte's top bit is set, half of the writes
+/// store whole clusters compressed (zlib, or zstd when the first byte's
+/// bit 5 is set on a v3 image), so that partial writes, discards and
+/// write-zeroes land on compressed clusters and shared host clusters.
 pub fn ops(data: &[u8]) {
     let mut input = Input(data);
     let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
         return;
     };
+    let compressed_writes = b & 0x80 != 0;
     let options = CreateOptions {
         size: 256 << 10,
         cluster_bits: 9 + u32::from(a % 4),
@@ -204,10 +228,18 @@ pub fn ops(data: &[u8]) {
         } else {
             options.refcount_order
         },
+        compression: if a & 0x20 != 0 && options.version == Version::V3 {
+            Compression::Zstd
+        } else {
+            Compression::Zlib
+        },
         ..options
     };
     let sectors = (options.size / SECTOR as u64) as usize;
-    let mut img = block_on(Small::create(FaultDevice::new(), cache(), options)).expect("create");
+    let cluster_sectors = 1usize << (options.cluster_bits - 9);
+    let img = block_on(Small::create(FaultDevice::new(), cache(), options)).expect("create");
+    let mut img = img.with_workspace(HostWorkspace::new(1 << options.cluster_bits));
+    let mut compressed = Vec::new();
     // Per sector: the flushed id and the ids written since the last flush.
     let mut durable = vec![0u64; sectors];
     let mut recent: Vec<Vec<u64>> = vec![Vec::new(); sectors];
@@ -216,6 +248,30 @@ pub fn ops(data: &[u8]) {
     for _ in 0..64 {
         let Some(op) = input.byte() else { break };
         match op % 10 {
+            2 | 3 if compressed_writes => {
+                // A whole cluster, compressed (stored plainly when it
+                // does not shrink, as QEMU does).
+                let Some(at) = input.u16() else { break };
+                let guest = usize::from(at) % (sectors / cluster_sectors);
+                let first = guest * cluster_sectors;
+                let mut plain = Vec::with_capacity(cluster_sectors * SECTOR);
+                for s in first..first + cluster_sectors {
+                    serial += 1;
+                    recent[s].push(serial);
+                    current[s] = serial;
+                    plain.extend_from_slice(&sector_of(serial));
+                }
+                if compress_cluster(options.compression, &plain, &mut compressed) {
+                    block_on(img.write_compressed(guest as u64, &compressed))
+                        .expect("write_compressed");
+                } else {
+                    let buf: Vec<Sector> = plain
+                        .chunks_exact(SECTOR)
+                        .map(|c| c.try_into().unwrap_or([0; SECTOR]))
+                        .collect();
+                    block_on(img.write(first as u64, &buf)).expect("write");
+                }
+            }
             0..=3 => {
                 let Some(first) = input.u16() else { break };
                 let first = usize::from(first) % sectors;
@@ -275,7 +331,7 @@ pub fn ops(data: &[u8]) {
                 let (dev, slots) = block_on(img.close()).expect("close");
                 durable.clone_from(&current);
                 recent.iter_mut().for_each(Vec::clear);
-                img = block_on(Small::open(dev, slots, OpenOptions::read_write())).expect("reopen");
+                img = ops_open(dev, slots, false);
             }
             _ => {
                 // Crash: keep some of the unflushed writes, reopen, and
@@ -289,8 +345,7 @@ pub fn ops(data: &[u8]) {
                 let survivor = dev.survivor(mode);
                 let bytes = survivor.as_bytes().to_vec();
                 let fresh = FaultDevice::from_bytes(&bytes);
-                img = block_on(Small::open(fresh, cache(), OpenOptions::read_write()))
-                    .expect("open after crash");
+                img = ops_open(fresh, cache(), false);
                 let mut buf = vec![[0u8; SECTOR]; sectors];
                 block_on(img.read(0, &mut buf)).expect("read after crash");
                 for (s, got) in buf.iter().enumerate() {
@@ -314,7 +369,12 @@ pub fn ops(data: &[u8]) {
         }
     }
     let (dev, slots) = block_on(img.close()).expect("close");
-    let mut img = block_on(Small::open(dev, slots, OpenOptions::read_only())).expect("final open");
+    let mut img = ops_open(dev, slots, true);
+    let mut buf = vec![[0u8; SECTOR]; sectors];
+    block_on(img.read(0, &mut buf)).expect("final read");
+    for (s, got) in buf.iter().enumerate() {
+        assert_eq!(*got, sector_of(current[s]), "sector {s} at the end");
+    }
     let mut scratch = [0u8; 1024];
     let report = block_on(img.check(&mut scratch)).expect("final check");
     assert!(report.is_clean(), "{report:?}");
