@@ -182,12 +182,13 @@ fn id_of(s: &Sector) -> u64 {
 }
 
 /// The image `ops` drives: compressed clusters read through the host's
-/// decoders.
-type OpsImage =
-    Qcow2<FaultDevice, [Slot<1>; 4], 1, qcow2_core::NoBacking<FaultDevice>, HostWorkspace>;
+/// decoders; unallocated ones read a raw backing (one of no sectors, which
+/// is no backing at all, unless the input asks for one).
+type OpsImage = Qcow2<FaultDevice, [Slot<1>; 4], 1, FaultDevice, HostWorkspace>;
 
-/// Opens `dev` read-write (or read-only) for `ops`, with a workspace.
-fn ops_open(dev: FaultDevice, slots: [Slot<1>; 4], read_only: bool) -> OpsImage {
+/// Opens `dev` read-write (or read-only) for `ops`, with a workspace and
+/// `backing` (raw bytes, possibly none) attached.
+fn ops_open(dev: FaultDevice, slots: [Slot<1>; 4], read_only: bool, backing: &[u8]) -> OpsImage {
     let options = if read_only {
         OpenOptions::read_only()
     } else {
@@ -195,7 +196,18 @@ fn ops_open(dev: FaultDevice, slots: [Slot<1>; 4], read_only: bool) -> OpsImage 
     };
     let img = block_on(Small::open(dev, slots, options)).expect("open");
     let cluster = img.info().cluster_size;
-    img.with_workspace(HostWorkspace::new(cluster))
+    img.with_backing(FaultDevice::from_bytes(backing))
+        .with_workspace(HostWorkspace::new(cluster))
+}
+
+/// What backing sector `s` holds in `ops`: an id no write uses.
+fn backing_id(s: usize) -> u64 {
+    (1 << 40) | s as u64
+}
+
+/// Checks that `img`'s backing was only read, before `img` goes away.
+fn assert_backing_unwritten(img: &OpsImage) {
+    assert_eq!(img.backing().writes(), 0, "the backing was written");
 }
 
 /// Operation sequences (write, read, discard, write-zeroes, flush, reopen,
@@ -204,6 +216,11 @@ fn ops_open(dev: FaultDevice, slots: [Slot<1>; 4], read_only: bool) -> OpsImage 
 /// store whole clusters compressed (zlib, or zstd when the first byte's
 /// bit 5 is set on a v3 image), so that partial writes, discards and
 /// write-zeroes land on compressed clusters and shared host clusters.
+/// When the first byte's bit 4 is set, the image has a raw backing
+/// (ending mid-cluster or past the disk, by bits 2 and 3) whose sectors
+/// hold ids of their own: unallocated sectors read the backing's, past
+/// its end zeros; writes copy the rest of the cluster from it, v3
+/// discards and write-zeroes hide it, v2 discards keep everything.
 pub fn ops(data: &[u8]) {
     let mut input = Input(data);
     let (Some(a), Some(b)) = (input.byte(), input.byte()) else {
@@ -237,13 +254,35 @@ pub fn ops(data: &[u8]) {
     };
     let sectors = (options.size / SECTOR as u64) as usize;
     let cluster_sectors = 1usize << (options.cluster_bits - 9);
+    // Backings ending mid-cluster (whatever the cluster size) or past the
+    // disk's end.
+    let lengths = [
+        sectors / 2 + 3,
+        sectors - 1,
+        sectors * 3 / 4 + 5,
+        sectors + 8,
+    ];
+    let backing_sectors = if a & 0x10 != 0 {
+        lengths[usize::from((a >> 2) & 3)]
+    } else {
+        0
+    };
+    let backing: Vec<u8> = (0..backing_sectors)
+        .flat_map(|s| sector_of(backing_id(s)))
+        .collect();
     let img = block_on(Small::create(FaultDevice::new(), cache(), options)).expect("create");
-    let mut img = img.with_workspace(HostWorkspace::new(1 << options.cluster_bits));
+    let mut img = img
+        .with_backing(FaultDevice::from_bytes(&backing))
+        .with_workspace(HostWorkspace::new(1 << options.cluster_bits));
     let mut compressed = Vec::new();
-    // Per sector: the flushed id and the ids written since the last flush.
-    let mut durable = vec![0u64; sectors];
-    let mut recent: Vec<Vec<u64>> = vec![Vec::new(); sectors];
+    // Per sector: the flushed id and the ids written since the last flush
+    // (the backing's where nothing is written yet).
     let mut current = vec![0u64; sectors];
+    for (s, id) in current.iter_mut().enumerate().take(backing_sectors) {
+        *id = backing_id(s);
+    }
+    let mut durable = current.clone();
+    let mut recent: Vec<Vec<u64>> = vec![Vec::new(); sectors];
     let mut serial = 0u64;
     for _ in 0..64 {
         let Some(op) = input.byte() else { break };
@@ -293,6 +332,10 @@ pub fn ops(data: &[u8]) {
                 let len = (1 + usize::from(flags) % 40).min(sectors - first);
                 let (from, to) = if op % 10 == 8 {
                     block_on(img.discard(first as u64, len as u64)).expect("discard");
+                    if options.version == Version::V2 && backing_sectors > 0 {
+                        // No zero flag to hide the backing: nothing changes.
+                        continue;
+                    }
                     let cluster = 1usize << (options.cluster_bits - 9);
                     let end = first + len;
                     let stop = if end == sectors {
@@ -328,10 +371,11 @@ pub fn ops(data: &[u8]) {
                 recent.iter_mut().for_each(Vec::clear);
             }
             6 => {
+                assert_backing_unwritten(&img);
                 let (dev, slots) = block_on(img.close()).expect("close");
                 durable.clone_from(&current);
                 recent.iter_mut().for_each(Vec::clear);
-                img = ops_open(dev, slots, false);
+                img = ops_open(dev, slots, false, &backing);
             }
             _ => {
                 // Crash: keep some of the unflushed writes, reopen, and
@@ -341,11 +385,12 @@ pub fn ops(data: &[u8]) {
                     1 => Survival::AllWrites,
                     n => Survival::RandomSubset(u64::from(n) * 7919 + serial),
                 };
+                assert_backing_unwritten(&img);
                 let (dev, _) = img.abandon();
                 let survivor = dev.survivor(mode);
                 let bytes = survivor.as_bytes().to_vec();
                 let fresh = FaultDevice::from_bytes(&bytes);
-                img = ops_open(fresh, cache(), false);
+                img = ops_open(fresh, cache(), false, &backing);
                 let mut buf = vec![[0u8; SECTOR]; sectors];
                 block_on(img.read(0, &mut buf)).expect("read after crash");
                 for (s, got) in buf.iter().enumerate() {
@@ -368,8 +413,9 @@ pub fn ops(data: &[u8]) {
             }
         }
     }
+    assert_backing_unwritten(&img);
     let (dev, slots) = block_on(img.close()).expect("close");
-    let mut img = ops_open(dev, slots, true);
+    let mut img = ops_open(dev, slots, true, &backing);
     let mut buf = vec![[0u8; SECTOR]; sectors];
     block_on(img.read(0, &mut buf)).expect("final read");
     for (s, got) in buf.iter().enumerate() {
