@@ -3,8 +3,13 @@
 //! panic or a hang. Writes to an image that `check` calls clean must never
 //! land on anything the original image referenced; an image `check` calls
 //! corrupt must be refused by a verified open (`OpenOptions::verified`).
+//! Compressed clusters read through the host's decoders, and the core's
+//! no-heap decoders must give the same outcome.
 
-use qcow2_core::{OpenOptions, Qcow2, Sector, Slot, SECTOR};
+use qcow2_core::inflate::{Inflate, InflateState, InflateWorkspace};
+use qcow2_core::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
+use qcow2_core::{Compression, NoBacking, OpenOptions, Qcow2, Sector, Slot, Workspace, SECTOR};
+use qcow2_std_shim::codec::HostWorkspace;
 use qcow2_std_shim::{block_on, RamDevice};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,26 +34,92 @@ fn corrupt(bytes: &[u8]) -> Option<bool> {
     Some(block_on(img.check(&mut scratch)).map_or(true, |r| r.corruptions > 0))
 }
 
+/// Reads the whole guest of `img`.
+fn read_guest<W: Workspace>(
+    img: &mut Qcow2<RamDevice, [Slot<1>; 4], 1, NoBacking<RamDevice>, W>,
+) -> Result<Vec<Sector>, String> {
+    let sectors = img.virtual_size() / SECTOR as u64;
+    let mut buf = vec![[0u8; SECTOR]; sectors as usize];
+    block_on(img.read(0, &mut buf)).map_err(|e| format!("read: {e}"))?;
+    Ok(buf)
+}
+
+/// An error's kind ("read: corrupt image") and place (" (at host offset
+/// ...)", if any), without the detail between them.
+fn kind_and_place(e: &str) -> (String, &str) {
+    let mut parts = e.splitn(3, ": ");
+    let kind = format!(
+        "{}: {}",
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("")
+    );
+    (kind, e.rfind(" (at ").map_or("", |i| &e[i..]))
+}
+
+/// Reads the whole guest of `img` through the core's no-heap decoder for
+/// its compression type (inflate with a 4 KiB window, zstd-zero with a
+/// cluster of history).
+fn read_guest_core(img: Image) -> Result<Vec<Sector>, String> {
+    let cluster = img.info().cluster_size as usize;
+    let mut input = [[0u8; SECTOR]; 1];
+    if img.compression() == Some(Compression::Zstd) {
+        let mut tables = Box::new(ZstdTables::new());
+        let mut history = vec![0u8; cluster];
+        let mut block = vec![0u8; scratch_bytes(cluster)];
+        let mut literals = vec![0u8; scratch_bytes(cluster)];
+        let decoder = Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
+        read_guest(&mut img.with_workspace(ZstdWorkspace::new(decoder, &mut [], &mut input)))
+    } else {
+        let mut state = Box::new(InflateState::new());
+        let mut window = vec![0u8; 4096];
+        let decoder = Inflate::new(&mut state, &mut window);
+        read_guest(&mut img.with_workspace(InflateWorkspace::new(decoder, &mut [], &mut input)))
+    }
+}
+
 /// What happens to an image: the first error of open, read, write, or ok.
+/// Reads go through the host's decoders; the core's must agree on the
+/// data, or on the error (its message may differ, not its kind and place).
 fn outcome(bytes: &[u8]) -> (String, Option<RamDevice>) {
     let dev = RamDevice::from_bytes(bytes);
-    let mut img = match block_on(Image::open(dev, cache(), OpenOptions::read_only())) {
+    let img = match block_on(Image::open(dev, cache(), OpenOptions::read_only())) {
         Ok(img) => img,
         Err(e) => return (format!("open: {e}"), None),
     };
-    let sectors = img.virtual_size() / SECTOR as u64;
-    let mut buf = vec![[0u8; SECTOR]; sectors as usize];
-    if let Err(e) = block_on(img.read(0, &mut buf)) {
-        return (format!("read: {e}"), None);
+    let cluster = img.info().cluster_size;
+    let mut img = img.with_workspace(HostWorkspace::new(cluster));
+    let read = read_guest(&mut img);
+    let core = block_on(Image::open(
+        RamDevice::from_bytes(bytes),
+        cache(),
+        OpenOptions::read_only(),
+    ))
+    .map_err(|e| format!("open: {e}"))
+    .and_then(read_guest_core);
+    match (&read, &core) {
+        (Ok(host), Ok(core)) => assert!(host == core, "the decoders read different data"),
+        (Err(host), Err(core)) => assert_eq!(
+            kind_and_place(host),
+            kind_and_place(core),
+            "the decoders fail differently"
+        ),
+        _ => panic!("one decoder reads, the other fails: {read:?} / {core:?}"),
+    }
+    if let Err(e) = read {
+        return (e, None);
     }
     // Check always terminates, whatever it finds.
     let mut scratch = [0u8; 64];
     let _ = block_on(img.check(&mut scratch));
     let (dev, _) = img.abandon();
-    let mut img = match block_on(Image::open(dev, cache(), OpenOptions::read_write())) {
+    let img = match block_on(Image::open(dev, cache(), OpenOptions::read_write())) {
         Ok(img) => img,
         Err(e) => return (format!("write: {e}"), None),
     };
+    // Writes go through a workspace too (copy-on-write of compressed
+    // clusters decompresses them).
+    let cluster = img.info().cluster_size;
+    let mut img = img.with_workspace(HostWorkspace::new(cluster));
     for first in WRITTEN_SECTORS {
         if let Err(e) = block_on(img.write(first, &[PATTERN])) {
             return (format!("write: {e}"), Some(img.abandon().0));

@@ -5,7 +5,8 @@
 //! The files are committed; this generator documents how they were made
 //! and rebuilds them when the list changes.
 
-use qcow2_core::CreateOptions;
+use qcow2_core::{Compression, CreateOptions};
+use qcow2_std_shim::codec::compress_cluster;
 use qcow2_std_shim::{Image, RamDevice};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -56,6 +57,44 @@ fn base() -> (Vec<u8>, Layout) {
         cluster: 512,
     };
     (bytes, layout)
+}
+
+/// A compressed-cluster L2 entry of a 512-byte-cluster image: the stream
+/// at host byte `host`, over `sectors` (1 or 2) sectors counted from the
+/// one `host` is in.
+fn compressed(host: usize, sectors: u64) -> u64 {
+    (1 << 62) | ((sectors - 1) << 61) | host as u64
+}
+
+/// A compressed stream of a guest cluster (512 bytes of three-bit noise,
+/// which shrink to a stream of a few hundred bytes).
+fn stream(format: Compression) -> Vec<u8> {
+    let mut x = 0x2545_f491_u32;
+    let plain: Vec<u8> = (0..512)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x & 7) as u8
+        })
+        .collect();
+    let mut out = Vec::new();
+    assert!(compress_cluster(format, &plain, &mut out), "compresses");
+    assert!(out.len() > 24, "a stream longer than the cuts");
+    out
+}
+
+/// The image switched to zstd compression (incompatible bit 3, type 1).
+fn zstd_image(i: &mut [u8]) {
+    put64(i, 72, 1 << 3);
+    i[104] = 1;
+}
+
+/// Guest cluster 0 compressed: `stream` written at `at` in its data
+/// cluster, the L2 entry a descriptor of `sectors` sectors from there.
+fn compress_guest_0(i: &mut [u8], l: &Layout, stream: &[u8], at: usize, sectors: u64) {
+    i[l.data + at..l.data + at + stream.len()].copy_from_slice(stream);
+    put64(i, l.l2, compressed(l.data + at, sectors));
 }
 
 type Mutation = fn(&mut Vec<u8>, &Layout);
@@ -150,7 +189,25 @@ const CASES: &[(&str, &str, Mutation)] = &[
     ("l2-entry-on-other-l2", "write: corrupt image: data cluster beyond the end of the image (at host offset 0xa5a5a5a5a5a400)", |i, l| { let l2b = be64(i, l.l1 + 8) & 0x00ff_ffff_ffff_fe00; put64(i, l.l2, (1 << 63) | l2b) }),
     ("l2-entry-copied-cleared", "write: corrupt image: L2 entry without COPIED flag (at host offset 0x800)", |i, l| i[l.l2] &= 0x7f),
     ("l1-entry-copied-cleared", "write: corrupt image: L1 entry without COPIED flag (at host offset 0x600)", |i, l| i[l.l1] &= 0x7f),
-    ("l2-entry-compressed", "read: unsupported feature: reading compressed clusters (no decoder in the image's workspace)", |i, l| put64(i, l.l2, (1 << 62) | l.data as u64)),
+    // Compressed descriptors, read through the host's decoders: a whole
+    // cluster or a precise `Corrupt` error.
+    ("l2-entry-compressed", "read: corrupt image: invalid deflate stream (at host offset 0xa00)", |i, l| put64(i, l.l2, (1 << 62) | l.data as u64)),
+    ("l2-entry-compressed-valid", "ok", |i, l| compress_guest_0(i, l, &stream(Compression::Zlib), 0, 1)),
+    ("l2-entry-compressed-valid-zstd", "ok", |i, l| { zstd_image(i); compress_guest_0(i, l, &stream(Compression::Zstd), 0, 1) }),
+    ("l2-entry-compressed-two-sectors", "ok", |i, l| compress_guest_0(i, l, &stream(Compression::Zlib), 500, 2)),
+    ("l2-entry-compressed-on-header", "read: corrupt image: compressed cluster overlaps metadata (at host offset 0x10)", |i, l| put64(i, l.l2, compressed(16, 1))),
+    ("l2-entry-compressed-on-l1", "read: corrupt image: compressed cluster overlaps metadata (at host offset 0x600)", |i, l| put64(i, l.l2, compressed(l.l1, 1))),
+    ("l2-entry-compressed-beyond-end", "read: corrupt image: compressed cluster beyond the end of the image (at host offset 0x100000)", |i, l| put64(i, l.l2, compressed(1 << 20, 1))),
+    ("l2-entry-compressed-offset-max", "read: corrupt image: compressed cluster beyond the end of the image (at host offset 0x1fffffffffffffff)", |i, l| put64(i, l.l2, compressed((1 << 61) - 1, 1))),
+    // A stream that starts in the image's last sector and goes on past it
+    // (the device's end cuts the input: the decoder reports it).
+    ("l2-entry-compressed-across-end", "read: corrupt image: deflate stream ends before a whole cluster (at host offset 0x15f4)", |i, l| { let at = i.len() + 500; i.resize(i.len() + 512, 0); i[at..].copy_from_slice(&stream(Compression::Zlib)[..12]); put64(i, l.l2, compressed(at, 2)) }),
+    // The stream goes on past the descriptor's last sector: the decoder,
+    // told the input ends there, reports the stream cut short.
+    ("l2-entry-compressed-too-short", "read: corrupt image: deflate stream ends before a whole cluster (at host offset 0xbf4)", |i, l| compress_guest_0(i, l, &stream(Compression::Zlib), 500, 1)),
+    ("l2-entry-compressed-too-short-zstd", "read: corrupt image: zstd stream ends before a whole cluster (at host offset 0xbf4)", |i, l| { zstd_image(i); compress_guest_0(i, l, &stream(Compression::Zstd), 500, 1) }),
+    ("l2-entry-compressed-garbage", "read: corrupt image: invalid deflate stream (at host offset 0xa00)", |i, l| { let c = l.cluster; i[l.data..l.data + c].fill(0xff); put64(i, l.l2, compressed(l.data, 1)) }),
+    ("l2-entry-compressed-garbage-zstd", "read: corrupt image: invalid zstd stream (at host offset 0xa00)", |i, l| { zstd_image(i); put64(i, l.l2, compressed(l.data, 1)) }),
     ("reftable-entry-unaligned", "write: corrupt image: reserved bits set in a refcount table entry (at host offset 0x200)", |i, l| put64(i, l.reftable, l.refblock as u64 + 256)),
     ("reftable-entry-on-data", "write: corrupt image: data cluster is live metadata (at host offset 0xa00)", |i, l| put64(i, l.reftable, l.data as u64)),
     ("reftable-entry-on-l2", "write: corrupt image: metadata cluster used as two kinds of table (at host offset 0x800)", |i, l| put64(i, l.reftable, l.l2 as u64)),
