@@ -387,6 +387,33 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
                 0x80, 0, 0, 0, 0, 23, 0, 0, 24, 23, 0, 0, 48, 23, 5, 7, 0, 4, 0, 30, 20,
             ],
         ),
+        // Compressed clusters (zstd, 1 KiB), overwritten in part,
+        // discarded, zeroed, across a crash and a reopen.
+        (
+            "compressed-zstd",
+            &[
+                0x21, 0x83, 2, 0, 1, 0, 3, 0, 2, 0, 4, 0, 0, 20, 0, 0, 5, 3, 4, 0, 0, 20, 9, 0, 9,
+                2, 5, 8, 0, 4, 6, 7, 2, 4, 0, 0, 24, 6, 2, 0, 1, 0, 4, 0, 0, 24,
+            ],
+        ),
+        // A backing (2 KiB clusters, ending mid-cluster): copy-on-write,
+        // discard and write-zeroes over it, a crash, a reopen.
+        (
+            "backing-v3",
+            &[
+                0x16, 0x03, 0, 0, 3, 2, 4, 0, 0, 20, 8, 0, 8, 20, 9, 1, 0, 5, 4, 0, 0, 24, 5, 0, 1,
+                10, 7, 7, 1, 4, 1, 0, 24, 6, 4, 1, 0xf8, 8,
+            ],
+        ),
+        // v2 over a backing ending past the disk, with compressed writes:
+        // discards keep everything there.
+        (
+            "backing-v2-compressed",
+            &[
+                0x9d, 0x80, 2, 0, 3, 0, 0, 0, 0x20, 3, 8, 0, 0, 40, 4, 0, 0, 24, 9, 0, 0x30, 0x85,
+                7, 2, 4, 0, 0, 24, 6, 4, 0, 0x30, 24,
+            ],
+        ),
     ];
     for (name, bytes) in scripts {
         std::fs::write(fuzz.join("corpus/ops").join(name), bytes).map_err(|e| e.to_string())?;
