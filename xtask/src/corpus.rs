@@ -370,6 +370,31 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
         }
         made += 1;
     }
+    // The hostile images with compressed descriptors, so that the image
+    // targets start from streams the decoders reject in every way.
+    let hostile = fuzz
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("qcow2-std-shim/tests/hostile");
+    let entries = std::fs::read_dir(&hostile).map_err(|e| format!("{}: {e}", hostile.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let Some(name) = path.file_stem().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.starts_with("l2-entry-compressed") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+        for dir in ["open_read", "check_repair"] {
+            let seed = fuzz
+                .join("corpus")
+                .join(dir)
+                .join(format!("hostile-{name}"));
+            std::fs::write(seed, &bytes).map_err(|e| e.to_string())?;
+        }
+        made += 1;
+    }
     // Operation scripts: config bytes, then opcodes with arguments.
     let scripts: &[(&str, &[u8])] = &[
         ("write-read", &[0, 4, 0, 0, 0, 5, 4, 0, 0, 0, 5]),
