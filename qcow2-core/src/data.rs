@@ -293,6 +293,25 @@ where
         Ok(())
     }
 
+    /// Refuses, as QEMU does ("'data-file' is required for this image"),
+    /// an image whose external data feature bit is set but which neither
+    /// names its data file nor has one attached. Nothing then shows that
+    /// the bit is genuine: a check would take the image's own data
+    /// clusters for guest data in a data file, and a repair would free
+    /// them.
+    pub(crate) async fn require_data_file_known(&mut self) -> Result<(), Error<D::Error>> {
+        if !self.header.has_data_file() || self.dev.data.is_some() {
+            return Ok(());
+        }
+        let named = self
+            .find_extension(crate::format::ExtensionKind::ExternalDataFile)
+            .await?;
+        match named {
+            Some(_) => Ok(()),
+            None => Err(Error::Unsupported("'data-file' is required for this image")),
+        }
+    }
+
     /// Whether guest data lives in an external data file (attached or not):
     /// data clusters then sit at their guest offset, outside the refcounts.
     pub(crate) fn external_data(&self) -> bool {

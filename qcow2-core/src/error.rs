@@ -42,6 +42,10 @@ pub enum Error<E> {
     OutOfRange,
     /// The device could not grow, or a format limit on host offsets was hit.
     NoSpace,
+    /// The image was opened for repair while dirty (lazy refcounts, not
+    /// closed cleanly): its refcounts may be stale, so guest changes wait
+    /// for a successful `repair(Repair::All)`.
+    NeedsRepair,
     /// An internal invariant of this library broke (a bug, not a property of
     /// the image): the operation stopped before it could do harm. Never sets
     /// the image's corrupt bit.
@@ -68,7 +72,7 @@ impl<E> Error<E> {
             }
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::InvalidArgument(_) | Error::OutOfRange => ErrorKind::InvalidInput,
-            Error::ReadOnly => ErrorKind::PermissionDenied,
+            Error::ReadOnly | Error::NeedsRepair => ErrorKind::PermissionDenied,
             // embedded-io has no "storage full" kind.
             Error::NoSpace | Error::Internal(_) => ErrorKind::Other,
         }
@@ -86,6 +90,7 @@ impl<E> Error<E> {
             Error::ReadOnly => Error::ReadOnly,
             Error::OutOfRange => Error::OutOfRange,
             Error::NoSpace => Error::NoSpace,
+            Error::NeedsRepair => Error::NeedsRepair,
             Error::Internal(w) => Error::Internal(w),
         }
     }
@@ -110,6 +115,9 @@ impl<E: fmt::Debug> fmt::Display for Error<E> {
             Error::ReadOnly => f.write_str("image is read-only"),
             Error::OutOfRange => f.write_str("request beyond the end of the virtual disk"),
             Error::NoSpace => f.write_str("no space left: device cannot grow"),
+            Error::NeedsRepair => f.write_str(
+                "refcounts may be stale (dirty image opened for repair): repair it first",
+            ),
             Error::Internal(what) => write!(f, "internal error (a bug): {what}"),
         }
     }

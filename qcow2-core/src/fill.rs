@@ -33,6 +33,8 @@ pub(crate) enum Target<'a> {
     /// To the device, the cluster starting at host sector `host`, except
     /// cluster sectors `skip.0..skip.1` (which the caller writes).
     Device { host: u64, skip: (u64, u64) },
+    /// Nowhere: the stream is only checked to decode to a whole cluster.
+    Nowhere,
 }
 
 /// Reads sectors from `first` of `backing` into `buf`, zeros past its end.
@@ -269,6 +271,7 @@ where
                             .ok_or(Error::Internal("bounce buffer smaller than a cluster"))?;
                         copy_overlap(dst.as_flattened_mut(), 0, produced, out)
                     }
+                    Target::Nowhere => {}
                     Target::Device { host: at, skip } => {
                         // Sector by sector through `acc`: no buffer to spare.
                         let mut pos = produced;

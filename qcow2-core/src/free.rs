@@ -12,6 +12,7 @@
 use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
 use crate::compress::Workspace;
+use crate::fill::Target;
 use crate::format::entry::ZERO;
 use crate::format::L2Entry;
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
@@ -228,6 +229,15 @@ where
         if self.external_data() {
             return self.release_external(host, entry).await;
         }
+        if let L2Entry::Compressed { offset, len } = entry {
+            if !self.compressed_releasable(offset, len).await? {
+                warn!(
+                    "qcow2: compressed cluster at {=u64:#x} left allocated: its descriptor is not a stream of its own",
+                    offset
+                );
+                return Ok(());
+            }
+        }
         // Rule 2: the entry change reaches the disk before the decrease.
         self.cache
             .require(&mut self.dev, Order::MappingFirst)
@@ -256,6 +266,38 @@ where
             }
         }
         Ok(())
+    }
+
+    /// Whether the host clusters of the compressed cluster of `len` bytes at
+    /// host byte `host` may lose a reference. A descriptor is only a claim
+    /// (a hostile or damaged L2 entry may point at the header, a refcount
+    /// block, an L2 table or another cluster's data, with a refcount that
+    /// counts only the real owner), and releasing on its word would free,
+    /// discard and reuse what the real owner still holds. So the extent
+    /// must lie inside the device, clear of the header, the L1 and refcount
+    /// tables and cached metadata, and its stream must decode to a whole
+    /// cluster. Without a decoder the stream cannot be checked and is never
+    /// released. What is not released stays allocated (a leak, which
+    /// `repair` reclaims once a check has established it), as QEMU warns
+    /// and goes on when a discard meets a bad descriptor.
+    async fn compressed_releasable(
+        &mut self,
+        host: u64,
+        len: u64,
+    ) -> Result<bool, Error<D::Error>> {
+        let start = host & !511;
+        let end = host.saturating_add(len.max(1));
+        if self.geo.cluster_of(end - 1) >= self.dev_clusters
+            || self.geo.hits_fixed_metadata(start, end - start)
+            || self.cache.holds_any(start, end - start)
+        {
+            return Ok(false);
+        }
+        match self.decompress(host, len, Target::Nowhere).await {
+            Ok(()) => Ok(true),
+            Err(Error::Corrupt { .. } | Error::Unsupported(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Self::release`] for a cluster of an external data file (`entry`

@@ -22,7 +22,10 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Open read-write for [`Qcow2::repair`]: accepted even when the image
     /// is marked corrupt (guest writes stay refused until the repair clears
-    /// the mark), and a dirty image is left for the repair to rebuild.
+    /// the mark), and a dirty image is left for the repair to rebuild:
+    /// until `repair(Repair::All)` succeeds, its refcounts may be stale, so
+    /// guest changes fail with [`Error::NeedsRepair`] and closing keeps the
+    /// dirty bit (the next read-write open rebuilds).
     pub for_repair: bool,
     /// Before allowing writes, run a full [`Qcow2::check`] (cost grows with
     /// the metadata) and refuse an image with any corruption. Without it,
@@ -193,9 +196,14 @@ impl Geometry {
     /// Whether host range `[offset, offset+len)` touches the header cluster,
     /// the L1 table or the refcount table.
     pub(crate) fn hits_fixed_metadata(&self, offset: u64, len: u64) -> bool {
-        offset < self.cluster_size
-            || overlaps(offset, len, self.l1_offset, self.l1_entries * 8)
+        self.hits_header_or_l1(offset, len)
             || overlaps(offset, len, self.reftable_offset, self.reftable_bytes())
+    }
+
+    /// Whether host range `[offset, offset+len)` touches the header cluster
+    /// or the L1 table.
+    pub(crate) fn hits_header_or_l1(&self, offset: u64, len: u64) -> bool {
+        offset < self.cluster_size || overlaps(offset, len, self.l1_offset, self.l1_entries * 8)
     }
 }
 
@@ -221,6 +229,10 @@ pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
     pub(crate) lazy: bool,
     /// Corruption was found while writing: the image is now read-only.
     pub(crate) corrupt_detected: bool,
+    /// Opened for repair while dirty: the refcounts may be stale until a
+    /// full repair succeeds. Guest changes are refused and the dirty bit
+    /// stays set until then (rule 5).
+    pub(crate) refcounts_stale: bool,
     /// The persistent bitmaps extension, when consistent (read-only use).
     pub(crate) bitmaps: Option<crate::format::Extension>,
     /// Cluster index where the search for free clusters starts.
@@ -322,6 +334,8 @@ where
             read_only: options.read_only,
             lazy,
             corrupt_detected: false,
+            refcounts_stale: options.for_repair
+                && header.incompatible_features & incompatible::DIRTY != 0,
             // Valid only while the autoclear bit says so.
             bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
             free_hint: if free_hint == DEVICE_END {
@@ -459,6 +473,7 @@ where
             read_only: self.read_only,
             lazy: self.lazy,
             corrupt_detected: self.corrupt_detected,
+            refcounts_stale: self.refcounts_stale,
             bitmaps: self.bitmaps,
             free_hint: self.free_hint,
             dev_clusters: self.dev_clusters,
@@ -483,6 +498,7 @@ where
             read_only: self.read_only,
             lazy: self.lazy,
             corrupt_detected: self.corrupt_detected,
+            refcounts_stale: self.refcounts_stale,
             bitmaps: self.bitmaps,
             free_hint: self.free_hint,
             dev_clusters: self.dev_clusters,
@@ -652,6 +668,10 @@ where
         if self.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }
+        if self.refcounts_stale {
+            // Allocating from stale refcounts would overwrite live data.
+            return Err(Error::NeedsRepair);
+        }
         if self.lazy && self.header.incompatible_features & incompatible::DIRTY == 0 {
             // Durable before the first metadata write that may skip ordering (rule 5).
             self.set_incompatible(incompatible::DIRTY).await?;
@@ -754,13 +774,14 @@ where
 
     /// Does what [`Qcow2::close`] does (flush, then clear the dirty bit of
     /// lazy refcounts) but keeps the image open; a later write sets the
-    /// dirty bit again.
+    /// dirty bit again. A dirty image opened for repair keeps its dirty bit
+    /// unless a full repair succeeded: its refcounts may still be stale.
     ///
     /// Cancelled, as [`Qcow2::flush`]; the dirty bit may stay set.
     pub async fn finish(&mut self) -> Result<(), Error<D::Error>> {
         self.flush().await?;
         #[cfg(feature = "write")]
-        if !self.read_only {
+        if !self.read_only && !self.refcounts_stale {
             self.clear_incompatible(incompatible::DIRTY).await?;
         }
         Ok(())

@@ -125,7 +125,7 @@ where
     }
 
     /// The last header extension of `kind`, if any.
-    async fn find_extension(
+    pub(crate) async fn find_extension(
         &mut self,
         kind: ExtensionKind,
     ) -> Result<Option<Extension>, Error<D::Error>> {

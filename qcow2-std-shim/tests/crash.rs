@@ -241,6 +241,24 @@ impl Model {
         ids
     }
 
+    /// After a write that failed part way (`NoSpace`): what sectors
+    /// `[first, first + len)` read now is their current value (the old one
+    /// or the one written); the write stays recent for a crash.
+    fn settle_range(&mut self, img: &mut Image, first: u64, len: u64, what: &str) {
+        let mut buf = vec![[0u8; SECTOR]; len as usize];
+        block_on(img.read(first, &mut buf)).unwrap_or_else(|e| panic!("{what}: read: {e:?}"));
+        for (i, got) in buf.iter().enumerate() {
+            let s = first as usize + i;
+            let id = u64::from_le_bytes(got[..8].try_into().unwrap());
+            let id = if *got == [0; SECTOR] { 0 } else { id };
+            assert!(
+                id == self.current[s] || self.recent[s].contains(&id),
+                "{what}: sector {s} holds a third value after NoSpace"
+            );
+            self.current[s] = id;
+        }
+    }
+
     /// After an [`Op::Crash`]: what the reopened image reads is durable.
     fn settle(&mut self, img: &mut Image, what: &str) {
         self.current = self.verify(img, what);
@@ -272,6 +290,9 @@ enum Device {
     /// Cannot grow (a partition): the size the workload reaches on a
     /// growable device plus this many clusters.
     Fixed { spare_clusters: u64 },
+    /// Cannot grow, and holds only this many clusters: the workload fills
+    /// it, and writes that find no room fail with `NoSpace`.
+    Full { clusters: u64 },
 }
 
 /// Replays `w` on a fresh copy of `base`, crashing at write `crash_at`.
@@ -296,7 +317,14 @@ fn replay(w: &Workload, base: &[u8], fixed: bool, crash_at: Option<u64>) -> (Fau
     let mut img = open_image(dev, cache(), OpenOptions::read_write(), backing).unwrap();
     for op in &w.ops {
         let result = match *op {
-            Op::Write { first, len } => model.write(&mut img, first, len),
+            Op::Write { first, len } => match model.write(&mut img, first, len) {
+                // A full fixed device: the write may have landed in part.
+                Err(Error::NoSpace) if fixed => {
+                    model.settle_range(&mut img, first, len, w.name);
+                    Ok(())
+                }
+                other => other,
+            },
             Op::WriteCompressed { cluster } => {
                 let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
                 model.write_compressed(&mut img, cluster, cluster_sectors)
@@ -403,12 +431,17 @@ fn run(w: &Workload, device: Device) -> (u64, u64) {
     let cluster_sectors = 1u64 << (w.options.cluster_bits - 9);
     let base = match (&w.base, device) {
         (Some(base), Device::Growable) => base.bytes.clone(),
+        (Some(_), Device::Full { .. }) => unreachable!("full devices start empty"),
         (Some(base), Device::Fixed { spare_clusters }) => {
             let sectors = base.bytes.len() as u64 / SECTOR as u64;
             let dev = FaultDevice::fixed(&base.bytes, sectors + spare_clusters * cluster_sectors);
             dev.survivor(Survival::FlushedOnly).as_bytes().to_vec()
         }
         (None, Device::Growable) => new_image(FaultDevice::new(), w.options),
+        (None, Device::Full { clusters }) => new_image(
+            FaultDevice::fixed(&[], clusters * cluster_sectors),
+            w.options,
+        ),
         (None, Device::Fixed { spare_clusters }) => {
             // As large as the workload makes a growable device, and a bit.
             let growable = new_image(FaultDevice::new(), w.options);
@@ -663,6 +696,52 @@ fn crash_during_refcount_table_growth_on_a_fixed_size_device() {
         Device::Fixed { spare_clusters: 2 },
     );
     assert_ne!(before, after, "the workload never moved the refcount table");
+}
+
+/// A lazy-refcounts image that fills a fixed-size device (writes fail with
+/// `NoSpace` in the end), then overwrites and crashes: however full the
+/// device, a dirty survivor must open read-write again (its refcounts
+/// rebuilt inside the device) with every flushed sector intact.
+fn full_device_workload(name: &'static str, cluster_bits: u32, seed: u64) -> Workload {
+    let mut options = opts(256 << 10, cluster_bits, 4);
+    options.lazy_refcounts = true;
+    let sectors = options.size / SECTOR as u64;
+    let step = 1u64 << (cluster_bits - 9);
+    let mut ops = Vec::new();
+    for (i, first) in (0..sectors).step_by(step as usize).enumerate() {
+        ops.push(Op::Write { first, len: step });
+        if i % 8 == 7 {
+            ops.push(Op::Flush);
+        }
+    }
+    // Full now: overwrites in place, with a crash and more writes after.
+    let extra = [(5, Op::Flush), (9, Op::Crash), (13, Op::Flush)];
+    ops.extend(random_writes(seed, 30, 4, sectors / 4, 16, &extra));
+    ops.push(Op::Crash);
+    ops.extend(random_writes(seed + 1, 10, 4, sectors, 16, &[]));
+    Workload {
+        name,
+        options,
+        ops,
+        base: None,
+        backing: None,
+    }
+}
+
+/// Item 12 of the full-device class: with lazy refcounts the rebuild a
+/// crash calls for needs room, which a full fixed-size device has to keep.
+#[test]
+fn crash_with_lazy_refcounts_on_a_full_fixed_size_device() {
+    for clusters in [40, 41, 57] {
+        run(
+            &full_device_workload("lazy refcounts, full device, 512 B clusters", 9, clusters),
+            Device::Full { clusters },
+        );
+    }
+    run(
+        &full_device_workload("lazy refcounts, full device, 4 KiB clusters", 12, 7),
+        Device::Full { clusters: 20 },
+    );
 }
 
 fn lazy_refcounts_workload() -> Workload {

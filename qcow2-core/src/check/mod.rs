@@ -7,6 +7,8 @@
 //! repeated once per window of clusters. A bigger buffer means fewer passes.
 
 #[cfg(feature = "write")]
+mod in_place;
+#[cfg(feature = "write")]
 mod rebuild;
 #[cfg(feature = "write")]
 mod repair;
@@ -234,6 +236,7 @@ where
         scratch: &mut [u8],
         mode: Option<Repair>,
     ) -> Result<CheckReport, Error<D::Error>> {
+        self.require_data_file_known().await?;
         let len = (scratch.len() / 4) as u64;
         if len == 0 {
             return Err(Error::InvalidArgument(

@@ -33,23 +33,23 @@ const SCATTER_ROUNDS: u32 = 4;
 
 /// Where a rebuild puts the new refcount structures.
 #[derive(Debug, Clone, Copy)]
-struct Placement {
+pub(super) struct Placement {
     /// First cluster of the new refcount table.
-    table: u64,
+    pub(super) table: u64,
     /// Clusters in the new table.
-    table_clusters: u64,
+    pub(super) table_clusters: u64,
     /// New refcount blocks.
-    blocks: u64,
+    pub(super) blocks: u64,
     /// `Some(start)`: block `j` is cluster `start + j` (the table follows
     /// the blocks). `None`: block `j` is the `j`-th cluster from cluster 1
     /// on that nothing references, the table's left out; the new table
     /// says which.
-    run: Option<u64>,
+    pub(super) run: Option<u64>,
     /// One past the last cluster of the new structures.
-    end: u64,
+    pub(super) end: u64,
     /// One past the last cluster that needs a refcount: every referenced
     /// cluster and the new structures. The blocks cover it.
-    limit: u64,
+    pub(super) limit: u64,
 }
 
 impl Placement {
@@ -74,12 +74,25 @@ where
     /// overlap the old ones or anything else referenced. Fails with
     /// [`Error::NoSpace`] before writing anything when the device has no
     /// room for them and cannot grow.
+    ///
+    /// When there is no room (a full fixed-size device), a v3 image is
+    /// rebuilt in place instead, under its dirty bit (see
+    /// [`Self::rebuild_in_place`]).
     pub(super) async fn rebuild_refcounts(
         &mut self,
         w: &mut Walk<'_>,
     ) -> Result<(), Error<D::Error>> {
         // Durable mapping first, so the walks and the device agree.
         self.flush().await?;
+        match self.rebuild_elsewhere(w).await {
+            Err(Error::NoSpace) if self.geo.v3 => self.rebuild_in_place(w).await,
+            done => done,
+        }
+    }
+
+    /// The rebuild into clusters nothing references, switched to by one
+    /// header write.
+    async fn rebuild_elsewhere(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
         // Every referenced cluster lies below this (the audit saw them all).
         let covered = w.end;
         let p = self.place_refcounts(w, covered).await?;
@@ -238,7 +251,7 @@ where
     /// refcount structures counting as referenced. `walked` says whether
     /// `w` holds the counts of its window (so a scan in increasing order
     /// walks the metadata once per window); false at the start of a scan.
-    async fn next_unreferenced(
+    pub(super) async fn next_unreferenced(
         &mut self,
         w: &mut Walk<'_>,
         walked: &mut bool,
@@ -344,7 +357,7 @@ where
 
     /// Zeroes `n` clusters from `first`, which nothing references; drops
     /// stale cached slices of them.
-    async fn zero_clusters(&mut self, first: u64, n: u64) -> Result<(), Error<D::Error>> {
+    pub(super) async fn zero_clusters(&mut self, first: u64, n: u64) -> Result<(), Error<D::Error>> {
         let bits = self.geo.cluster_bits;
         self.cache.forget_range(first << bits, n << bits)?;
         self.cache.note_device_write();
@@ -399,7 +412,7 @@ where
 
     /// Writes the counted refcounts of clusters `[first, stop)` into the new
     /// refcount blocks.
-    async fn store_refcounts(
+    pub(super) async fn store_refcounts(
         &mut self,
         w: &mut Walk<'_>,
         p: &Placement,

@@ -58,6 +58,7 @@ where
         }
         self.clear_incompatible(clear).await?;
         self.flush().await?;
+        self.refcounts_stale = false;
         Ok(report)
     }
 

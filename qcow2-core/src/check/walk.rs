@@ -23,14 +23,21 @@ where
     W: Workspace,
 {
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
-    /// the device and clear of the header, L1 table and refcount table.
+    /// the device and clear of the header and the L1 table.
+    ///
+    /// The refcount table is left out on purpose: an entry pointing into it
+    /// is counted (the clash then shows as a refcount table cluster with two
+    /// references, which only a rebuild elsewhere repairs) rather than
+    /// judged invalid. A hostile `refcount_table_clusters` can stretch the
+    /// table over L2 tables and data that QEMU reads; a repair that cleared
+    /// the entries pointing there would lose that data.
     pub(super) fn valid_clusters(&self, host: u64, len: u64) -> bool {
         self.geo.within_cluster(host) == 0
             && host != 0
             && host
                 .checked_add(len)
                 .is_some_and(|end| end <= self.dev_clusters * self.geo.cluster_size)
-            && !self.geo.hits_fixed_metadata(host, len)
+            && !self.geo.hits_header_or_l1(host, len)
     }
 
     /// The stored refcount of `cluster`, or `None` when the refcount
