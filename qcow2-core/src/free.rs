@@ -15,7 +15,7 @@ use crate::compress::Workspace;
 use crate::fill::Target;
 use crate::format::entry::ZERO;
 use crate::format::L2Entry;
-use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
@@ -127,7 +127,7 @@ where
             let cluster_end = (cluster_start + cluster_sectors).min(self.geo.sectors);
             let piece_end = cluster_end.min(end);
             let whole = sector == cluster_start && piece_end == cluster_end;
-            if whole || self.reads_as_zeros(guest).await? {
+            if whole || self.rest_reads_as_zeros(guest, sector, piece_end).await? {
                 self.zero_cluster(guest, unmap).await?;
             } else {
                 self.write_zero_sectors(sector, piece_end - sector).await?;
@@ -137,13 +137,26 @@ where
         Ok(())
     }
 
-    /// Whether guest cluster `guest` reads as zeros as it is mapped now
-    /// (through the backing where unallocated).
-    async fn reads_as_zeros(&mut self, guest: u64) -> Result<bool, Error<D::Error>> {
+    /// Whether guest cluster `guest`, zeroed over sectors `[from, to)`,
+    /// may take the zero flag whole, as QEMU decides for a write-zeroes
+    /// that covers part of a cluster: the cluster holds no data of its own
+    /// (unallocated or already a zero cluster) and the rest of it, outside
+    /// the range, reads as zeros (through the backing where unallocated;
+    /// what the backing has inside the range is hidden by the flag).
+    async fn rest_reads_as_zeros(
+        &mut self,
+        guest: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<bool, Error<D::Error>> {
         let bits = self.geo.cluster_bits - 9;
         let first = guest << bits;
-        let count = self.geo.cluster_sectors().min(self.geo.sectors - first);
-        self.is_zeroed(first, count).await
+        let end = (first + self.geo.cluster_sectors()).min(self.geo.sectors);
+        let (mapping, _) = self.map_run(first, 1).await?;
+        if !matches!(mapping, Mapping::Unallocated | Mapping::Zero) {
+            return Ok(false);
+        }
+        Ok(self.is_zeroed(first, from - first).await? && self.is_zeroed(to, end - to).await?)
     }
 
     /// Makes guest cluster `guest` stop using host space (if it does) and

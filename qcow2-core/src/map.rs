@@ -251,6 +251,29 @@ where
         Ok((first, run))
     }
 
+    /// The host byte offset of the cluster the L2 entry of guest byte
+    /// `offset` holds, if it holds one: data, a compressed stream's start,
+    /// or a zero cluster that keeps its preallocated host cluster (which
+    /// [`Qcow2::map`] reports as [`Mapping::Zero`]). `None` when the guest
+    /// cluster has no host cluster. QEMU's compressed writes refuse any
+    /// guest cluster that has one.
+    pub async fn host_cluster(&mut self, offset: u64) -> Result<Option<u64>, Error<D::Error>> {
+        if offset >= self.virtual_size() {
+            return Err(Error::OutOfRange);
+        }
+        let guest = offset >> self.geo.cluster_bits;
+        let l2 = self.l2_table(guest).await?;
+        if l2 == 0 {
+            return Ok(None);
+        }
+        Ok(match self.l2_entry(l2, guest).await?.0 {
+            L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => None,
+            L2Entry::Zero { offset, .. }
+            | L2Entry::Data { offset, .. }
+            | L2Entry::Compressed { offset, .. } => Some(offset),
+        })
+    }
+
     /// How the guest byte `offset` is stored, and for how many bytes from
     /// there the same holds (contiguously on the host for data).
     ///

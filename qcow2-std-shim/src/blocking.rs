@@ -359,6 +359,12 @@ impl<D: BlockDevice> Image<D> {
         block_on(self.inner.map(offset))
     }
 
+    /// The host cluster guest byte `offset`'s L2 entry holds, if any
+    /// (see [`qcow2_core::Qcow2::host_cluster`]).
+    pub fn host_cluster(&mut self, offset: u64) -> Result<Option<u64>, D> {
+        block_on(self.inner.host_cluster(offset))
+    }
+
     /// Makes earlier writes durable.
     pub fn flush(&mut self) -> Result<(), D> {
         block_on(self.inner.flush())

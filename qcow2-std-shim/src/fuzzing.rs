@@ -7,7 +7,7 @@
 
 use crate::codec::{compress_cluster, HostWorkspace};
 use crate::{block_on, FaultDevice, RamDevice, Survival};
-use qcow2_core::format::Header;
+use qcow2_core::format::{incompatible, Header};
 use qcow2_core::{
     Compression, CreateOptions, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
 };
@@ -109,28 +109,128 @@ fn readable<D: qcow2_core::BlockDevice>(img: &mut Small<D>) -> Vec<Option<Sector
         .collect()
 }
 
-/// Check and repair of arbitrary bytes: a repair never changes guest data
-/// that a read returned before it (whether it succeeds or fails); one that
-/// succeeds leaves no leaks, and a second repair finds nothing more to fix.
+/// Check and repair: a repair never changes guest data that a read
+/// returned before it (whether it succeeds or fails); one that succeeds
+/// leaves no leaks, and a second repair finds nothing more to fix.
+///
+/// Input that starts with the qcow2 magic is the image itself. Any other
+/// input builds an image (geometry and written sectors from the input),
+/// then mutates the header fields that size or place metadata (refcount
+/// table size and offset, L1 size and offset, incompatible bits): see
+/// [`check_repair_mutated`].
 pub fn check_repair(data: &[u8]) {
+    if !data.starts_with(b"QFI\xfb") {
+        return check_repair_mutated(data);
+    }
     let dev = RamDevice::from_bytes(data);
-    let Ok(mut img) = block_on(Small::open(dev, cache(), OpenOptions::repair())) else {
+    let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::repair())) else {
         return;
     };
-    let before = readable(&mut img);
+    repair_keeps_reads(img, None);
+}
+
+/// Header fields [`check_repair_mutated`] may change, one bit each in its
+/// second input byte.
+const MUTATE_REFTABLE_CLUSTERS: u8 = 1;
+const MUTATE_REFTABLE_OFFSET: u8 = 2;
+const MUTATE_L1_SIZE: u8 = 4;
+const MUTATE_L1_OFFSET: u8 = 8;
+const MUTATE_INCOMPATIBLE: u8 = 16;
+
+/// An image made here (cluster size, refcount width, version, lazy
+/// refcounts and up to 48 written sectors from the input), whose header
+/// then gets new values for the fields the second byte selects. The
+/// refcount table and the dirty and corrupt bits change nothing a read
+/// returns, so when only they changed, every sector must read after the
+/// repair as it did before the mutation; otherwise what our reads of the
+/// mutated image returned before the repair must hold.
+fn check_repair_mutated(data: &[u8]) {
+    let mut input = Input(data);
+    let (Some(a), Some(mutate)) = (input.byte(), input.byte()) else {
+        return;
+    };
+    let v2 = a & 0x80 != 0;
+    let options = CreateOptions {
+        size: 512 << 10,
+        cluster_bits: 9 + u32::from(a % 4),
+        refcount_order: if v2 { 4 } else { u32::from((a >> 2) % 7) },
+        version: if v2 { Version::V2 } else { Version::V3 },
+        lazy_refcounts: a & 0x40 != 0 && !v2,
+        ..CreateOptions::new(512 << 10)
+    };
+    let sectors = options.size / SECTOR as u64;
+    let Ok(mut img) = block_on(Small::create(RamDevice::new(), cache(), options)) else {
+        return;
+    };
+    let count = input.byte().map_or(0, |n| n % 48);
+    for id in 1..=u64::from(count) {
+        let Some(at) = input.u16() else { break };
+        let run = 1 + u64::from(at >> 13);
+        let first = u64::from(at) % sectors;
+        let buf: Vec<Sector> = (0..run.min(sectors - first))
+            .map(|k| sector_of(id << 8 | k))
+            .collect();
+        block_on(img.write(first, &buf)).expect("write");
+    }
+    let (dev, _) = block_on(img.close()).expect("close");
+    let mut bytes = dev.as_bytes().to_vec();
+    let original = {
+        let dev = RamDevice::from_bytes(&bytes);
+        let mut img = block_on(Small::open(dev, cache(), OpenOptions::read_only())).expect("open");
+        readable(&mut img)
+    };
+    let cs = 1u64 << options.cluster_bits;
+    let clusters = (bytes.len() as u64).div_ceil(cs) + 2;
+    let mut field = |at: usize, value: &[u8]| bytes[at..at + value.len()].copy_from_slice(value);
+    let mut value = || input.u16().map_or(0, u64::from);
+    if mutate & MUTATE_REFTABLE_CLUSTERS != 0 {
+        field(56, &((value() % 70) as u32).to_be_bytes());
+    }
+    if mutate & MUTATE_REFTABLE_OFFSET != 0 {
+        field(48, &((value() % clusters) * cs).to_be_bytes());
+    }
+    if mutate & MUTATE_L1_SIZE != 0 {
+        field(36, &((value() % 300) as u32).to_be_bytes());
+    }
+    if mutate & MUTATE_L1_OFFSET != 0 {
+        field(40, &((value() % clusters) * cs).to_be_bytes());
+    }
+    let mut incompatible = 0;
+    if mutate & MUTATE_INCOMPATIBLE != 0 && !v2 {
+        incompatible = value() & 0x1f;
+        let at = 72 + 7;
+        bytes[at] ^= incompatible as u8;
+    }
+    let dev = RamDevice::from_bytes(&bytes);
+    let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::repair())) else {
+        return;
+    };
+    // Dirty and corrupt change no read; the other bits refuse every read.
+    let reads_unchanged = mutate & (MUTATE_L1_SIZE | MUTATE_L1_OFFSET) == 0
+        && incompatible & !(incompatible::DIRTY | incompatible::CORRUPT) == 0;
+    repair_keeps_reads(img, reads_unchanged.then_some(original));
+}
+
+/// Repairs `img` and checks that it kept what reads returned: `expected`
+/// when given (every sector then must read so after a successful repair),
+/// else what reads of `img` return before the repair.
+fn repair_keeps_reads(mut img: Small<RamDevice>, expected: Option<Vec<Option<Sector>>>) {
+    let read_before = readable(&mut img);
+    let must_read = expected.is_some();
+    let before = expected.unwrap_or(read_before);
     let mut scratch = [0u8; 512];
     if block_on(img.check(&mut scratch)).is_err() {
         return;
     }
     let repaired = block_on(img.repair(&mut scratch, Repair::All)).is_ok();
-    let after = readable(&mut img);
-    for (sector, (was, is)) in before.iter().zip(&after).enumerate() {
-        if let Some(was) = was {
-            assert_eq!(
-                Some(was),
-                is.as_ref(),
-                "repair changed guest sector {sector}"
-            );
+    let read_after = readable(&mut img);
+    for (sector, (was, is)) in before.iter().zip(&read_after).enumerate() {
+        match (was, is) {
+            (Some(was), Some(is)) => assert_eq!(was, is, "repair changed guest sector {sector}"),
+            (Some(_), None) if repaired || !must_read => {
+                panic!("guest sector {sector} unreadable after the repair")
+            }
+            _ => {}
         }
     }
     if !repaired {
@@ -147,6 +247,13 @@ pub fn check_repair(data: &[u8]) {
         ),
         (after.corruptions, 0, 0),
         "a second repair found more to do: {again:?} after {after:?}"
+    );
+    // What the repair left on the device reads the same once reopened.
+    let (dev, slots) = block_on(img.close()).expect("close after a repair");
+    let mut img = block_on(Small::open(dev, slots, OpenOptions::read_only())).expect("reopen");
+    assert!(
+        readable(&mut img) == read_after,
+        "reopened image reads differently"
     );
 }
 

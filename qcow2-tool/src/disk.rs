@@ -571,9 +571,12 @@ impl Disk {
                         "compressed writes cover whole clusters",
                     ));
                 }
+                // As QEMU: a compressed write overwrites nothing that has
+                // a host cluster (data, compressed, or a zero cluster that
+                // keeps its preallocation): EIO.
                 let mut at = offset;
                 while at < end {
-                    if let (Mapping::Data { .. } | Mapping::Compressed { .. }, _) = image.map(at)? {
+                    if image.host_cluster(at)?.is_some() {
                         return Err(Error::Io(io::Error::from_raw_os_error(5)));
                     }
                     at += cluster;
