@@ -1,5 +1,6 @@
-//! What both firmware binaries share: the RAM block device, the data
-//! pattern, the stack meter, the panic handler and the host file helpers.
+//! What both firmware binaries share: the RAM block device (module `disk`),
+//! the data pattern, the stack meter, the panic handler and the host file
+//! helpers.
 //!
 //! Output goes to the host through semihosting, one figure a line, in the
 //! forms `cargo xtask firmware` and `cargo xtask size` parse:
@@ -7,107 +8,19 @@
 //! `ram <what>: N B`.
 #![no_std]
 
+mod disk;
+
+pub use disk::{take_device, Device, DiskError, RamDisk, DISK_SECTORS};
+
 use core::cell::Cell;
 use core::ffi::CStr;
 use core::future::Future;
 use core::pin::Pin;
 use core::task::{Context, Poll};
 
-use qcow2_core::{BlockDevice, Sector, SECTOR};
+use qcow2_core::{Sector, SECTOR};
 use semihosting::io::{Read as _, Write as _};
 use semihosting::{eprintln, println};
-use static_cell::ConstStaticCell;
-
-/// Sectors of the RAM disk: 256 KiB.
-pub const DISK_SECTORS: usize = 512;
-
-static DISK: ConstStaticCell<[Sector; DISK_SECTORS]> =
-    ConstStaticCell::new([[0; SECTOR]; DISK_SECTORS]);
-
-/// A fixed-size block device in RAM (a zeroed `static`, so in `.bss`).
-/// It cannot grow: [`BlockDevice::set_sector_count`] fails for any other
-/// size, as a partition or a flash region would.
-pub struct RamDisk {
-    sectors: &'static mut [Sector; DISK_SECTORS],
-}
-
-/// The RAM disk's errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskError {
-    /// A request reached past the end of the disk.
-    OutOfRange,
-    /// The disk has a fixed size.
-    CannotResize,
-}
-
-impl RamDisk {
-    /// The one RAM disk; `None` when taken before.
-    pub fn take() -> Option<RamDisk> {
-        DISK.try_take().map(|sectors| RamDisk { sectors })
-    }
-
-    /// The whole disk as bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.sectors.as_flattened()
-    }
-
-    /// The whole disk as bytes, to load it.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        self.sectors.as_flattened_mut()
-    }
-
-    /// Zeroes the whole disk.
-    pub fn zero(&mut self) {
-        self.bytes_mut().fill(0);
-    }
-
-    fn sectors(&self, first: u64, len: usize) -> Result<core::ops::Range<usize>, DiskError> {
-        let start = usize::try_from(first).map_err(|_| DiskError::OutOfRange)?;
-        let end = start.checked_add(len).ok_or(DiskError::OutOfRange)?;
-        if end > DISK_SECTORS {
-            return Err(DiskError::OutOfRange);
-        }
-        Ok(start..end)
-    }
-}
-
-impl BlockDevice for RamDisk {
-    type Error = DiskError;
-
-    async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), DiskError> {
-        let range = self.sectors(first, buf.len())?;
-        let src = self.sectors.get(range).ok_or(DiskError::OutOfRange)?;
-        for (d, s) in buf.iter_mut().zip(src) {
-            *d = *s;
-        }
-        Ok(())
-    }
-
-    async fn write(&mut self, first: u64, buf: &[Sector]) -> Result<(), DiskError> {
-        let range = self.sectors(first, buf.len())?;
-        let dst = self.sectors.get_mut(range).ok_or(DiskError::OutOfRange)?;
-        for (d, s) in dst.iter_mut().zip(buf) {
-            *d = *s;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<(), DiskError> {
-        Ok(())
-    }
-
-    fn sector_count(&self) -> u64 {
-        DISK_SECTORS as u64
-    }
-
-    async fn set_sector_count(&mut self, n: u64) -> Result<(), DiskError> {
-        if n == DISK_SECTORS as u64 {
-            Ok(())
-        } else {
-            Err(DiskError::CannotResize)
-        }
-    }
-}
 
 /// The content the examples write to guest sector `sector` of image
 /// `seed`: the sector number, then bytes that differ between sectors.
@@ -131,17 +44,17 @@ pub fn holds_pattern(seed: u8, first: u64, got: &[Sector]) -> bool {
     })
 }
 
-/// Writes the whole disk to `name` in the host's working directory.
-pub fn dump(name: &CStr, disk: &RamDisk) -> Result<(), semihosting::io::Error> {
-    semihosting::fs::File::create(name)?.write_all(disk.bytes())
+/// Writes a whole disk, `bytes` ([`RamDisk::bytes`]), to `name` in the
+/// host's working directory.
+pub fn dump(name: &CStr, bytes: &[u8]) -> Result<(), semihosting::io::Error> {
+    semihosting::fs::File::create(name)?.write_all(bytes)
 }
 
-/// Fills the disk from the host file `name` (the rest stays zero); returns
-/// the number of bytes read.
-pub fn load(name: &CStr, disk: &mut RamDisk) -> Result<usize, semihosting::io::Error> {
+/// Fills a disk, `buf` ([`RamDisk::bytes_mut`]), from the host file `name`
+/// (the rest zero); returns the number of bytes read.
+pub fn load(name: &CStr, buf: &mut [u8]) -> Result<usize, semihosting::io::Error> {
     let mut file = semihosting::fs::File::open(name)?;
-    disk.zero();
-    let buf = disk.bytes_mut();
+    buf.fill(0);
     let mut done = 0;
     while let Some(rest) = buf.get_mut(done..) {
         if rest.is_empty() {

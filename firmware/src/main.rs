@@ -1,9 +1,12 @@
 //! qcow2-core on a Cortex-M4F (QEMU `mps2-an386`): creates, writes, reads,
 //! flushes, closes, reopens read-only, checks, repairs and discards in an
-//! image on a 256 KiB RAM disk, then recovers a lazy-refcounts image left dirty, and
-//! reports the stack each phase and each call takes, the size of every
-//! future and the RAM the image needs. Writes every image it made to the
-//! host's working directory. Exits 0 when everything holds.
+//! image on a 256 KiB RAM disk, then recovers a lazy-refcounts image left
+//! dirty, then runs the same calls again as an ordinary application would
+//! write them (phase `app`), and reports the stack each phase and each
+//! call takes, the size of every future and the RAM the image needs.
+//! Writes every image it made to the host's working directory. Exits 0
+//! when everything holds. The device type is the build's
+//! [`qcow2_firmware::Device`].
 #![no_std]
 #![no_main]
 
@@ -15,13 +18,13 @@ use qcow2_core::{
     CheckReport, CreateOptions, Error, FirmwareCache, FirmwareQcow2, OpenError, OpenOptions, Qcow2,
     Repair, Sector, Slot,
 };
-use qcow2_firmware::{dump, holds_pattern, pattern, DiskError, RamDisk, StackMeter};
+use qcow2_firmware::{dump, holds_pattern, pattern, take_device, Device, DiskError, StackMeter};
 use semihosting::{eprintln, println};
 use static_cell::ConstStaticCell;
 
-/// The image type of this example: the RAM disk, and the firmware cache
-/// borrowed from a `static`.
-type Image = FirmwareQcow2<'static, RamDisk>;
+/// The image type of this example: the build's device, and the firmware
+/// cache borrowed from a `static`.
+type Image = FirmwareQcow2<'static, Device>;
 
 /// Sectors the example moves per call.
 const IO_SECTORS: usize = 8;
@@ -61,6 +64,10 @@ const LAZY_SEED: u8 = 0xa7;
 const LAZY_WRITES: &[(u64, u64)] = &[(0, 8), (4104, 8), (12288, 16)];
 const LAZY_HOLES: &[(u64, u64)] = &[(8, 8), (4096, 8), (12304, 8)];
 
+/// The pattern seed of the app phase's image (which has the first image's
+/// layout and writes).
+const APP_SEED: u8 = 0x3c;
+
 #[derive(Debug)]
 #[allow(dead_code)] // read through Debug
 enum Fail {
@@ -83,7 +90,7 @@ impl<T> In<T> for Result<T, Error<DiskError>> {
     }
 }
 
-impl<T> In<T> for Result<T, OpenError<RamDisk, Cache>> {
+impl<T> In<T> for Result<T, OpenError<Device, Cache>> {
     fn in_phase(self, phase: &'static str) -> Result<T, Fail> {
         self.map_err(|e| Fail::Qcow2(phase, e.error))
     }
@@ -109,12 +116,14 @@ fn main() -> ! {
     }
 }
 
-/// Prints the RAM figures and runs the example under `block_on`; its frame
-/// holds the example's future.
+/// Prints the RAM figures, runs the example's phases under `block_on`,
+/// then the `app` phase under a `block_on` of its own, as an application
+/// would: each in a frame of its own that holds its future, so the whole
+/// run's stack is the larger of the two.
 #[inline(never)]
 fn firmware(meter: &StackMeter) -> Result<(), Fail> {
     let (Some(disk), Some(cache), Some(io), Some(scratch)) = (
-        RamDisk::take(),
+        take_device(),
         CACHE.try_take(),
         IO.try_take(),
         SCRATCH.try_take(),
@@ -124,46 +133,90 @@ fn firmware(meter: &StackMeter) -> Result<(), Fail> {
     println!("ram slot: {} B", size_of::<Slot<1>>());
     println!("ram cache: {} B", size_of::<FirmwareCache>());
     println!("ram image: {} B", size_of::<Image>());
+    println!("ram device: {} B", size_of::<Device>());
     println!("ram scratch io: {} B", size_of::<[Sector; IO_SECTORS]>());
     println!("ram scratch check: {} B", size_of::<[u8; CHECK_SCRATCH]>());
     println!("ram disk: {} B", disk.bytes().len());
+    let (mut disk, cache) = run_example(meter, disk, cache, io, scratch)?;
+
+    zero(&mut disk);
+    println!("future app: {} B", returned_size(&app));
+    let top = meter.begin_phase();
+    let disk = run_app(disk, cache, io, scratch)?;
+    meter.end_phase("app", top);
+    println!("app: device counters {:?}", disk.counters());
+    dump(c"fw-app.qcow2", disk.bytes()).map_err(|e| Fail::Host("fw-app.qcow2", e))
+}
+
+/// The example's phases under `block_on`, in a frame of its own, which
+/// holds their future, gone when the app phase runs.
+#[inline(never)]
+fn run_example(
+    meter: &StackMeter,
+    disk: Device,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8; CHECK_SCRATCH],
+) -> Result<(Device, Cache), Fail> {
     let run = run(meter, disk, cache, io, scratch);
     println!("future firmware: {} B", core::mem::size_of_val(&run));
     meter.paint();
     embassy_futures::block_on(run)
 }
 
+/// The app phase under `block_on`, in a frame of its own (below the
+/// phase's start, so that its stack figure includes the future).
+#[inline(never)]
+fn run_app(
+    disk: Device,
+    cache: Cache,
+    io: &'static mut [Sector; IO_SECTORS],
+    scratch: &'static mut [u8],
+) -> Result<Device, Fail> {
+    embassy_futures::block_on(app(disk, cache, io, scratch))
+}
+
+/// The size of the future `f` returns, without calling it.
+fn returned_size<F, R>(_: &F) -> usize
+where
+    F: FnOnce(Device, Cache, &'static mut [Sector; IO_SECTORS], &'static mut [u8]) -> R,
+{
+    size_of::<R>()
+}
+
 /// The cache, borrowed from its `static` for the whole run.
 type Cache = &'static mut FirmwareCache;
 
 /// The phases in order, each in its own `async fn`, so that their images
-/// and futures share space in this future.
+/// and futures share space in this future. Returns the device and cache
+/// for the app phase.
 async fn run(
     m: &StackMeter,
-    disk: RamDisk,
+    disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
     scratch: &mut [u8; CHECK_SCRATCH],
-) -> Result<(), Fail> {
+) -> Result<(Device, Cache), Fail> {
     let (disk, cache) = create_write_read(m, disk, cache, io).await?;
     let (disk, cache) = read_only_and_check(m, disk, cache, io, scratch).await?;
     let (disk, cache) = repair(m, disk, cache, io, scratch).await?;
     let (mut disk, cache) = discard(m, disk, cache, io, scratch).await?;
-    dump(c"fw-create.qcow2", &disk).map_err(|e| Fail::Host("fw-create.qcow2", e))?;
-    disk.zero();
-    let disk = lazy_crash(m, disk, cache, io, scratch).await?;
-    dump(c"fw-lazy.qcow2", &disk).map_err(|e| Fail::Host("fw-lazy.qcow2", e))
+    dump(c"fw-create.qcow2", disk.bytes()).map_err(|e| Fail::Host("fw-create.qcow2", e))?;
+    zero(&mut disk);
+    let (disk, cache) = lazy_crash(m, disk, cache, io, scratch).await?;
+    dump(c"fw-lazy.qcow2", disk.bytes()).map_err(|e| Fail::Host("fw-lazy.qcow2", e))?;
+    Ok((disk, cache))
 }
 
 /// Phases create, write, read, flush and close.
 async fn create_write_read(
     m: &StackMeter,
-    mut disk: RamDisk,
+    mut disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
-) -> Result<(RamDisk, Cache), Fail> {
+) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
-    disk.zero();
+    zero(&mut disk);
     let options = CreateOptions {
         cluster_bits: 9,
         ..CreateOptions::new(CREATE_SIZE)
@@ -201,11 +254,11 @@ async fn create_write_read(
 /// check (must be clean).
 async fn read_only_and_check(
     m: &StackMeter,
-    disk: RamDisk,
+    disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
     scratch: &mut [u8],
-) -> Result<(RamDisk, Cache), Fail> {
+) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
     let mut image: Image = m
         .call(
@@ -241,11 +294,11 @@ async fn read_only_and_check(
 /// Phase repair: reopen read-write, repair (nothing to do), verify.
 async fn repair(
     m: &StackMeter,
-    disk: RamDisk,
+    disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
     scratch: &mut [u8],
-) -> Result<(RamDisk, Cache), Fail> {
+) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
     let mut image: Image = m
         .call(
@@ -274,11 +327,11 @@ async fn repair(
 /// are neither leaked nor still referenced).
 async fn discard(
     m: &StackMeter,
-    disk: RamDisk,
+    disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
     scratch: &mut [u8],
-) -> Result<(RamDisk, Cache), Fail> {
+) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
     let mut image: Image = m
         .call(
@@ -316,11 +369,11 @@ async fn discard(
 /// find it clean.
 async fn lazy_crash(
     m: &StackMeter,
-    disk: RamDisk,
+    disk: Device,
     cache: Cache,
     io: &mut [Sector; IO_SECTORS],
     scratch: &mut [u8],
-) -> Result<RamDisk, Fail> {
+) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
     let options = CreateOptions {
         cluster_bits: 12,
@@ -349,12 +402,108 @@ async fn lazy_crash(
         .await
         .in_phase("lazy-crash")?;
     clean("lazy-crash check", &report)?;
-    let (disk, _cache) = m
+    let closed = m
         .call("close", pin!(image.close()))
         .await
         .in_phase("lazy-crash")?;
     m.end_phase("lazy-crash", top);
+    Ok(closed)
+}
+
+/// Phase app: the calls of the phases above as an ordinary application
+/// writes them, one after the other with plain `.await`s, no meter and no
+/// wrappers, run under `block_on` of its own: creates an image, writes and
+/// reads it back, flushes and closes it, reopens it read-only and reads
+/// it, reopens it read-write, checks, repairs, discards, writes zeroes,
+/// verifies and closes. Its stack (`stack app`, the future included) is
+/// what an application pays.
+async fn app(
+    disk: Device,
+    cache: Cache,
+    io: &mut [Sector; IO_SECTORS],
+    scratch: &mut [u8],
+) -> Result<Device, Fail> {
+    let options = CreateOptions {
+        cluster_bits: 9,
+        ..CreateOptions::new(CREATE_SIZE)
+    };
+    let mut image: Image = Qcow2::create(disk, cache, options)
+        .await
+        .in_phase("app: create")?;
+    for &(first, count) in CREATE_WRITES {
+        for at in (first..first + count).step_by(IO_SECTORS) {
+            let buf = chunk(io, at, first + count)?;
+            for (s, sector) in buf.iter_mut().zip(at..) {
+                pattern(APP_SEED, sector, s);
+            }
+            image.write(at, buf).await.in_phase("app: write")?;
+        }
+    }
+    for &(first, count) in CREATE_WRITES {
+        for at in (first..first + count).step_by(IO_SECTORS) {
+            let buf = chunk(io, at, first + count)?;
+            image.read(at, buf).await.in_phase("app: read")?;
+            if !holds_pattern(APP_SEED, at, buf) {
+                return Err(Fail::Verify("app: data read back differs"));
+            }
+        }
+    }
+    image.flush().await.in_phase("app: flush")?;
+    let (disk, cache) = image.close().await.in_phase("app: close")?;
+
+    let mut image: Image = Qcow2::open(disk, cache, OpenOptions::read_only())
+        .await
+        .in_phase("app: open read-only")?;
+    let buf = chunk(io, 0, 8)?;
+    image.read(0, buf).await.in_phase("app: read")?;
+    if !holds_pattern(APP_SEED, 0, buf) {
+        return Err(Fail::Verify("app: read-only data differs"));
+    }
+    let (disk, cache) = image.close().await.in_phase("app: close")?;
+
+    let mut image: Image = Qcow2::open(disk, cache, OpenOptions::read_write())
+        .await
+        .in_phase("app: open")?;
+    let report = image.check(scratch).await.in_phase("app: check")?;
+    clean("app check", &report)?;
+    let report = image
+        .repair(scratch, Repair::All)
+        .await
+        .in_phase("app: repair")?;
+    clean("app repair", &report)?;
+    for &(first, count) in DISCARDED {
+        image.discard(first, count).await.in_phase("app: discard")?;
+    }
+    image
+        .write_zeroes(0, 8, false)
+        .await
+        .in_phase("app: write zeroes")?;
+    image.flush().await.in_phase("app: flush")?;
+    for &(first, count) in DISCARDED.iter().chain(&[(0, 8)]) {
+        for at in (first..first + count).step_by(IO_SECTORS) {
+            let buf = chunk(io, at, first + count)?;
+            image.read(at, buf).await.in_phase("app: read")?;
+            if buf.iter().any(|s| s.iter().any(|&b| b != 0)) {
+                return Err(Fail::Verify("app: discarded data still reads"));
+            }
+        }
+    }
+    let report = image.check(scratch).await.in_phase("app: check")?;
+    clean("app check after discard", &report)?;
+    let (disk, _cache) = image.close().await.in_phase("app: close")?;
     Ok(disk)
+}
+
+/// Zeroes the whole disk (a function: the device is a `RamDisk` or a
+/// `&mut` of one, depending on the build).
+fn zero(disk: &mut Device) {
+    disk.zero();
+}
+
+/// The part of `io` for sectors `at..end`, at most `IO_SECTORS`.
+fn chunk(io: &mut [Sector; IO_SECTORS], at: u64, end: u64) -> Result<&mut [Sector], Fail> {
+    let n = end.saturating_sub(at).min(IO_SECTORS as u64) as usize;
+    io.get_mut(..n).ok_or(Fail::Verify("chunk"))
 }
 
 /// Prints a check report; fails unless it is clean.

@@ -1,6 +1,6 @@
 //! Creating a new, empty image.
 
-use core::pin::pin;
+use core::future::Future;
 
 use crate::cache::Slot;
 use crate::format::entry::COPIED;
@@ -9,7 +9,7 @@ use crate::format::{
     compatible, incompatible, refcount, shr_ceil, Header, Version, MAX_CLUSTER_BITS, MAX_L1_BYTES,
     MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
 };
-use crate::outline::OutOfLine;
+use crate::image::Prepare;
 use crate::{BlockDevice, Compression, Error, OpenError, OpenOptions, Qcow2, Sector, SECTOR};
 
 /// Parameters of a new image, with `qemu-img create`'s defaults.
@@ -163,8 +163,12 @@ where
     /// one must be large enough, and its first clusters are overwritten. On
     /// failure the device and cache come back in the [`OpenError`].
     /// Cancelled, it leaves a device that may not open as an image.
-    pub async fn create(dev: D, cache: S, options: CreateOptions) -> Result<Self, OpenError<D, S>> {
-        Self::create_with_files(dev, cache, options, &ExternalFiles::NONE).await
+    pub fn create(
+        dev: D,
+        cache: S,
+        options: CreateOptions,
+    ) -> impl Future<Output = Result<Self, OpenError<D, S>>> + use<D, S, K> {
+        Self::create_with_files(dev, cache, options, &ExternalFiles::NONE)
     }
 
     /// Formats `dev` like [`Qcow2::create`], naming the backing file and
@@ -173,37 +177,37 @@ where
     /// opens without its backing attached (attach it with
     /// [`Qcow2::with_backing`] before guest I/O), and an image with a data
     /// file without it (attach it with [`Qcow2::attach_data_file`]).
-    pub async fn create_with_files(
-        mut dev: D,
+    pub fn create_with_files<'a>(
+        dev: D,
         cache: S,
         options: CreateOptions,
-        files: &ExternalFiles<'_>,
-    ) -> Result<Self, OpenError<D, S>> {
-        // Format's frame is on the stack only while it runs, not under open.
-        let formatted = {
-            let format = pin!(format(&mut dev, &options, files));
-            OutOfLine(format).await
-        };
-        let total = match formatted {
-            Ok(total) => total,
-            Err(error) => {
-                return Err(OpenError {
-                    error,
-                    device: dev,
-                    cache,
-                })
-            }
-        };
-        Self::open_created(dev, cache, total).await
+        files: &'a ExternalFiles<'a>,
+    ) -> impl Future<Output = Result<Self, OpenError<D, S>>> + use<'a, D, S, K> {
+        // The open formats the device first, in the same future: the device
+        // is held once, and format's frame is on the stack only while it
+        // runs. A fresh image is clean and not verified, so the open never
+        // rebuilds or checks it: no rebuild scratch.
+        Self::open_from(
+            dev,
+            cache,
+            OpenOptions::read_write(),
+            [0u8; 0],
+            Format { options, files },
+        )
     }
+}
 
-    /// Opens an image just formatted, with `total` clusters of metadata:
-    /// on a fixed device larger than that, data starts right after it.
-    /// A fresh image is clean and not verified, so open never rebuilds or
-    /// checks it: no rebuild scratch (and none in this future).
-    async fn open_created(dev: D, cache: S, total: u64) -> Result<Self, OpenError<D, S>> {
-        let options = OpenOptions::read_write();
-        Self::open_from(dev, cache, options, &mut [], total).await
+/// Create's [`Prepare`]: formats the device with `options`, naming
+/// `files`; allocation then starts right after the metadata (on a fixed
+/// device larger than that, data follows it).
+struct Format<'a> {
+    options: CreateOptions,
+    files: &'a ExternalFiles<'a>,
+}
+
+impl<D: BlockDevice> Prepare<D> for Format<'_> {
+    async fn prepare(self, dev: &mut D) -> Result<u64, Error<D::Error>> {
+        format(dev, &self.options, self.files).await
     }
 }
 

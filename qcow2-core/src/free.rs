@@ -282,7 +282,8 @@ where
     }
 
     /// Whether the host clusters of the compressed cluster of `len` bytes at
-    /// host byte `host` may lose a reference. A descriptor is only a claim
+    /// host byte `host` may lose a reference (rule 9 of `ORDERING.md`).
+    /// A descriptor is only a claim
     /// (a hostile or damaged L2 entry may point at the header, a refcount
     /// block, an L2 table or another cluster's data, with a refcount that
     /// counts only the real owner), and releasing on its word would free,

@@ -1,5 +1,8 @@
 //! The open image: [`Qcow2`] with open, read, write, flush and close.
 
+use core::future::Future;
+use core::pin::pin;
+
 use crate::backing::{Backing, NoBacking};
 use crate::cache::{Cache, Slot};
 #[cfg(feature = "write")]
@@ -8,11 +11,26 @@ use crate::compress::{NoWorkspace, Workspace};
 use crate::data::Devices;
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
 use crate::map::Mapping;
+use crate::outline::OutOfLine;
 use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
 
-/// [`Qcow2::open_from`]'s `free_hint` for "allocate from the device's
-/// end" (a plain value rather than an `Option`: smaller futures).
+/// [`Prepare::prepare`]'s result for "allocate from the device's end" (a
+/// plain value rather than an `Option`: smaller futures).
 pub(crate) const DEVICE_END: u64 = u64::MAX;
+
+/// What an open does to the device before it reads the header: nothing
+/// (`()`: an existing image), or format it (create).
+pub(crate) trait Prepare<D: BlockDevice> {
+    /// Prepares `dev`; returns the host cluster allocation starts at, or
+    /// [`DEVICE_END`].
+    async fn prepare(self, dev: &mut D) -> Result<u64, Error<D::Error>>;
+}
+
+impl<D: BlockDevice> Prepare<D> for () {
+    async fn prepare(self, _dev: &mut D) -> Result<u64, Error<D::Error>> {
+        Ok(DEVICE_END)
+    }
+}
 
 /// How to open an image.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -266,65 +284,132 @@ where
     /// Cancelled (dropped before completion), it leaves the image as a
     /// crash at that point would: at most leaked clusters, which a later
     /// read-write open or repair reclaims.
-    pub async fn open(dev: D, cache: S, options: OpenOptions) -> Result<Self, OpenError<D, S>> {
+    pub fn open(
+        dev: D,
+        cache: S,
+        options: OpenOptions,
+    ) -> impl Future<Output = Result<Self, OpenError<D, S>>> + use<D, S, K> {
         // 128 host clusters per rebuild pass: small, so that this future
         // stays under 4 KiB on firmware; more passes on larger images.
-        let mut scratch = [0u8; 512];
-        Self::open_from(dev, cache, options, &mut scratch, DEVICE_END).await
+        Self::open_from(dev, cache, options, [0u8; 512], ())
     }
 
     /// Opens the image like [`Qcow2::open`], using `rebuild_scratch` (4 bytes
     /// per host cluster and pass) should a dirty image need its refcounts
     /// rebuilt.
-    pub async fn open_with_scratch(
+    pub fn open_with_scratch<'a>(
         dev: D,
         cache: S,
         options: OpenOptions,
-        rebuild_scratch: &mut [u8],
-    ) -> Result<Self, OpenError<D, S>> {
-        Self::open_from(dev, cache, options, rebuild_scratch, DEVICE_END).await
+        rebuild_scratch: &'a mut [u8],
+    ) -> impl Future<Output = Result<Self, OpenError<D, S>>> + use<'a, D, S, K> {
+        Self::open_from(dev, cache, options, rebuild_scratch, ())
     }
 
-    /// Opens the image; allocation starts at host cluster `free_hint`
-    /// ([`DEVICE_END`]: the device's end; create knows where its metadata
-    /// ends, and passes that). The image is returned as the tail expression, so that its
-    /// callers' frames do not hold copies of it.
-    pub(crate) async fn open_from(
-        mut dev: D,
+    /// Opens the image on `dev` once `prepare` has run on it (create
+    /// formats it there; its result is the host cluster allocation starts
+    /// at, [`DEVICE_END`] for the device's end); `rebuild_scratch` serves a
+    /// dirty image's refcount rebuild.
+    ///
+    /// Not an `async fn` (it would store its arguments twice), and every
+    /// step that does I/O is polled out of line through `&mut D`: the
+    /// device's size reaches this future only through the argument's slot
+    /// and the image's, and the stack of its poll only through the image
+    /// it returns, never the deep frames of formatting, reading the header
+    /// or rebuilding refcounts. Only the image (and its settling) is live
+    /// across the last await, so the earlier steps share its space.
+    pub(crate) fn open_from<R, P>(
+        dev: D,
         cache: S,
         options: OpenOptions,
-        rebuild_scratch: &mut [u8],
+        mut rebuild_scratch: R,
+        prepare: P,
+    ) -> impl Future<Output = Result<Self, OpenError<D, S>>> + use<R, P, D, S, K>
+    where
+        R: AsMut<[u8]>,
+        P: Prepare<D>,
+    {
+        let mut dev = dev;
+        async move {
+            let prepared = {
+                let prepare = pin!(prepare.prepare(&mut dev));
+                OutOfLine(prepare).await
+            };
+            let free_hint = match prepared {
+                Ok(hint) => hint,
+                Err(error) => {
+                    return Err(OpenError {
+                        error,
+                        device: dev,
+                        cache,
+                    })
+                }
+            };
+            let read = {
+                let read = pin!(Self::header_of(&mut dev, options));
+                OutOfLine(read).await
+            };
+            let (header, bitmaps) = match read {
+                Ok(header) => header,
+                Err(error) => {
+                    return Err(OpenError {
+                        error,
+                        device: dev,
+                        cache,
+                    })
+                }
+            };
+            let lazy = !options.read_only
+                && header.version == Version::V3
+                && header.compatible_features & compatible::LAZY_REFCOUNTS != 0;
+            let cache = match Cache::new(cache, header.cluster_size(), lazy) {
+                Ok(cache) => cache,
+                Err((error, cache)) => {
+                    return Err(OpenError {
+                        error,
+                        device: dev,
+                        cache,
+                    })
+                }
+            };
+            // Nothing borrowed is live across the await below but the
+            // image: what is stored in this future is the image and the
+            // settle future, next to the device's own slot.
+            let mut image = Self::assemble(dev, cache, header, bitmaps, options, lazy, free_hint);
+            let settled = {
+                let settle = pin!(image.settle(options, rebuild_scratch.as_mut()));
+                OutOfLine(settle).await
+            };
+            if let Err(error) = settled {
+                // Not `abandon`: it would take a copy of the image.
+                return Err(OpenError {
+                    error,
+                    device: image.dev.meta,
+                    cache: image.cache.into_slots(),
+                });
+            }
+            Ok(image)
+        }
+    }
+
+    /// The image on `dev` with the `header` just read (before
+    /// [`Qcow2::settle`]); see [`Qcow2::open_from`] for `free_hint`.
+    /// Inlined, so that the image is built where the open's future keeps
+    /// it rather than on the stack.
+    #[inline(always)]
+    fn assemble(
+        dev: D,
+        cache: Cache<S, K>,
+        header: Header,
+        bitmaps: Option<crate::format::Extension>,
+        options: OpenOptions,
+        lazy: bool,
         free_hint: u64,
-    ) -> Result<Self, OpenError<D, S>> {
-        let mut scratch = [0u8; SECTOR];
-        let header = match Self::read_header(&mut dev, &mut scratch, options).await {
-            Ok(header) => header,
-            Err(error) => {
-                return Err(OpenError {
-                    error,
-                    device: dev,
-                    cache,
-                })
-            }
-        };
-        let (header, bitmaps) = header;
+    ) -> Self {
         let geo = Geometry::new(&header);
-        let lazy = !options.read_only
-            && geo.v3
-            && header.compatible_features & compatible::LAZY_REFCOUNTS != 0;
-        let cache = match Cache::new(cache, geo.cluster_size, lazy) {
-            Ok(cache) => cache,
-            Err((error, cache)) => {
-                return Err(OpenError {
-                    error,
-                    device: dev,
-                    cache,
-                })
-            }
-        };
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
         let dev_clusters = geo.clusters_for(dev_bytes);
-        let mut image = Qcow2 {
+        Qcow2 {
             dev: Devices::new(dev),
             backing: NoBacking::new(),
             ws: NoWorkspace::default(),
@@ -344,20 +429,21 @@ where
                 free_hint
             },
             dev_clusters,
-            scratch,
+            scratch: [0; SECTOR],
             names_backing: header.has_backing_file() && !options.no_backing,
             backing_attached: false,
             pack_next: 0,
-        };
-        if let Err(error) = image.settle(options, rebuild_scratch).await {
-            let (device, cache) = image.abandon();
-            return Err(OpenError {
-                error,
-                device,
-                cache,
-            });
         }
-        Ok(image)
+    }
+
+    /// [`Qcow2::read_header`] with a sector of scratch in its own future
+    /// (the image has its own, built after).
+    async fn header_of(
+        dev: &mut D,
+        options: OpenOptions,
+    ) -> Result<(Header, Option<crate::format::Extension>), Error<D::Error>> {
+        let mut scratch = [0u8; SECTOR];
+        Self::read_header(dev, &mut scratch, options).await
     }
 
     /// Reads and validates the header and its extensions, refusing what

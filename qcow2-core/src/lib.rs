@@ -51,7 +51,6 @@ mod image;
 pub mod inflate;
 mod map;
 mod names;
-#[cfg(feature = "write")]
 mod outline;
 #[cfg(feature = "write")]
 mod pack;
@@ -72,7 +71,7 @@ pub mod seek;
 pub use backing::NoBacking;
 pub use cache::Slot;
 #[cfg(feature = "check")]
-pub use check::{CheckReport, Repair};
+pub use check::{CheckReport, Finding, Repair};
 pub use compress::{Compression, NoWorkspace, Workspace};
 #[cfg(feature = "write")]
 pub use create::CreateOptions;

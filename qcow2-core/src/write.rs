@@ -270,9 +270,12 @@ where
             if p.fill == Fill::Backing {
                 read_backing_into(&mut self.backing, guest_sector, buf).await?;
             }
+            // Equal lengths; zipped, as `copy_from_slice` panics otherwise.
             buf.get_mut(skip as usize..end as usize)
                 .ok_or(Error::Internal("copy-on-write data past the cluster"))?
-                .copy_from_slice(data);
+                .iter_mut()
+                .zip(data)
+                .for_each(|(d, s)| *d = *s);
             self.dev.data_write(host, buf).await.map_err(Error::Io)?;
         } else {
             match p.fill {

@@ -4,8 +4,8 @@ use crate::backing::HostBacking;
 use crate::block_on;
 use crate::codec::{HostCompressor, HostDecoder, HostWorkspace};
 use qcow2_core::{
-    BlockDevice, CheckReport, CreateOptions, Error, ImageInfo, Mapping, OpenOptions, Qcow2, Repair,
-    Sector, Slot, SECTOR,
+    BlockDevice, CheckReport, CreateOptions, Error, Finding, ImageInfo, Mapping, OpenOptions,
+    Qcow2, Repair, Sector, Slot, SECTOR,
 };
 
 /// Sectors per cache slice on the host: 4 KiB slices.
@@ -84,6 +84,22 @@ impl<D: BlockDevice> Image<D> {
     pub fn repair(&mut self, mode: Repair) -> Result<CheckReport, D> {
         let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
         block_on(self.inner.repair(&mut scratch, mode))
+    }
+
+    /// [`Image::check`], reporting each inconsistency to `findings`.
+    pub fn check_with(&mut self, findings: &mut dyn FnMut(Finding)) -> Result<CheckReport, D> {
+        let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
+        block_on(self.inner.check_with(&mut scratch, findings))
+    }
+
+    /// [`Image::repair`], reporting what its audit finds to `findings`.
+    pub fn repair_with(
+        &mut self,
+        mode: Repair,
+        findings: &mut dyn FnMut(Finding),
+    ) -> Result<CheckReport, D> {
+        let mut scratch = vec![0u8; HOST_SCRATCH_BYTES];
+        block_on(self.inner.repair_with(&mut scratch, mode, findings))
     }
 
     /// The image reading unallocated clusters from `backing`.

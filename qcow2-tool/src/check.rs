@@ -7,7 +7,7 @@ use crate::disk::{open_qcow2_file, Access};
 use crate::error::{core_error, CliResult};
 use crate::json::Json;
 use qcow2_core::format::MAGIC;
-use qcow2_core::{CheckReport, Error, OpenOptions, Repair};
+use qcow2_core::{CheckReport, Error, Finding, OpenOptions, Repair};
 use qcow2_std_shim::Image;
 use std::path::PathBuf;
 
@@ -92,11 +92,17 @@ pub fn run(args: &CheckArgs) -> CliResult<u8> {
                 RepairArg::Leaks => Repair::Leaks,
                 RepairArg::All => Repair::All,
             };
-            Some(image.repair(mode).map_err(failed)?)
+            let mut found = Vec::new();
+            let repaired = image.repair_with(mode, &mut |f| found.push(f));
+            print_findings(&found);
+            Some(repaired.map_err(failed)?)
         }
         None => None,
     };
-    let report = image.check().map_err(failed)?;
+    let mut found = Vec::new();
+    let report = image.check_with(&mut |f| found.push(f));
+    print_findings(&found);
+    let report = report.map_err(failed)?;
     image
         .close()
         .map_err(|e| core_error(&format!("Could not close '{shown}'"), &e))?;
@@ -111,6 +117,70 @@ pub fn run(args: &CheckArgs) -> CliResult<u8> {
         Output::Human => {}
     }
     Ok(status(&report))
+}
+
+/// Prints the per-problem lines `qemu-img check` prints on stderr, in its
+/// order: refcounts cluster by cluster (as found, then as a repair fixes
+/// them), the rebuild, then COPIED flags.
+fn print_findings(found: &[Finding]) {
+    let copied = |f: &&Finding| {
+        matches!(
+            f,
+            Finding::CopiedL2Table { .. } | Finding::CopiedData { .. }
+        )
+    };
+    let prefix = |repaired: bool, otherwise: &'static str| {
+        if repaired {
+            "Repairing"
+        } else {
+            otherwise
+        }
+    };
+    for f in found
+        .iter()
+        .filter(|f| !copied(f))
+        .chain(found.iter().filter(copied))
+    {
+        match *f {
+            Finding::Leak {
+                cluster,
+                refcount,
+                references,
+                repaired,
+            } => errln!(
+                "{} cluster {cluster} refcount={refcount} reference={references}",
+                prefix(repaired, "Leaked")
+            ),
+            Finding::Refcount {
+                cluster,
+                refcount,
+                references,
+                repaired,
+            } => errln!(
+                "{} cluster {cluster} refcount={refcount} reference={references}",
+                prefix(repaired, "ERROR")
+            ),
+            Finding::Rebuilding => errln!("Rebuilding refcount structure"),
+            Finding::CopiedL2Table {
+                l1_index,
+                l1_entry,
+                refcount,
+                repaired,
+            } => errln!(
+                "{} OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x} refcount={refcount}",
+                prefix(repaired, "ERROR")
+            ),
+            Finding::CopiedData {
+                l2_entry,
+                refcount,
+                repaired,
+            } => errln!(
+                "{} OFLAG_COPIED data cluster: l2_entry={l2_entry:x} refcount={refcount}",
+                prefix(repaired, "ERROR")
+            ),
+            _ => {}
+        }
+    }
 }
 
 fn json(r: &CheckReport, leaks_fixed: u64, corruptions_fixed: u64, file: &str) -> Json {
@@ -161,7 +231,8 @@ fn human(r: &CheckReport, leaks_fixed: u64, corruptions_fixed: u64) {
             r.leaks
         );
     }
-    if r.total_clusters > 0 {
+    // As qemu-img: no line for an image without allocated clusters.
+    if r.total_clusters > 0 && r.allocated_clusters > 0 {
         let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
         let of_allocated = |n: u64| {
             if r.allocated_clusters == 0 {

@@ -302,6 +302,100 @@ fn refcount_table_over_tables_and_data_keeps_guest_data() {
     }
 }
 
+/// stdout and stderr of `program check args image`, with qemu-img's name
+/// for the program, and the exit code.
+fn check_text(program: &str, args: &[&str], image: &str) -> (String, String, Option<i32>) {
+    let mut all = vec!["check"];
+    all.extend_from_slice(args);
+    all.push(image);
+    let out = run(program, &all);
+    let err = String::from_utf8_lossy(&out.stderr).replace("qcow2-tool:", "qemu-img:");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+        out.status.code(),
+    )
+}
+
+/// The lines `qemu-img check` prints for each problem (on stderr: leaked
+/// clusters, refcounts below the references, COPIED flags), and for what
+/// a repair fixes in place, are ours too, byte for byte; so are the
+/// summary lines (none about allocation for an image with nothing
+/// allocated).
+#[test]
+fn check_prints_qemu_img_lines_for_each_problem() {
+    let dir = Scratch::new("check-lines");
+    type Damage = (&'static str, fn(&str), &'static [&'static str]);
+    // Refcount entries (16 bits) of the first refcount block.
+    fn set_refcount(image: &str, cluster: u64, value: u16) {
+        let block = peek64(image, peek64(image, REFCOUNT_TABLE_OFFSET)) & OFFSET_MASK;
+        poke(image, block + 2 * cluster, &value.to_be_bytes());
+    }
+    let cases: [Damage; 6] = [
+        ("clean", |_| {}, &["-r", "all"]),
+        (
+            "leak",
+            |p| set_refcount(p, data_cluster(p, 0) / 4096, 3),
+            &["-r", "leaks"],
+        ),
+        (
+            "leak-all",
+            |p| set_refcount(p, data_cluster(p, 4096) / 4096, 2),
+            &["-r", "all"],
+        ),
+        (
+            "refcount-low",
+            |p| set_refcount(p, data_cluster(p, 0) / 4096, 0),
+            &[],
+        ),
+        (
+            "copied-clear",
+            |p| {
+                let (_, l2) = entries(p, 4096);
+                poke64(p, l2, peek64(p, l2) & !(1 << 63));
+            },
+            &["-r", "all"],
+        ),
+        (
+            "l1-copied-clear",
+            |p| {
+                let (l1, _) = entries(p, 0);
+                poke64(p, l1, peek64(p, l1) & !(1 << 63));
+            },
+            &["-r", "all"],
+        ),
+    ];
+    for (case, damage, repair) in cases {
+        let image = qemu_image(
+            &dir,
+            &format!("{case}.qcow2"),
+            "cluster_size=4096",
+            "1M",
+            &["write -P 1 0 8k", "write -P 2 64k 4k"],
+        );
+        damage(&image);
+        let copy = dir.path(&format!("{case}-qemu.qcow2"));
+        std::fs::copy(&image, &copy).expect("copy");
+        assert_eq!(
+            check_text(TOOL, &[], &image),
+            check_text("qemu-img", &[], &copy),
+            "{case}: check"
+        );
+        if !repair.is_empty() {
+            assert_eq!(
+                check_text(TOOL, repair, &image),
+                check_text("qemu-img", repair, &copy),
+                "{case}: check {repair:?}"
+            );
+        }
+    }
+    let empty = qemu_image(&dir, "empty.qcow2", "cluster_size=65536", "1M", &[]);
+    assert_eq!(
+        check_text(TOOL, &[], &empty),
+        check_text("qemu-img", &[], &empty)
+    );
+}
+
 #[test]
 fn fragmentation_counts_as_qemu_img() {
     let dir = Scratch::new("fragmented");

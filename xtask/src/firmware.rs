@@ -1,12 +1,16 @@
 //! `cargo xtask firmware --out DIR`: builds the `firmware/` example for
-//! `thumbv7em-none-eabihf`, runs it under `qemu-system-arm -M mps2-an386`
-//! with semihosting (working directory DIR, where it writes its images),
-//! checks its figures against the budget below and runs `qemu-img check`
-//! on every image it wrote.
+//! `thumbv7em-none-eabihf` once per device type in [`VARIANTS`], runs each
+//! under `qemu-system-arm -M mps2-an386` with semihosting (working
+//! directory `DIR/<variant>`, where it writes its images), checks every
+//! variant's figures against the budget below and runs `qemu-img check` on
+//! every image they wrote.
 //!
 //! The budget is the issue's, for the default firmware configuration
-//! (`FirmwareQcow2`: 8 cache slices of 512 B, borrowed):
-//! [`MAX_FUTURE_BYTES`], [`MAX_POLL_STACK_BYTES`], [`MAX_TOTAL_STACK_BYTES`].
+//! (`FirmwareQcow2`: 8 cache slices of 512 B, borrowed), and holds for
+//! every device type: [`MAX_FUTURE_BYTES`], [`MAX_POLL_STACK_BYTES`],
+//! [`MAX_TOTAL_STACK_BYTES`] (the latter also for the example's `app`
+//! phase, an ordinary application under `block_on` of its own: its whole
+//! stack, its future included).
 //! Figures known to be over it are listed, with the figure they may not
 //! exceed, in [`KNOWN_OVER_BUDGET`]; the list only ever shrinks.
 
@@ -23,11 +27,24 @@ pub const MAX_FUTURE_BYTES: u64 = 4096;
 /// Most stack one API call may use while polled, beyond its future (bytes).
 pub const MAX_POLL_STACK_BYTES: u64 = 4096;
 /// Most stack the whole example may use under `block_on`, the frame that
-/// holds its future included (bytes).
+/// holds its future included (bytes); and the `app` phase, likewise.
 pub const MAX_TOTAL_STACK_BYTES: u64 = 16384;
 
-/// Figures over the budget today, as (`<binary> <kind> <name>`, the most
-/// it may be): tolerated so that CI stays green while the core is worked
+/// The device types the firmware is measured with: (variant, cargo
+/// arguments selecting it in `firmware/Cargo.toml`). The budget must hold
+/// for the devices applications write, whatever their size.
+pub const VARIANTS: &[(&str, &[&str])] = &[
+    ("device-4", &[]),
+    ("device-16", &["--features", "device-16"]),
+    ("device-64", &["--features", "device-64"]),
+    ("device-ref", &["--features", "device-ref"]),
+];
+
+/// The default firmware build's variant (what `.text` is measured on).
+pub const DEFAULT_VARIANT: &str = "device-4";
+
+/// Figures over the budget today, as (`<variant> <binary> <kind> <name>`,
+/// the most it may be): tolerated so that CI stays green while the core is worked
 /// on, reported on every run, and a failure as soon as they grow. Remove
 /// an entry when its figure is within the budget.
 pub const KNOWN_OVER_BUDGET: &[(&str, u64)] = &[];
@@ -46,6 +63,8 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// `future`, `poll`, `stack` or `ram`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Figure {
+    /// The device variant of the build (see [`VARIANTS`]).
+    pub variant: &'static str,
     pub binary: &'static str,
     pub kind: String,
     pub name: String,
@@ -54,15 +73,20 @@ pub struct Figure {
 
 impl Figure {
     fn key(&self) -> String {
-        format!("{} {} {}", self.binary, self.kind, self.name)
+        format!(
+            "{} {} {} {}",
+            self.variant, self.binary, self.kind, self.name
+        )
     }
 }
 
-/// The figures of a run, each (binary, kind, name) once with its largest
-/// value, in the order first printed.
+/// The figures of a run, each (variant, binary, kind, name) once with its
+/// largest value, in the order first printed; and the binaries measured.
 #[derive(Debug, Default)]
 pub struct Figures {
     pub list: Vec<Figure>,
+    /// Each variant's binaries, copied aside (`DIR/<variant>/`).
+    pub binaries: Vec<(&'static str, Binaries)>,
 }
 
 impl Figures {
@@ -73,19 +97,26 @@ impl Figures {
         }
     }
 
-    /// The figure `kind name` of `binary`.
-    pub fn get(&self, binary: &str, kind: &str, name: &str) -> Option<u64> {
+    /// The figure `kind name` of `binary` in `variant`.
+    pub fn get(&self, variant: &str, binary: &str, kind: &str, name: &str) -> Option<u64> {
         self.list
             .iter()
-            .find(|f| f.binary == binary && f.kind == kind && f.name == name)
+            .find(|f| {
+                f.variant == variant && f.binary == binary && f.kind == kind && f.name == name
+            })
             .map(|f| f.bytes)
     }
 
-    /// The figures of `kind` from `binary`.
-    pub fn of<'a>(&'a self, binary: &'a str, kind: &'a str) -> impl Iterator<Item = &'a Figure> {
+    /// The figures of `kind` from `binary` in `variant`.
+    pub fn of<'a>(
+        &'a self,
+        variant: &'a str,
+        binary: &'a str,
+        kind: &'a str,
+    ) -> impl Iterator<Item = &'a Figure> {
         self.list
             .iter()
-            .filter(move |f| f.binary == binary && f.kind == kind)
+            .filter(move |f| f.variant == variant && f.binary == binary && f.kind == kind)
     }
 }
 
@@ -118,45 +149,54 @@ pub fn run_checked(out: &Path) -> Result<Figures, String> {
     Ok(figures)
 }
 
-/// Builds and runs both binaries in `out` (removing the images of earlier
-/// runs first), prints and returns their figures.
+/// Builds and runs both binaries of every variant in `out/<variant>`
+/// (removing the images of earlier runs first), prints and returns their
+/// figures.
 pub fn run_collect(out: &Path) -> Result<Figures, String> {
-    let bins = build(&[])?;
-    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
-    for entry in std::fs::read_dir(out).map_err(|e| format!("{}: {e}", out.display()))? {
-        let path = entry.map_err(|e| e.to_string())?.path();
-        if path.extension().is_some_and(|e| e == "qcow2") {
-            std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
     let mut figures = Figures::default();
-    for (binary, elf) in [(MAIN_BIN, &bins.main), (READONLY_BIN, &bins.readonly)] {
-        let text = run_qemu(elf, out)?;
-        let mut others = Vec::new();
-        for line in text.lines() {
-            match parse_figure(line) {
-                Some((kind, name, bytes)) => figures.add(Figure {
-                    binary,
-                    kind: kind.into(),
-                    name: name.into(),
-                    bytes,
-                }),
-                None => others.push(line),
+    for &(variant, args) in VARIANTS {
+        let dir = out.join(variant);
+        let bins = build(args)?.copied_to(&dir)?;
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.extension().is_some_and(|e| e == "qcow2") {
+                std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             }
         }
-        println!("{binary}:");
-        for f in figures.list.iter().filter(|f| f.binary == binary) {
-            println!("  {} {}: {} B", f.kind, f.name, f.bytes);
+        for (binary, elf) in [(MAIN_BIN, &bins.main), (READONLY_BIN, &bins.readonly)] {
+            let text = run_qemu(elf, &dir)?;
+            let mut others = Vec::new();
+            for line in text.lines() {
+                match parse_figure(line) {
+                    Some((kind, name, bytes)) => figures.add(Figure {
+                        variant,
+                        binary,
+                        kind: kind.into(),
+                        name: name.into(),
+                        bytes,
+                    }),
+                    None => others.push(line),
+                }
+            }
+            println!("{variant} {binary}:");
+            for f in figures
+                .list
+                .iter()
+                .filter(|f| f.variant == variant && f.binary == binary)
+            {
+                println!("  {} {}: {} B", f.kind, f.name, f.bytes);
+            }
+            for line in others {
+                println!("  {line}");
+            }
         }
-        for line in others {
-            println!("  {line}");
-        }
+        figures.binaries.push((variant, bins));
     }
     Ok(figures)
 }
 
-/// Formatting and clippy (`-D warnings`) for the firmware crate, which the
-/// workspace-wide runs do not reach.
+/// Formatting and clippy (`-D warnings`) for the firmware crate in every
+/// variant, which the workspace-wide runs do not reach.
 pub fn lint() -> Result<(), String> {
     ensure_target()?;
     let manifest = format!("{DIR}/Cargo.toml");
@@ -165,9 +205,8 @@ pub fn lint() -> Result<(), String> {
         &cargo(),
         &["fmt", "--manifest-path", &manifest, "--", "--check"],
     )?;
-    run(
-        &cargo(),
-        &[
+    for (_, variant) in VARIANTS {
+        let mut args = vec![
             "clippy",
             "--release",
             "--manifest-path",
@@ -176,17 +215,37 @@ pub fn lint() -> Result<(), String> {
             EMBEDDED_TARGET,
             "--target-dir",
             &target_dir,
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )
+        ];
+        args.extend_from_slice(variant);
+        args.extend_from_slice(&["--", "-D", "warnings"]);
+        run(&cargo(), &args)?;
+    }
+    Ok(())
 }
 
 /// The firmware binaries of one build.
+#[derive(Debug)]
 pub struct Binaries {
     pub main: PathBuf,
     pub readonly: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries copied into `dir` (created when missing), so that the
+    /// next build does not replace them.
+    fn copied_to(&self, dir: &Path) -> Result<Binaries, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let copy = |elf: &Path| {
+            let to = dir.join(elf.file_name().unwrap_or_default());
+            std::fs::copy(elf, &to).map_err(|e| format!("{}: {e}", elf.display()))?;
+            Ok::<_, String>(to)
+        };
+        Ok(Binaries {
+            main: copy(&self.main)?,
+            readonly: copy(&self.readonly)?,
+        })
+    }
 }
 
 /// Builds the firmware in release with `extra` cargo arguments (feature
@@ -292,8 +351,8 @@ pub fn check_budget(figures: &Figures) -> Result<(), String> {
             return;
         }
         let line = format!(
-            "{} {} {}: {} B > {limit} B ({what})",
-            f.binary, f.kind, f.name, f.bytes
+            "{} {} {} {}: {} B > {limit} B ({what})",
+            f.variant, f.binary, f.kind, f.name, f.bytes
         );
         match known.get(f.key().as_str()) {
             Some(&most) if f.bytes <= most => tolerated.push(line),
@@ -302,11 +361,18 @@ pub fn check_budget(figures: &Figures) -> Result<(), String> {
     };
     for f in &figures.list {
         match (f.kind.as_str(), f.name.as_str()) {
-            ("future", "firmware") => {}
+            // The example's own futures: the phases', and the app's (an
+            // application's, in its `stack app` figure).
+            ("future", "firmware" | "app") => {}
             ("future", _) => judge(f, MAX_FUTURE_BYTES, "MAX_FUTURE_BYTES"),
             ("poll", _) => judge(f, MAX_POLL_STACK_BYTES, "MAX_POLL_STACK_BYTES"),
-            ("stack", "total") => judge(f, MAX_TOTAL_STACK_BYTES, "MAX_TOTAL_STACK_BYTES"),
+            ("stack", "total" | "app") => judge(f, MAX_TOTAL_STACK_BYTES, "MAX_TOTAL_STACK_BYTES"),
             _ => {}
+        }
+    }
+    for &(variant, _) in VARIANTS {
+        if figures.get(variant, MAIN_BIN, "stack", "app").is_none() {
+            over.push(format!("{variant} {MAIN_BIN}: no `stack app` figure"));
         }
     }
     for line in &tolerated {
@@ -317,8 +383,9 @@ pub fn check_budget(figures: &Figures) -> Result<(), String> {
     }
     if over.is_empty() {
         println!(
-            "firmware budget: futures <= {MAX_FUTURE_BYTES} B, poll stacks <= {MAX_POLL_STACK_BYTES} B, \
-             total stack <= {MAX_TOTAL_STACK_BYTES} B: {}",
+            "firmware budget ({} device variants): futures <= {MAX_FUTURE_BYTES} B, poll stacks <= \
+             {MAX_POLL_STACK_BYTES} B, total stack and app <= {MAX_TOTAL_STACK_BYTES} B: {}",
+            VARIANTS.len(),
             if tolerated.is_empty() {
                 "all within"
             } else {
@@ -334,9 +401,18 @@ pub fn check_budget(figures: &Figures) -> Result<(), String> {
     }
 }
 
+/// Runs `qemu-img check` on every `*.qcow2` in each variant's directory
+/// under `out`; fails if a variant wrote none or any check fails.
+fn check_images(out: &Path) -> Result<(), String> {
+    for (variant, _) in VARIANTS {
+        check_images_in(&out.join(variant))?;
+    }
+    Ok(())
+}
+
 /// Runs `qemu-img check` on every `*.qcow2` in `dir`; fails if there is
 /// none or any check fails.
-fn check_images(dir: &Path) -> Result<(), String> {
+fn check_images_in(dir: &Path) -> Result<(), String> {
     let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -1,8 +1,9 @@
 //! `cargo xtask size`: the memory and code figures of the firmware example
-//! (`firmware/`, built for `thumbv7em-none-eabihf` and run under QEMU):
-//! the RAM table (cache slot, cache, image, scratch buffers), every API
-//! future with the stack its poll takes, the stack per phase, the panic
-//! call sites left in the binary and `.text` per feature set; and those of
+//! (`firmware/`, built for `thumbv7em-none-eabihf` and run under QEMU, once
+//! per device variant, see [`firmware::VARIANTS`]): the RAM table (cache
+//! slot, cache, image, scratch buffers), every API future with the stack
+//! its poll takes, the stack per phase, per variant; the panic call sites
+//! left in each variant's binary and `.text` per feature set; and those of
 //! the decoders of compressed clusters (features `zlib`, `zstd`), from the
 //! codec probe (`xtask/codec-probe/`, built, never run): their `.text`
 //! over the probe's baseline, their panic call sites, and the RAM rows of
@@ -12,14 +13,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::firmware::{self, Figures, MAIN_BIN, READONLY_BIN};
+use crate::firmware::{self, Figures, DEFAULT_VARIANT, MAIN_BIN, READONLY_BIN};
 use crate::{cargo, ensure_target, run, EMBEDDED_TARGET};
 
-/// Most panic call sites from qcow2-core the firmware binary may hold (see
-/// [`panic_sites`] and [`PanicSite::in_core`]); CI fails above it. Set to
+/// Most panic call sites from qcow2-core any variant's firmware binary may
+/// hold (see [`panic_sites`] and [`attribute`]); CI fails above it. Set to
 /// the count measured when the check was introduced; lower it as panics
 /// go, to 0. (Sites in the example's own formatting and semihosting code
-/// are reported, not limited.)
+/// are reported, not limited; the compiler's async-resume checks are not
+/// counted, see [`panic_sites`].)
 pub const MAX_PANIC_SITES: usize = 0;
 
 /// Builds whose `.text` is reported: (name, cargo arguments for the
@@ -149,8 +151,9 @@ pub fn codecs() -> Result<Codecs, String> {
         let elf = build_probe(name, features)?;
         codecs.text.push((name, text_size(&elf)?));
         if *name == "zlib" || *name == "zstd" {
-            let sites = panic_sites(&elf)?;
-            let crates = site_crates(&elf, &sites);
+            let mut sites = panic_sites(&elf)?;
+            attribute(&elf, &mut sites)?;
+            let crates = sites.iter().map(|s| s.krate.clone()).collect::<Vec<_>>();
             codecs
                 .sites
                 .push((name, sites.into_iter().zip(crates).collect()));
@@ -199,54 +202,55 @@ impl Codecs {
     }
 }
 
-/// The crate of each site in `elf`: that of the innermost inlined frame
-/// that is not Rust's library code, from `llvm-symbolizer --inlining`
-/// (LTO inlines the decoders into the probe's `main`, so the function a
-/// site is in says little); by [`PanicSite::in_core`] and the source line
-/// when llvm-symbolizer is missing.
-fn site_crates(elf: &Path, sites: &[PanicSite]) -> Vec<String> {
-    let fallback = |site: &PanicSite| {
-        if site.in_core() {
-            "qcow2-core".to_string()
-        } else {
-            crate_of_path(&site.source).unwrap_or_else(|| "?".into())
-        }
-    };
-    // Not in rustup's llvm-tools: LLVM's own, on PATH.
-    let output = Some("llvm-symbolizer").and_then(|tool| {
-        let mut cmd = Command::new(tool);
-        cmd.arg(format!("--obj={}", elf.display()))
-            .arg("--inlining");
-        for site in sites {
-            cmd.arg(format!("0x{}", site.address));
-        }
-        cmd.output().ok().filter(|o| o.status.success())
-    });
-    let Some(output) = output else {
-        return sites.iter().map(fallback).collect();
-    };
-    // One block of frames per address (function line, then `path:line:col`
-    // line), blocks separated by empty lines.
+/// Attributes each site in `elf` through inlining: sets its
+/// [`PanicSite::krate`] and [`PanicSite::origin`] from the innermost
+/// inlined frame that is not Rust's library code, read from the debug
+/// info by `llvm-symbolizer --inlining` (LLVM's own, on PATH: Debian's
+/// `llvm`). The line table alone is not enough: LTO inlines the core's
+/// functions into the example's (a core site then sits in a firmware
+/// function, at a line of Rust's library), and only the inlining chain
+/// says whose code it is. Fails when llvm-symbolizer is missing or its
+/// answer does not match the sites.
+pub fn attribute(elf: &Path, sites: &mut [PanicSite]) -> Result<(), String> {
+    if sites.is_empty() {
+        return Ok(());
+    }
+    // Not in rustup's llvm-tools.
+    let mut cmd = Command::new("llvm-symbolizer");
+    cmd.arg(format!("--obj={}", elf.display()))
+        .arg("--inlining");
+    for site in sites.iter() {
+        cmd.arg(format!("0x{}", site.address));
+    }
+    let output = cmd.output().ok().filter(|o| o.status.success()).ok_or(
+        "llvm-symbolizer failed or is missing (Debian package `llvm`): panic sites \
+                cannot be attributed through inlining without it",
+    )?;
+    // One block of frames per address, innermost first (function line,
+    // then `path:line:col` line), blocks separated by empty lines.
     let text = String::from_utf8_lossy(&output.stdout);
     let blocks: Vec<&str> = text
         .split("\n\n")
         .filter(|b| !b.trim().is_empty())
         .collect();
     if blocks.len() != sites.len() {
-        return sites.iter().map(fallback).collect();
+        return Err(format!(
+            "llvm-symbolizer gave {} frame lists for {} panic sites in {}",
+            blocks.len(),
+            sites.len(),
+            elf.display()
+        ));
     }
-    blocks
-        .iter()
-        .zip(sites)
-        .map(|(block, site)| {
-            block
-                .lines()
-                .filter(|l| l.starts_with('/'))
-                .find(|l| !l.starts_with("/rustc/"))
-                .and_then(crate_of_path)
-                .unwrap_or_else(|| fallback(site))
-        })
-        .collect()
+    for (block, site) in blocks.iter().zip(sites.iter_mut()) {
+        let origin = block
+            .lines()
+            .filter(|l| l.starts_with('/'))
+            .find(|l| !l.starts_with("/rustc/"));
+        site.krate = origin.and_then(crate_of_path).unwrap_or_else(|| "?".into());
+        site.origin = origin.unwrap_or(&site.source).to_string();
+        site.via_core = block.lines().any(|l| l.contains("qcow2-core/src/"));
+    }
+    Ok(())
 }
 
 /// The crate a source path belongs to: `qcow2-core`, the probe, or a
@@ -257,6 +261,9 @@ fn crate_of_path(path: &str) -> Option<String> {
     }
     if path.contains("codec-probe/src/") {
         return Some("the probe".into());
+    }
+    if path.contains("firmware/src/") {
+        return Some("the example".into());
     }
     path.split('/')
         .find(|part| part.contains('-') && part.ends_with(|c: char| c.is_ascii_digit()))
@@ -305,28 +312,35 @@ pub fn main(args: &[String]) -> Result<(), String> {
     report(&figures, false)
 }
 
-/// Prints the tables for `figures`, counts the panic sites and measures
-/// `.text`; with `enforce`, fails when the panic sites exceed
-/// [`MAX_PANIC_SITES`].
+/// Prints the tables for `figures`, counts the panic sites in every
+/// variant's binary and measures `.text`; with `enforce`, fails when the
+/// panic sites from the core exceed [`MAX_PANIC_SITES`] in any variant.
 pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
     let codecs = codecs()?;
     print_tables(figures, &codecs);
-    let bins = firmware::build(&[])?;
-    let sites = panic_sites(&bins.main)?;
-    let in_core = sites.iter().filter(|s| s.in_core()).count();
-    println!("panic sites: {}", sites.len());
-    println!("panic sites in qcow2-core: {in_core} (at most MAX_PANIC_SITES = {MAX_PANIC_SITES})");
     let root = std::env::current_dir()
         .map(|d| format!("{}/", d.display()))
         .unwrap_or_default();
-    for site in &sites {
+    let mut most_in_core = 0;
+    for (variant, bins) in &figures.binaries {
+        let mut sites = panic_sites(&bins.main)?;
+        attribute(&bins.main, &mut sites)?;
+        let in_core = sites.iter().filter(|s| s.in_core()).count();
+        most_in_core = most_in_core.max(in_core);
+        println!("panic sites ({variant}): {}", sites.len());
         println!(
-            "  {} {} (in {}) -> {}",
-            if site.in_core() { "core " } else { "other" },
-            site.source.strip_prefix(&root).unwrap_or(&site.source),
-            shorten(&site.function),
-            shorten(&site.target)
+            "panic sites in qcow2-core ({variant}): {in_core} (at most MAX_PANIC_SITES = \
+             {MAX_PANIC_SITES})"
         );
+        for site in &sites {
+            println!(
+                "  {} {} (in {}) -> {}",
+                if site.in_core() { "core " } else { "other" },
+                site.origin.strip_prefix(&root).unwrap_or(&site.origin),
+                shorten(&site.function),
+                shorten(&site.target)
+            );
+        }
     }
     for (name, args, binaries) in FEATURE_SETS {
         let bins = firmware::build(args)?;
@@ -346,9 +360,9 @@ pub fn report(figures: &Figures, enforce: bool) -> Result<(), String> {
             codecs.in_core()
         ));
     }
-    if enforce && in_core > MAX_PANIC_SITES {
+    if enforce && most_in_core > MAX_PANIC_SITES {
         return Err(format!(
-            "{in_core} panic sites from qcow2-core in the firmware binary, more than \
+            "{most_in_core} panic sites from qcow2-core in a firmware binary, more than \
              MAX_PANIC_SITES = {MAX_PANIC_SITES} (xtask/src/size.rs)"
         ));
     }
@@ -366,13 +380,16 @@ fn print_codec_ram(codecs: &Codecs) {
     }
 }
 
-/// The RAM, future and stack tables, in Markdown.
+/// The RAM, future and stack tables, in Markdown, each with a column (or
+/// row) per device variant.
 fn print_tables(figures: &Figures, codecs: &Codecs) {
-    let ram = |name: &str| {
+    let variants: Vec<&str> = firmware::VARIANTS.iter().map(|(v, _)| *v).collect();
+    let get = |variant: &str, kind: &str, name: &str| {
         figures
-            .get(MAIN_BIN, "ram", name)
+            .get(variant, MAIN_BIN, kind, name)
             .map_or("?".to_string(), |b| b.to_string())
     };
+    let ram = |name: &str| get(DEFAULT_VARIANT, "ram", name);
     println!();
     println!("| RAM (thumbv7em-none-eabihf) | bytes |");
     println!("|---|---|");
@@ -388,38 +405,76 @@ fn print_tables(figures: &Figures, codecs: &Codecs) {
         "| the open image, `FirmwareQcow2<'_, RamDisk>` (cache borrowed) | {} |",
         ram("image")
     );
-    for f in figures.of(MAIN_BIN, "ram") {
+    for f in figures.of(DEFAULT_VARIANT, MAIN_BIN, "ram") {
         if let Some(name) = f.name.strip_prefix("scratch ") {
             println!("| scratch buffer `{name}` (the example's) | {} |", f.bytes);
         }
     }
     print_codec_ram(codecs);
     println!();
-    println!("| call | future (bytes) | poll stack beyond the future (bytes) |");
-    println!("|---|---|---|");
+    println!(
+        "| device variant | device (bytes) | open image (bytes) | phases' future (bytes) | \
+         app's future (bytes) | app under `block_on` (bytes) | whole example (bytes) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for variant in &variants {
+        println!(
+            "| {variant} | {} | {} | {} | {} | {} | {} |",
+            get(variant, "ram", "device"),
+            get(variant, "ram", "image"),
+            get(variant, "future", "firmware"),
+            get(variant, "future", "app"),
+            get(variant, "stack", "app"),
+            get(variant, "stack", "total"),
+        );
+    }
+    println!();
+    let header: Vec<String> = variants
+        .iter()
+        .map(|v| format!("{v} future | {v} poll"))
+        .collect();
+    println!("| call | {} |", header.join(" | "));
+    println!("|---|{}", "---|---|".repeat(variants.len()));
     let mut calls = BTreeSet::new();
-    for f in figures.of(MAIN_BIN, "future") {
-        if f.name != "firmware" && calls.insert(f.name.clone()) {
-            let poll = figures
-                .get(MAIN_BIN, "poll", &f.name)
-                .map_or("?".to_string(), |b| b.to_string());
-            println!("| `{}` | {} | {poll} |", f.name, f.bytes);
+    for f in figures.of(DEFAULT_VARIANT, MAIN_BIN, "future") {
+        if f.name != "firmware" && f.name != "app" && calls.insert(f.name.clone()) {
+            let cells: Vec<String> = variants
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} | {}",
+                        get(v, "future", &f.name),
+                        get(v, "poll", &f.name)
+                    )
+                })
+                .collect();
+            println!("| `{}` | {} |", f.name, cells.join(" | "));
         }
     }
     println!();
-    println!("| phase | stack (bytes) |");
-    println!("|---|---|");
-    for f in figures.of(MAIN_BIN, "stack") {
-        if f.name != "total" {
-            println!("| {} | {} |", f.name, f.bytes);
-        }
+    println!("| phase (stack, bytes) | {} |", variants.join(" | "));
+    println!("|---|{}", "---|".repeat(variants.len()));
+    for f in figures.of(DEFAULT_VARIANT, MAIN_BIN, "stack") {
+        let cells: Vec<String> = variants.iter().map(|v| get(v, "stack", &f.name)).collect();
+        let name = if f.name == "total" {
+            "whole example under `block_on`"
+        } else {
+            &f.name
+        };
+        println!("| {name} | {} |", cells.join(" | "));
     }
-    if let Some(total) = figures.get(MAIN_BIN, "stack", "total") {
-        let future = figures
-            .get(MAIN_BIN, "future", "firmware")
-            .map_or("?".to_string(), |b| b.to_string());
-        println!("| whole example under `block_on` (its future: {future} B) | {total} |");
-    }
+    let readonly: Vec<String> = variants
+        .iter()
+        .map(|v| {
+            figures
+                .get(v, READONLY_BIN, "stack", "total")
+                .map_or("?".to_string(), |b| b.to_string())
+        })
+        .collect();
+    println!(
+        "| the `readonly` binary, whole | {} |",
+        readonly.join(" | ")
+    );
     println!();
 }
 
@@ -435,16 +490,25 @@ pub struct PanicSite {
     pub source: String,
     /// The call's address (hex, as llvm-objdump prints it).
     pub address: String,
+    /// The crate whose code the site is (set by [`attribute`]):
+    /// `qcow2-core`, `the example`, a registry crate, or `?`.
+    pub krate: String,
+    /// The source line the site is attributed to (set by [`attribute`]):
+    /// that of the innermost inlined frame outside Rust's library.
+    pub origin: String,
+    /// Some frame of the inlining chain is the core's (set by
+    /// [`attribute`]): a dependency's site inlined into the core's code is
+    /// reachable through the core.
+    pub via_core: bool,
 }
 
 impl PanicSite {
-    /// Whether the site comes from qcow2-core: its innermost source line is
-    /// in `qcow2-core/src/`, or it is in Rust's library code (inlined) in a
-    /// function of qcow2-core. Library code of the core inlined into a
-    /// function of another crate (LTO) counts as the other crate's.
+    /// Whether the site comes from qcow2-core (after [`attribute`]): some
+    /// inlined frame is the core's, whatever function LTO inlined it into
+    /// (its own code, or a dependency's it calls); or, with no frame
+    /// outside Rust's library, the site is in a function of the core.
     pub fn in_core(&self) -> bool {
-        self.source.contains("qcow2-core/src/")
-            || self.source.starts_with("/rustc/") && self.function.contains("qcow2_core")
+        self.via_core || self.krate == "?" && self.function.contains("qcow2_core")
     }
 }
 
@@ -463,7 +527,9 @@ impl PanicSite {
 /// `<symbol>`; a target inside a function reads `<symbol+0x…>`). Calls to
 /// `core::panicking::panic_const::panic_const_async_fn_resumed*` (and any
 /// other `*_resumed*`) are not counted: the compiler puts one in every
-/// `async fn` for polling after completion, which cannot happen here.
+/// `async fn` for polling after completion (and after a panic), which
+/// cannot happen here. Whose code a site is comes from the debug info,
+/// through inlining: see [`attribute`].
 pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
     let objdump = llvm_tool("llvm-objdump")?;
     let out = Command::new(&objdump)
@@ -568,6 +634,9 @@ pub fn panic_sites(elf: &Path) -> Result<Vec<PanicSite>, String> {
                     target: target.clone(),
                     source: source.clone(),
                     address: address.clone(),
+                    krate: String::new(),
+                    origin: source.clone(),
+                    via_core: false,
                 });
             }
         }
@@ -651,4 +720,47 @@ fn shorten(name: &str) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crates_of_paths() {
+        assert_eq!(
+            crate_of_path("/work/qcow2-core/src/write.rs:275:18").as_deref(),
+            Some("qcow2-core")
+        );
+        assert_eq!(
+            crate_of_path("/work/firmware/src/lib.rs:323:9").as_deref(),
+            Some("the example")
+        );
+        assert_eq!(
+            crate_of_path("/r/index.crates.io-1949cf8c6b5b557f/semihosting-0.1.25/src/fd.rs:70:9")
+                .as_deref(),
+            Some("semihosting")
+        );
+    }
+
+    #[test]
+    fn sites_count_as_the_cores_through_inlining() {
+        let site = |krate: &str, via_core: bool, function: &str| PanicSite {
+            function: function.into(),
+            target: "core::panicking::panic".into(),
+            source: "/rustc/x/library/core/src/slice/mod.rs:5572".into(),
+            address: "0".into(),
+            krate: krate.into(),
+            origin: String::new(),
+            via_core,
+        };
+        // A core site inlined into the example's function.
+        assert!(site("qcow2-core", true, "qcow2_firmware::poll_below").in_core());
+        // A dependency's site inlined into the core's code.
+        assert!(site("heapless", true, "qcow2_firmware::poll_below").in_core());
+        assert!(!site("semihosting", false, "semihosting::io::Write::write_all").in_core());
+        // Library code only: the function it is in decides.
+        assert!(site("?", false, "qcow2_core::cache::Cache::get").in_core());
+        assert!(!site("?", false, "<char>::escape_debug_ext").in_core());
+    }
 }

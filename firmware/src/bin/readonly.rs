@@ -11,7 +11,7 @@ use core::pin::pin;
 
 use cortex_m_rt::entry;
 use qcow2_core::{FirmwareCache, FirmwareQcow2, OpenOptions, Qcow2, Sector, Slot};
-use qcow2_firmware::{holds_pattern, load, RamDisk, StackMeter};
+use qcow2_firmware::{holds_pattern, load, take_device, Device, StackMeter};
 use semihosting::{eprintln, println};
 use static_cell::ConstStaticCell;
 
@@ -36,17 +36,22 @@ fn main() -> ! {
     semihosting::process::exit(code)
 }
 
+/// The disk's bytes (a function: the device is a `RamDisk` or a `&mut` of
+/// one, depending on the build).
+fn bytes_mut(disk: &mut Device) -> &mut [u8] {
+    disk.bytes_mut()
+}
+
 #[inline(never)]
 fn read_all(meter: &StackMeter) -> Result<u64, &'static str> {
-    let (Some(mut disk), Some(cache), Some(io)) =
-        (RamDisk::take(), CACHE.try_take(), IO.try_take())
+    let (Some(mut disk), Some(cache), Some(io)) = (take_device(), CACHE.try_take(), IO.try_take())
     else {
         return Err("statics taken twice");
     };
-    load(c"fw-create.qcow2", &mut disk).map_err(|_| "cannot load fw-create.qcow2")?;
+    load(c"fw-create.qcow2", bytes_mut(&mut disk)).map_err(|_| "cannot load fw-create.qcow2")?;
     embassy_futures::block_on(async {
         let open = pin!(Qcow2::open(disk, cache, OpenOptions::read_only()));
-        let mut image: FirmwareQcow2<'_, RamDisk> = meter
+        let mut image: FirmwareQcow2<'_, Device> = meter
             .call("open-ro", open)
             .await
             .map_err(|_| "open failed")?;

@@ -54,6 +54,70 @@ impl CheckReport {
     }
 }
 
+/// One inconsistency found by a check, in the terms of the line
+/// `qemu-img check` prints for it. Reported as the check finds them: see
+/// [`Qcow2::check_with`].
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Finding {
+    /// A cluster's refcount is above its references: "Leaked cluster
+    /// {cluster} refcount={refcount} reference={references}" ("Repairing
+    /// cluster ..." when `repaired`).
+    Leak {
+        /// The host cluster (index).
+        cluster: u64,
+        /// Its stored refcount.
+        refcount: u64,
+        /// The references the check counted.
+        references: u64,
+        /// Reported by a repair's pass that sets it right in place (the
+        /// audit before reported it unrepaired).
+        repaired: bool,
+    },
+    /// A cluster's refcount is below its references (0 where no refcount
+    /// block covers it): "ERROR cluster {cluster} refcount={refcount}
+    /// reference={references}" ("Repairing cluster ..." when `repaired`).
+    Refcount {
+        /// The host cluster (index).
+        cluster: u64,
+        /// Its stored refcount.
+        refcount: u64,
+        /// The references the check counted.
+        references: u64,
+        /// Reported by a repair's pass that sets it right in place.
+        repaired: bool,
+    },
+    /// An active L1 entry's COPIED flag disagrees with its L2 table's
+    /// refcount: "ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index}
+    /// l1_entry={l1_entry:x} refcount={refcount}" ("Repairing" when
+    /// `repaired`: reported by the repair once the refcounts are right).
+    CopiedL2Table {
+        /// Index of the L1 entry.
+        l1_index: u64,
+        /// The raw L1 entry.
+        l1_entry: u64,
+        /// The L2 table's stored refcount.
+        refcount: u64,
+        /// Found by a repair's last step, which fixes it.
+        repaired: bool,
+    },
+    /// An active L2 entry's COPIED flag disagrees with its data cluster's
+    /// refcount: "ERROR OFLAG_COPIED data cluster: l2_entry={l2_entry:x}
+    /// refcount={refcount}" ("Repairing" when `repaired`).
+    CopiedData {
+        /// The raw L2 entry.
+        l2_entry: u64,
+        /// The data cluster's stored refcount.
+        refcount: u64,
+        /// Found by a repair's last step, which fixes it.
+        repaired: bool,
+    },
+    /// A repair rebuilds the refcount structures: "Rebuilding refcount
+    /// structure".
+    Rebuilding,
+}
+
 /// What a repair may change.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +166,11 @@ impl Fix {
 /// State of one walk over the metadata.
 struct Walk<'a> {
     counters: &'a mut [u8],
+    /// Where the audit reports what it finds.
+    findings: &'a mut dyn FnMut(Finding),
+    /// Report COPIED flags during the walk (a check; a repair judges them
+    /// after the refcounts are right).
+    report_copied: bool,
     /// First cluster of the window being counted.
     start: u64,
     /// Clusters in the window.
@@ -180,6 +249,16 @@ impl Walk<'_> {
         }
     }
 
+    /// A COPIED flag that disagrees with the stored refcount (reported now
+    /// by a check; a repair judges it again once the refcounts are right).
+    fn copied_error(&mut self, finding: Finding) {
+        self.report.corruptions += 1;
+        self.tally.copied += 1;
+        if self.report_copied {
+            (self.findings)(finding);
+        }
+    }
+
     /// A fault in the refcount structures that only a rebuild repairs.
     fn refcount_structure_error(&mut self) {
         self.report.corruptions += 1;
@@ -201,7 +280,20 @@ where
     /// Cancelled, it leaves the image as it was (cached metadata it wrote
     /// back on the way went out in order).
     pub async fn check(&mut self, scratch: &mut [u8]) -> Result<CheckReport, Error<D::Error>> {
-        self.check_and_repair(scratch, None).await
+        self.check_and_repair(scratch, None, &mut |_| {}).await
+    }
+
+    /// [`Qcow2::check`], reporting each inconsistency to `findings` as it
+    /// is found (for a per-problem listing such as `qemu-img check`
+    /// prints, which lists the refcounts cluster by cluster, then the
+    /// COPIED flags; here the COPIED findings come during the walk, before
+    /// the refcounts).
+    pub async fn check_with(
+        &mut self,
+        scratch: &mut [u8],
+        findings: &mut dyn FnMut(Finding),
+    ) -> Result<CheckReport, Error<D::Error>> {
+        self.check_and_repair(scratch, None, findings).await
     }
 
     #[cfg(feature = "write")]
@@ -222,19 +314,36 @@ where
         scratch: &mut [u8],
         mode: Repair,
     ) -> Result<CheckReport, Error<D::Error>> {
+        self.repair_with(scratch, mode, &mut |_| {}).await
+    }
+
+    #[cfg(feature = "write")]
+    /// [`Qcow2::repair`], reporting to `findings` in the order `qemu-img
+    /// check -r` prints: the audit's refcount findings; those a pass then
+    /// sets right in place again, `repaired` (or unrepaired where the mode
+    /// does not cover them); [`Finding::Rebuilding`] before a rebuild; last
+    /// the COPIED flags as they stand after the refcounts are right
+    /// (`repaired` with [`Repair::All`], which fixes them).
+    pub async fn repair_with(
+        &mut self,
+        scratch: &mut [u8],
+        mode: Repair,
+        findings: &mut dyn FnMut(Finding),
+    ) -> Result<CheckReport, Error<D::Error>> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         // What the cache holds reaches the disk first: a cluster freed but
         // not yet durably unmapped must not look unreferenced to the repair.
         self.cache.flush(&mut self.dev).await?;
-        self.check_and_repair(scratch, Some(mode)).await
+        self.check_and_repair(scratch, Some(mode), findings).await
     }
 
     async fn check_and_repair(
         &mut self,
         scratch: &mut [u8],
         mode: Option<Repair>,
+        findings: &mut dyn FnMut(Finding),
     ) -> Result<CheckReport, Error<D::Error>> {
         self.require_data_file_known().await?;
         let len = (scratch.len() / 4) as u64;
@@ -245,6 +354,8 @@ where
         }
         let mut w = Walk {
             counters: scratch,
+            findings,
+            report_copied: mode.is_none(),
             start: 0,
             len,
             audit: true,
@@ -292,7 +403,9 @@ where
                         self.geo.reftable_offset,
                     ));
                 }
-                if report.leaks > 0 {
+                if report.leaks > 0 || report.corruptions > 0 {
+                    // (A pass over corruptions alone fixes nothing, but
+                    // reports them again, as QEMU's does.)
                     self.fix_refcounts_in_place(
                         w,
                         Fix {
@@ -304,6 +417,8 @@ where
                 }
                 report.leaks_fixed = w.leaks_fixed;
                 self.flush().await?;
+                // COPIED flags as they stand now, reported, not fixed.
+                self.fix_copied_flags(&mut *w.findings, false).await?;
                 Ok(report)
             }
             #[cfg(feature = "write")]
@@ -348,6 +463,24 @@ where
             if refs == stored {
                 continue;
             }
+            // Each pass reports each cluster once: the audit unrepaired,
+            // a fixing pass what it fixes.
+            let (refcount, references) = (stored, refs);
+            (w.findings)(if stored > refs {
+                Finding::Leak {
+                    cluster,
+                    refcount,
+                    references,
+                    repaired: fix.leaks,
+                }
+            } else {
+                Finding::Refcount {
+                    cluster,
+                    refcount,
+                    references,
+                    repaired: fix.errors && stored != 0,
+                }
+            });
             if stored == 0 {
                 // No refcount block to fix it in: only a rebuild helps.
                 w.refcount_structure_error();

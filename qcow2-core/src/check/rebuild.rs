@@ -357,7 +357,11 @@ where
 
     /// Zeroes `n` clusters from `first`, which nothing references; drops
     /// stale cached slices of them.
-    pub(super) async fn zero_clusters(&mut self, first: u64, n: u64) -> Result<(), Error<D::Error>> {
+    pub(super) async fn zero_clusters(
+        &mut self,
+        first: u64,
+        n: u64,
+    ) -> Result<(), Error<D::Error>> {
         let bits = self.geo.cluster_bits;
         self.cache.forget_range(first << bits, n << bits)?;
         self.cache.note_device_write();

@@ -1,7 +1,7 @@
 //! The repair steps that follow an audit: table entries, refcounts in
 //! place, COPIED flags and header bits.
 
-use super::{Fix, Walk};
+use super::{Finding, Fix, Walk};
 use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
 use crate::check::CheckReport;
@@ -42,11 +42,12 @@ where
                 .await?;
             }
             if w.rebuild {
+                (w.findings)(super::Finding::Rebuilding);
                 self.rebuild_refcounts(w).await?;
                 w.leaks_fixed = report.leaks;
                 w.refcounts_fixed = w.tally.refcounts;
             }
-            let copied_fixed = self.fix_copied_flags().await?;
+            let copied_fixed = self.fix_copied_flags(&mut *w.findings, true).await?;
             report.leaks_fixed = w.leaks_fixed;
             report.corruptions_fixed = w.refcounts_fixed + w.entries_fixed + copied_fixed;
         }
@@ -113,7 +114,14 @@ where
     /// Sets COPIED on active L1/L2 entries exactly where the refcount is 1;
     /// returns how many entries changed. Entries pointing nowhere valid are
     /// left alone.
-    pub(super) async fn fix_copied_flags(&mut self) -> Result<u64, Error<D::Error>> {
+    ///
+    /// Each one found is reported to `findings` (`repaired` when `write`;
+    /// without it nothing is written: a report of the flags as they stand).
+    pub(super) async fn fix_copied_flags(
+        &mut self,
+        findings: &mut dyn FnMut(Finding),
+        write: bool,
+    ) -> Result<u64, Error<D::Error>> {
         let cs = self.geo.cluster_size;
         let mut fixed = 0;
         for i in 0..self.geo.l1_entries {
@@ -123,7 +131,15 @@ where
             if l2 == 0 || !self.valid_clusters(l2, cs) {
                 continue;
             }
-            fixed += self.set_copied(at, Kind::L1, raw, l2).await?;
+            if let Some(refcount) = self.set_copied(at, Kind::L1, raw, l2, write).await? {
+                fixed += 1;
+                findings(Finding::CopiedL2Table {
+                    l1_index: i,
+                    l1_entry: raw,
+                    refcount,
+                    repaired: write,
+                });
+            }
             if self.refcount(self.geo.cluster_of(l2)).await? != 1 {
                 // The table is also something else (data, perhaps): leave it.
                 continue;
@@ -139,14 +155,21 @@ where
                 if self.external_data() {
                     // Data file clusters have refcount 1 by definition.
                     let fixed_raw = raw | crate::format::entry::COPIED;
-                    if self.geo.within_cluster(host) == 0 && fixed_raw != raw {
+                    if write && self.geo.within_cluster(host) == 0 && fixed_raw != raw {
                         self.cache
                             .write_u64(&mut self.dev, at, Kind::L2, fixed_raw)
                             .await?;
                         fixed += 1;
                     }
                 } else if self.valid_clusters(host, cs) {
-                    fixed += self.set_copied(at, Kind::L2, raw, host).await?;
+                    if let Some(refcount) = self.set_copied(at, Kind::L2, raw, host, write).await? {
+                        fixed += 1;
+                        findings(Finding::CopiedData {
+                            l2_entry: raw,
+                            refcount,
+                            repaired: write,
+                        });
+                    }
                 }
             }
         }
@@ -154,23 +177,30 @@ where
     }
 
     /// Rewrites the table entry `raw` at `at` (pointing at `host`) so that
-    /// its COPIED flag says whether the refcount of `host` is exactly 1;
-    /// returns 1 when it changed.
+    /// its COPIED flag says whether the refcount of `host` is exactly 1
+    /// (only when `write`); returns that refcount when the flag is wrong.
     pub(super) async fn set_copied(
         &mut self,
         at: u64,
         kind: Kind,
         raw: u64,
         host: u64,
-    ) -> Result<u64, Error<D::Error>> {
+        write: bool,
+    ) -> Result<Option<u64>, Error<D::Error>> {
         use crate::format::entry::COPIED;
-        let want = self.refcount(host >> self.geo.cluster_bits).await? == 1;
-        let fixed = if want { raw | COPIED } else { raw & !COPIED };
+        let refcount = self.refcount(host >> self.geo.cluster_bits).await?;
+        let fixed = if refcount == 1 {
+            raw | COPIED
+        } else {
+            raw & !COPIED
+        };
         if fixed == raw {
-            return Ok(0);
+            return Ok(None);
         }
-        self.cache.write_u64(&mut self.dev, at, kind, fixed).await?;
-        Ok(1)
+        if write {
+            self.cache.write_u64(&mut self.dev, at, kind, fixed).await?;
+        }
+        Ok(Some(refcount))
     }
 
     /// Clears incompatible feature bits in the header, durably.

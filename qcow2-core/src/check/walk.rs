@@ -1,7 +1,7 @@
 //! The walk over every metadata structure that counts references to each
 //! host cluster, noting faulty entries (and fixing them during a repair).
 
-use super::Walk;
+use super::{Finding, Walk};
 use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
 use crate::compress::Workspace;
@@ -53,17 +53,17 @@ where
         }
     }
 
-    /// Whether the COPIED flag `copied` of an entry pointing at `cluster`
-    /// disagrees with its stored refcount (unreadable refcounts: no).
+    /// The stored refcount of `cluster` when the COPIED flag `copied` of an
+    /// entry pointing at it disagrees with it (unreadable refcounts: no).
     pub(super) async fn copied_wrong(
         &mut self,
         cluster: u64,
         copied: bool,
-    ) -> Result<bool, Error<D::Error>> {
+    ) -> Result<Option<u64>, Error<D::Error>> {
         Ok(self
             .stored_refcount(cluster)
             .await?
-            .is_some_and(|n| (n == 1) != copied))
+            .filter(|&n| (n == 1) != copied))
     }
 
     /// Reads a table entry for the walk; `None` when the cluster cannot be
@@ -272,14 +272,16 @@ where
                 continue;
             }
             w.count(self.geo.cluster_of(l2));
-            if active
-                && w.audit
-                && self
-                    .copied_wrong(self.geo.cluster_of(l2), entry.copied())
-                    .await?
-            {
-                w.report.corruptions += 1;
-                w.tally.copied += 1;
+            if active && w.audit {
+                let cluster = self.geo.cluster_of(l2);
+                if let Some(refcount) = self.copied_wrong(cluster, entry.copied()).await? {
+                    w.copied_error(Finding::CopiedL2Table {
+                        l1_index: i,
+                        l1_entry: raw,
+                        refcount,
+                        repaired: false,
+                    });
+                }
             }
             if !self.walk_l2(w, l2, active).await? {
                 // The table is cached, dirty, as another kind of table.
@@ -379,9 +381,13 @@ where
             }
             self.count_range(w, host, len);
             if let (true, true, Some(copied)) = (active, w.audit, copied) {
-                if self.copied_wrong(self.geo.cluster_of(host), copied).await? {
-                    w.report.corruptions += 1;
-                    w.tally.copied += 1;
+                let cluster = self.geo.cluster_of(host);
+                if let Some(refcount) = self.copied_wrong(cluster, copied).await? {
+                    w.copied_error(Finding::CopiedData {
+                        l2_entry: raw,
+                        refcount,
+                        repaired: false,
+                    });
                 }
             }
         }
