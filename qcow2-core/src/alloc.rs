@@ -87,11 +87,10 @@ where
         }
     }
 
-    /// Makes the device at least `clusters` clusters long.
+    /// Makes the device at least `clusters` whole clusters long: a device
+    /// that ends inside a cluster grows to its end, or, fixed, refuses
+    /// the partial cluster with [`Error::NoSpace`].
     pub(crate) async fn grow_device_to(&mut self, clusters: u64) -> Result<(), Error<D::Error>> {
-        if clusters <= self.dev_clusters {
-            return Ok(());
-        }
         let sectors = clusters * self.geo.cluster_sectors();
         if sectors > self.dev.sector_count() {
             self.dev
@@ -99,7 +98,7 @@ where
                 .await
                 .map_err(|_| Error::NoSpace)?;
         }
-        self.dev_clusters = clusters;
+        self.dev_clusters = self.dev_clusters.max(clusters);
         Ok(())
     }
 

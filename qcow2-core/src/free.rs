@@ -14,7 +14,7 @@ use crate::cache::{Kind, Order, Slot};
 use crate::compress::Workspace;
 use crate::fill::Target;
 use crate::format::entry::ZERO;
-use crate::format::L2Entry;
+use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
@@ -245,7 +245,7 @@ where
         if let L2Entry::Compressed { offset, len } = entry {
             if !self.compressed_releasable(offset, len).await? {
                 warn!(
-                    "qcow2: compressed cluster at {=u64:#x} left allocated: its descriptor is not a stream of its own",
+                    "qcow2: compressed cluster at {=u64:#x} left allocated: its descriptor claims what it does not own",
                     offset
                 );
                 return Ok(());
@@ -283,17 +283,22 @@ where
 
     /// Whether the host clusters of the compressed cluster of `len` bytes at
     /// host byte `host` may lose a reference (rule 9 of `ORDERING.md`).
-    /// A descriptor is only a claim
-    /// (a hostile or damaged L2 entry may point at the header, a refcount
-    /// block, an L2 table or another cluster's data, with a refcount that
-    /// counts only the real owner), and releasing on its word would free,
-    /// discard and reuse what the real owner still holds. So the extent
-    /// must lie inside the device, clear of the header, the L1 and refcount
-    /// tables and cached metadata, and its stream must decode to a whole
-    /// cluster. Without a decoder the stream cannot be checked and is never
-    /// released. What is not released stays allocated (a leak, which
-    /// `repair` reclaims once a check has established it), as QEMU warns
-    /// and goes on when a discard meets a bad descriptor.
+    ///
+    /// A descriptor is only a claim: a hostile or damaged L2 entry may point
+    /// at the header, a refcount block, an L2 table or another cluster's
+    /// data, whose refcount counts only its real owner; released on the
+    /// descriptor's word, that cluster would be freed, discarded and
+    /// reused. So the extent must lie inside the device, clear of the
+    /// header, the L1 and refcount tables and cached metadata, and a
+    /// cluster the release would free (refcount 1) must be no L2 table of
+    /// the active L1 table and no refcount block, and its stream must
+    /// decode to a whole cluster (when the workspace has a decoder; without
+    /// one the structural checks decide). What is not released stays
+    /// allocated: a leak that `repair` reclaims once a check has
+    /// established it, as QEMU warns and goes on when a discard meets a bad
+    /// descriptor. A descriptor that duplicates another's claim on a shared
+    /// cluster is beyond these checks: only `check` counts claims, so
+    /// open untrusted images with [`crate::OpenOptions::verify`].
     async fn compressed_releasable(
         &mut self,
         host: u64,
@@ -301,17 +306,58 @@ where
     ) -> Result<bool, Error<D::Error>> {
         let start = host & !511;
         let end = host.saturating_add(len.max(1));
-        if self.geo.cluster_of(end - 1) >= self.dev_clusters
+        let (first, last) = (self.geo.cluster_of(start), self.geo.cluster_of(end - 1));
+        if last >= self.dev_clusters
             || self.geo.hits_fixed_metadata(start, end - start)
             || self.cache.holds_any(start, end - start)
         {
             return Ok(false);
         }
+        let mut frees = false;
+        for cluster in first..=last {
+            match self.refcount(cluster).await? {
+                // Nothing to release: the descriptor claims a free cluster.
+                0 => return Ok(false),
+                1 if self.is_table_cluster(cluster).await? => return Ok(false),
+                1 => frees = true,
+                _ => {}
+            }
+        }
+        if !frees {
+            return Ok(true);
+        }
         match self.decompress(host, len, Target::Nowhere).await {
-            Ok(()) => Ok(true),
-            Err(Error::Corrupt { .. } | Error::Unsupported(_)) => Ok(false),
+            Ok(()) | Err(Error::Unsupported(_)) => Ok(true),
+            Err(Error::Corrupt { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether host cluster `cluster` is an L2 table of the active L1 table
+    /// or a refcount block: a scan of both tables (the refcount table as
+    /// far as it covers the device), paid only by a release that would
+    /// free a cluster on a descriptor's word.
+    async fn is_table_cluster(&mut self, cluster: u64) -> Result<bool, Error<D::Error>> {
+        let host = cluster << self.geo.cluster_bits;
+        for i in 0..self.geo.l1_entries {
+            let at = self.geo.l1_offset + i * 8;
+            let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
+            if L1Entry(raw).l2_offset() == host {
+                return Ok(true);
+            }
+        }
+        let covering = (self.dev_clusters >> self.geo.refblock_bits) + 1;
+        for i in 0..self.geo.reftable_entries.min(covering) {
+            let at = self.geo.reftable_offset + i * 8;
+            let raw = self
+                .cache
+                .read_u64(&mut self.dev, at, Kind::RefTable)
+                .await?;
+            if raw != 0 && raw & !0x1ff == host {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// [`Self::release`] for a cluster of an external data file (`entry`

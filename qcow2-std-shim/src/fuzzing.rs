@@ -117,7 +117,7 @@ fn readable<D: qcow2_core::BlockDevice>(img: &mut Small<D>) -> Vec<Option<Sector
 /// input builds an image (geometry and written sectors from the input),
 /// then mutates the header fields that size or place metadata (refcount
 /// table size and offset, L1 size and offset, incompatible bits): see
-/// [`check_repair_mutated`].
+/// `check_repair_mutated` below.
 pub fn check_repair(data: &[u8]) {
     if !data.starts_with(b"QFI\xfb") {
         return check_repair_mutated(data);
@@ -129,7 +129,7 @@ pub fn check_repair(data: &[u8]) {
     repair_keeps_reads(img, None);
 }
 
-/// Header fields [`check_repair_mutated`] may change, one bit each in its
+/// Header fields `check_repair_mutated` may change, one bit each in its
 /// second input byte.
 const MUTATE_REFTABLE_CLUSTERS: u8 = 1;
 const MUTATE_REFTABLE_OFFSET: u8 = 2;

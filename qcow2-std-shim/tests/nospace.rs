@@ -1,7 +1,8 @@
 //! Devices that run out of room, as in firmware (a fixed-size RAM device):
 //! a write that finds no free cluster fails with `Error::NoSpace` and loses
-//! nothing flushed; a refcount rebuild with no room anywhere fails with
-//! `Error::NoSpace` before writing anything.
+//! nothing flushed; a refcount rebuild with no room for new structures
+//! rewrites them in place under the dirty bit, and one that cannot fails
+//! with `Error::NoSpace` before writing anything.
 
 use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
@@ -144,4 +145,51 @@ fn a_rebuild_without_room_rewrites_the_refcounts_in_place() {
     assert!(back == data);
     let mut scratch = vec![0u8; 1 << 12];
     assert!(block_on(img.check(&mut scratch)).unwrap().is_clean());
+}
+
+/// A crashed lazy image that fills a fixed device whose size is not a
+/// whole number of clusters (1 KiB clusters, one sector over): the partial
+/// last cluster can hold no refcount block, so the rebuild in place must
+/// not pick it; the image opens read-write again with its data, or the
+/// open fails with `NoSpace` having written nothing.
+#[test]
+fn a_rebuild_in_place_never_uses_a_partial_last_cluster() {
+    for extra_sectors in [1u64, 2, 3] {
+        let clusters = 64u64;
+        let mut dev = RamDevice::fixed(clusters * 2 + extra_sectors);
+        let created = block_on(Qcow2::create(
+            &mut dev,
+            cache(),
+            options(256 << 10, 10, true),
+        ));
+        let mut img = created.unwrap_or_else(|e| panic!("{e}"));
+        let mut written = Vec::new();
+        for s in (0..512u64).step_by(2) {
+            match block_on(img.write(s, &sectors(2, s as u8 + 1))) {
+                Ok(()) => written.push(s),
+                Err(Error::NoSpace) => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        block_on(img.flush()).unwrap();
+        let _ = img.abandon();
+        let bytes = dev.as_bytes().to_vec();
+        let what = format!("{extra_sectors} sectors over");
+        match open(fixed(&bytes, 0), OpenOptions::read_write()) {
+            Ok(mut img) => {
+                for &s in &written {
+                    let mut back = sectors(2, 0);
+                    block_on(img.read(s, &mut back)).unwrap();
+                    assert!(back == sectors(2, s as u8 + 1), "{what}: sector {s}");
+                }
+                let mut scratch = vec![0u8; 1 << 12];
+                let report = block_on(img.check(&mut scratch)).unwrap();
+                assert!(report.is_clean(), "{what}: {report:?}");
+            }
+            Err((e, dev)) => {
+                assert_eq!(e, Error::NoSpace, "{what}");
+                assert!(dev.as_bytes() == bytes, "{what}: the failed rebuild wrote");
+            }
+        }
+    }
 }

@@ -26,9 +26,8 @@ where
     W: Workspace,
 {
     /// Rewrites every refcount in place (see the module documentation).
-    /// Fails with [`Error::NoSpace`] when the table cannot serve: it is
-    /// outside the device, shared with something else, or too small to
-    /// cover the device.
+    /// Fails with [`Error::NoSpace`], before writing anything, when the
+    /// plan cannot be carried out (see [`Self::plan_in_place`]).
     pub(super) async fn rebuild_in_place(
         &mut self,
         w: &mut Walk<'_>,
@@ -38,18 +37,8 @@ where
         let first_table = self.geo.cluster_of(table);
         // Blocks covering the whole device: anything referenced lies inside.
         let needed = crate::format::shr_ceil(self.dev_clusters, self.geo.refblock_bits);
-        if first_table + table_clusters > self.dev_clusters
-            || needed > self.geo.reftable_entries
-            || w.end > self.dev_clusters
-        {
-            return Err(Error::NoSpace);
-        }
-        for c in first_table..first_table + table_clusters {
-            if self.refs_of(w, c).await? != 1 {
-                // The table is also something else: never write into it.
-                return Err(Error::NoSpace);
-            }
-        }
+        self.plan_in_place(w, first_table..first_table + table_clusters, needed)
+            .await?;
         // Rule 5: stale refcounts from here on are covered, and guest
         // changes wait for the repair to finish.
         self.refcounts_stale = true;
@@ -63,8 +52,9 @@ where
                 self.set_reftable_entry(i, 0).await?;
             }
         }
+        let mut from = 1;
         for i in 0..needed {
-            self.settle_block(w, i).await?;
+            self.settle_block(w, i, &mut from).await?;
         }
         self.cache.flush(&mut self.dev).await?;
         self.cache.forget_refcounts()?;
@@ -92,23 +82,80 @@ where
         Ok(())
     }
 
+    /// Checks, writing nothing, that the rebuild in place can finish: the
+    /// table inside the device's whole clusters and referenced by itself
+    /// alone (never written into something else), big enough to cover
+    /// the device with `needed` blocks, every reference count within the
+    /// refcount width, and enough whole clusters nothing references for
+    /// the blocks that must be replaced (missing, invalid, or shared).
+    async fn plan_in_place(
+        &mut self,
+        w: &mut Walk<'_>,
+        table: core::ops::Range<u64>,
+        needed: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let whole = self.whole_clusters();
+        if table.end > whole || needed > self.geo.reftable_entries || w.end > self.dev_clusters {
+            return Err(Error::NoSpace);
+        }
+        let max = crate::format::refcount::max_value(self.geo.refcount_order);
+        let (mut kept, mut free) = (0u64, 0u64);
+        let mut start = 0;
+        while start < self.dev_clusters {
+            w.skip_refcount_structures = false;
+            w.audit = false;
+            w.reset(start);
+            self.walk(w).await?;
+            let stop = self.dev_clusters.min(start + w.len);
+            for c in start..stop {
+                let refs = w.refs(c);
+                let in_table = table.contains(&c);
+                if refs > max || (in_table && refs != 1) {
+                    return Err(Error::NoSpace);
+                }
+                free += u64::from(refs == 0 && c != 0 && c < whole);
+            }
+            for i in 0..needed {
+                if let Some(block) = self.refblock_entry(i).await? {
+                    let c = self.geo.cluster_of(block);
+                    kept += u64::from(w.in_window(c) && c != 0 && c < whole && w.refs(c) == 1);
+                }
+            }
+            start += w.len;
+        }
+        if needed - kept.min(needed) > free {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// The device's whole clusters: a partial last cluster holds no block.
+    fn whole_clusters(&self) -> u64 {
+        self.dev.sector_count() >> (self.geo.cluster_bits - 9)
+    }
+
     /// Makes table entry `i` point at a zeroed refcount block that nothing
     /// but the table references: its own block when that holds, else a
-    /// cluster nothing references.
-    async fn settle_block(&mut self, w: &mut Walk<'_>, i: u64) -> Result<(), Error<D::Error>> {
+    /// cluster nothing references (searched from `from` on, which then
+    /// moves past it).
+    async fn settle_block(
+        &mut self,
+        w: &mut Walk<'_>,
+        i: u64,
+        from: &mut u64,
+    ) -> Result<(), Error<D::Error>> {
+        let whole = self.whole_clusters();
         if let Some(block) = self.refblock_entry(i).await? {
             let cluster = self.geo.cluster_of(block);
-            if cluster != 0 && self.refs_of(w, cluster).await? == 1 {
+            if cluster != 0 && cluster < whole && self.refs_of(w, cluster).await? == 1 {
                 return self.zero_clusters(cluster, 1).await;
             }
         }
         let mut walked = false;
-        let Some(cluster) = self
-            .next_unreferenced(w, &mut walked, 1, self.dev_clusters)
-            .await?
-        else {
+        let Some(cluster) = self.next_unreferenced(w, &mut walked, *from, whole).await? else {
             return Err(Error::NoSpace);
         };
+        *from = cluster + 1;
         self.zero_clusters(cluster, 1).await?;
         self.set_reftable_entry(i, cluster << self.geo.cluster_bits)
             .await

@@ -190,6 +190,9 @@ struct Walk<'a> {
     /// The refcount structures cannot be trusted: rebuild them elsewhere.
     rebuild: bool,
     entries_fixed: u64,
+    /// An entry to fix lies in the refcount table: left for after a
+    /// rebuild has moved the table away.
+    entries_deferred: bool,
     leaks_fixed: u64,
     refcounts_fixed: u64,
     /// Clusters past the end of the device that a rebuild wants to use:
@@ -370,6 +373,7 @@ where
             tally: Tally::default(),
             rebuild: false,
             entries_fixed: 0,
+            entries_deferred: false,
             leaks_fixed: 0,
             refcounts_fixed: 0,
             avoid: None,
@@ -419,6 +423,14 @@ where
                 self.flush().await?;
                 // COPIED flags as they stand now, reported, not fixed.
                 self.fix_copied_flags(&mut *w.findings, false).await?;
+                if report.corruptions == 0 {
+                    // No refcount below its references and the leaks set
+                    // right: the refcounts are consistent (as QEMU, which
+                    // marks the image clean after `-r leaks` then).
+                    self.clear_incompatible(crate::format::incompatible::DIRTY)
+                        .await?;
+                    self.refcounts_stale = false;
+                }
                 Ok(report)
             }
             #[cfg(feature = "write")]

@@ -24,12 +24,8 @@ where
         mut report: CheckReport,
     ) -> Result<CheckReport, Error<D::Error>> {
         if report.corruptions > 0 || report.leaks > 0 {
-            if w.tally.entries > 0 && !self.mapping_shared(w).await? {
-                w.fix_entries = true;
-                w.reset(0);
-                self.walk(w).await?;
-                w.fix_entries = false;
-                self.flush().await?;
+            if w.tally.entries > 0 {
+                self.fix_entries(w).await?;
             }
             if !w.rebuild {
                 self.fix_refcounts_in_place(
@@ -46,6 +42,10 @@ where
                 self.rebuild_refcounts(w).await?;
                 w.leaks_fixed = report.leaks;
                 w.refcounts_fixed = w.tally.refcounts;
+                if w.entries_deferred {
+                    // The table they lay in has moved: fix them now.
+                    self.fix_entries(w).await?;
+                }
             }
             let copied_fixed = self.fix_copied_flags(&mut *w.findings, true).await?;
             report.leaks_fixed = w.leaks_fixed;
@@ -61,6 +61,21 @@ where
         self.flush().await?;
         self.refcounts_stale = false;
         Ok(report)
+    }
+
+    /// Clears reserved bits and entries pointing nowhere valid (rule 8),
+    /// unless some cluster is claimed twice.
+    async fn fix_entries(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
+        if self.mapping_shared(w).await? {
+            return Ok(());
+        }
+        w.entries_deferred = false;
+        w.fix_entries = true;
+        w.reset(0);
+        let walked = self.walk(w).await;
+        w.fix_entries = false;
+        walked?;
+        self.flush().await
     }
 
     /// Whether some cluster is referenced twice by tables or data (the

@@ -291,7 +291,9 @@ where
         Ok(())
     }
 
-    /// Rewrites one entry during a repair.
+    /// Rewrites one entry during a repair; never one that lies in the
+    /// refcount table (a table entry pointing there is the table, which
+    /// stays as it is until a rebuild switches away from it: rule 4).
     pub(super) async fn fix_entry(
         &mut self,
         w: &mut Walk<'_>,
@@ -299,6 +301,12 @@ where
         kind: Kind,
         value: u64,
     ) -> Result<(), Error<D::Error>> {
+        let (table, bytes) = (self.geo.reftable_offset, self.geo.reftable_bytes());
+        if at >= table && at - table < bytes {
+            // Fixed once a rebuild has moved the refcount table away.
+            w.entries_deferred = true;
+            return Ok(());
+        }
         self.cache.write_u64(&mut self.dev, at, kind, value).await?;
         w.entries_fixed += 1;
         Ok(())
@@ -363,11 +371,15 @@ where
                     next_contiguous = host + cs;
                 }
             }
+            // A compressed stream may run past the end of the device by
+            // less than a cluster, as QEMU allows (the last sector of a
+            // file a descriptor rounds up to): what a read takes is there.
+            let dev_bytes = self.dev.sector_count() * crate::SECTOR as u64;
             let valid = match copied {
                 Some(_) => self.valid_clusters(host, cs),
-                None => host
-                    .checked_add(len)
-                    .is_some_and(|end| host >= cs && end <= self.dev_clusters * cs),
+                None => host.checked_add(len).is_some_and(|end| {
+                    host >= cs && host < dev_bytes && end.saturating_sub(dev_bytes) < cs
+                }),
             };
             if !valid {
                 let to = self.geo.clusters_for(host.saturating_add(len.max(1)));
