@@ -246,7 +246,9 @@ const QEMU_DEFLATE: DeflateConfig = DeflateConfig {
 };
 
 /// Compresses clusters as QEMU does, keeping its contexts from one
-/// cluster to the next (one per thread).
+/// cluster to the next (one per thread). A zlib context whose stream did
+/// not fit (a cluster stored plainly) is replaced by a new one: no state
+/// outlives its cluster, however many clusters in a row do not compress.
 pub struct HostCompressor {
     zlib: Option<zlib_rs::Deflate>,
     zstd: Option<CCtx<'static>>,
@@ -283,7 +285,19 @@ impl HostCompressor {
                 z.reset();
                 match z.compress(data, out, DeflateFlush::Finish) {
                     Ok(zlib_rs::Status::StreamEnd) => Some(z.total_out() as usize),
-                    _ => None,
+                    _ => {
+                        // The stream was abandoned with output still pending.
+                        // zlib-rs 0.6's `reset` then keeps the read position
+                        // of its pending buffer, so every abandoned stream
+                        // shrinks the buffer for the next until a stored
+                        // block no longer fits and zlib-rs panics (after
+                        // 128 KiB of clusters that do not compress). A
+                        // finished stream leaves nothing pending; any other
+                        // one gets a fresh state, as QEMU's per-cluster
+                        // `deflateInit2` does.
+                        self.zlib = None;
+                        None
+                    }
                 }
             }
             Compression::Zstd => {
@@ -325,6 +339,214 @@ fn zstd_compress(cctx: &mut CCtx<'_>, data: &[u8], out: &mut [u8]) -> Option<usi
 /// `data.len() - 1` bytes and is to be stored plainly.
 pub fn compress_cluster(format: Compression, data: &[u8], out: &mut Vec<u8>) -> bool {
     HostCompressor::new().compress(format, data, out)
+}
+
+/// The cluster sizes an image may have, smallest first.
+const FUZZ_CLUSTERS: [usize; 13] = [
+    512,
+    1 << 10,
+    2 << 10,
+    4 << 10,
+    8 << 10,
+    16 << 10,
+    32 << 10,
+    64 << 10,
+    128 << 10,
+    256 << 10,
+    512 << 10,
+    1 << 20,
+    2 << 20,
+];
+
+/// Bytes of clusters one [`fuzz_compressors`] input may make: more than
+/// the 128 KiB of clusters stored plainly in a row that it took zlib-rs to
+/// fail when a compressor outlived its abandoned streams (257 clusters of
+/// 512 B), and at least two of the largest.
+const FUZZ_BUDGET: usize = 192 << 10;
+
+/// Every this many clusters, a cluster is compared with a fresh
+/// compressor's result (each comparison costs a compressor's set-up).
+const FUZZ_FRESH_EVERY: usize = 8;
+
+/// splitmix64: incompressible bytes from a seed, without a dependency.
+fn fuzz_noise(seed: u64, out: &mut [u8]) {
+    let mut x = seed;
+    for chunk in out.chunks_mut(8) {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Fills `cluster` with `bytes` repeated (zeros when there are none).
+fn fuzz_repeat(bytes: &[u8], cluster: &mut [u8]) {
+    if bytes.is_empty() {
+        cluster.fill(0);
+        return;
+    }
+    for (i, b) in cluster.iter_mut().enumerate() {
+        *b = bytes[i % bytes.len()];
+    }
+}
+
+/// The core's no-heap inflate with QEMU's 4 KiB window over `stream`, fed
+/// a sector at a time as an image read feeds it: the cluster, or `None`.
+fn fuzz_core_inflate(
+    state: &mut qcow2_core::inflate::InflateState,
+    stream: &[u8],
+    cluster: usize,
+) -> Option<Vec<u8>> {
+    let mut window = [0u8; 4096];
+    let mut dec = qcow2_core::inflate::Inflate::new(state, &mut window);
+    dec.start(Compression::Zlib, cluster).ok()?;
+    let mut out = Vec::with_capacity(cluster);
+    let pieces: Vec<&[u8]> = stream.chunks(SECTOR).collect();
+    for (i, mut bytes) in pieces.iter().copied().enumerate() {
+        let last = i + 1 == pieces.len();
+        while out.len() < cluster {
+            let step = dec.step(bytes, last).ok()?;
+            out.extend_from_slice(step.output);
+            if step.consumed == 0 && step.output.is_empty() {
+                break;
+            }
+            bytes = &bytes[step.consumed..];
+        }
+        if out.len() >= cluster {
+            break;
+        }
+    }
+    (out.len() == cluster).then_some(out)
+}
+
+/// The harness of the `codec` fuzz target (whose saved corpus `cargo test`
+/// replays): many clusters of arbitrary, incompressible, mixed and
+/// compressible data through one [`HostCompressor`] and one
+/// [`HostDecoder`], switching formats at will. Panics when a promise
+/// breaks: a cluster compresses differently than with a fresh compressor
+/// (state outlived its cluster; compared for the first cluster that
+/// compresses after some that did not, at every switch of format, and
+/// every few clusters), a stream is not shorter than the cluster or does
+/// not decode back to it (host decoder; for zlib also the core's inflate
+/// with QEMU's 4 KiB window), a cluster of noise does not fall back to
+/// being stored plainly (with an empty output), or zeros do not compress.
+/// Nothing here may panic otherwise, whatever the input.
+///
+/// The first byte picks the cluster size (low 4 bits, modulo the 13 sizes
+/// from 512 B to 2 MiB) and the first format (bit 4: zstd). Then each pair
+/// of bytes `(op, arg)` makes clusters, `op`'s bit 7 switching the format
+/// for them: noise (one cluster, or `arg + 1` in a row), zeros, `arg`
+/// bytes of the input repeated, a cluster that is noise for its first
+/// `arg / 256` and repetitive after, or the rest of the input as it is.
+pub fn fuzz_compressors(input: &[u8]) {
+    let Some((&first, mut script)) = input.split_first() else {
+        return;
+    };
+    let cluster = FUZZ_CLUSTERS[usize::from(first & 15) % FUZZ_CLUSTERS.len()];
+    let base = if first & 16 != 0 {
+        Compression::Zstd
+    } else {
+        Compression::Zlib
+    };
+    let budget = FUZZ_BUDGET.max(2 * cluster);
+    let mut compressor = HostCompressor::new();
+    let mut decoder = HostDecoder::new();
+    let mut data = vec![0u8; cluster];
+    let mut stream = Vec::new();
+    let mut fresh = Vec::new();
+    let mut decoded = vec![0u8; cluster];
+    let mut inflate = Box::new(qcow2_core::inflate::InflateState::new());
+    let mut made = 0usize;
+    let mut seed = 0u64;
+    // Whether the clusters just before did not compress.
+    let mut suspect = false;
+    let mut last_format = base;
+    while let [op, arg, rest @ ..] = script {
+        script = rest;
+        let format = match (base, op & 0x80 != 0) {
+            (f, false) => f,
+            (Compression::Zlib, true) => Compression::Zstd,
+            (Compression::Zstd, true) => Compression::Zlib,
+        };
+        let arg = usize::from(*arg);
+        // How many clusters this op makes, and whether they must or must
+        // not compress.
+        let (count, expect) = match op % 6 {
+            0 => (1, Some(false)),
+            1 => (arg + 1, Some(false)),
+            2 => (1, Some(true)),
+            _ => (1, None),
+        };
+        for _ in 0..count {
+            if made + cluster > budget {
+                return;
+            }
+            made += cluster;
+            seed += 1;
+            match op % 6 {
+                0 | 1 => fuzz_noise(seed, &mut data),
+                2 => data.fill(0),
+                3 => {
+                    let take = arg.min(script.len());
+                    fuzz_repeat(&script[..take], &mut data);
+                    script = &script[take..];
+                }
+                4 => {
+                    let split = cluster * arg / 256;
+                    fuzz_noise(seed, &mut data[..split]);
+                    fuzz_repeat(&input[..input.len().min(7)], &mut data[split..]);
+                }
+                _ => {
+                    let take = cluster.min(script.len());
+                    data[..take].copy_from_slice(&script[..take]);
+                    data[take..].fill(0);
+                    script = &script[take..];
+                }
+            }
+            let compressed = compressor.compress(format, &data, &mut stream);
+            let index = made / cluster;
+            // After clusters that did not compress, the first that does.
+            let after_failures = suspect && compressed;
+            if after_failures || format != last_format || index.is_multiple_of(FUZZ_FRESH_EVERY) {
+                let fresh_compressed = compress_cluster(format, &data, &mut fresh);
+                assert_eq!(
+                    (compressed, &stream),
+                    (fresh_compressed, &fresh),
+                    "{format:?}, {cluster} B: a reused compressor differs from a fresh one"
+                );
+            }
+            suspect = !compressed;
+            last_format = format;
+            if let Some(expect) = expect {
+                assert_eq!(compressed, expect, "{format:?}, {cluster} B, op {op}");
+            }
+            if !compressed {
+                assert!(stream.is_empty(), "a cluster stored plainly has no stream");
+                continue;
+            }
+            assert!(stream.len() < cluster, "{format:?}: stream not shorter");
+            // In an image the stream is followed by its sector's padding.
+            let padded = stream.len().div_ceil(SECTOR) * SECTOR;
+            stream.resize(padded, 0);
+            decoded.fill(0xa5);
+            decoder
+                .decompress(format, &stream, &mut decoded)
+                .expect("a stream we wrote decodes");
+            assert!(
+                decoded == data,
+                "{format:?}, {cluster} B: decodes differently"
+            );
+            if format == Compression::Zlib {
+                let core = fuzz_core_inflate(&mut inflate, &stream, cluster);
+                assert!(
+                    core.as_deref() == Some(&data[..]),
+                    "{cluster} B: the core's 4 KiB-window inflate differs"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

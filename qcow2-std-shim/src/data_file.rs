@@ -5,7 +5,9 @@
 //! [`attach_data_file`] finds that file, asks the caller whether it may be
 //! opened ([`DataFileOptions::allow`]: an image from an untrusted source
 //! must not make the host open arbitrary paths), opens it read-only or
-//! writable as the image, and attaches it.
+//! writable as the image, and attaches it. Like a backing file, the data
+//! file must be a regular file or a block device whose size can be found
+//! ([`crate::chain::open_checked`]).
 //!
 //! A relative name is resolved against the image's directory, as backing
 //! file names are. QEMU 10 differs
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use qcow2_core::Error;
 
+use crate::chain::{open_checked, OpenCheckedError, UnusableFile};
 use crate::{FileDevice, Image};
 
 /// How [`attach_data_file`] opens an image's data file.
@@ -36,6 +39,11 @@ pub struct DataFileOptions<'a> {
     /// Resolve a relative name against the working directory, as QEMU 10
     /// does, rather than the image's directory.
     pub relative_to_cwd: bool,
+    /// Open the data file writable (`Some(true)`) or read-only
+    /// (`Some(false)`) whatever the image was opened as; `None` (the
+    /// default): as the image. A caller that only checks that the file
+    /// opens as a writable open of the image would open it needs this.
+    pub writable: Option<bool>,
 }
 
 fn allow_any(_: &Path) -> bool {
@@ -55,6 +63,7 @@ impl DataFileOptions<'static> {
             open_file: &open_plain,
             data_file: None,
             relative_to_cwd: false,
+            writable: None,
         }
     }
 }
@@ -72,6 +81,14 @@ pub enum DataFileError {
     Refused {
         /// The data file.
         path: PathBuf,
+    },
+    /// The data file is not a regular file or block device, or its size
+    /// cannot be found (see [`crate::chain::open_checked`]).
+    Unusable {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        why: UnusableFile,
     },
     /// The data file could not be opened.
     Open {
@@ -99,6 +116,7 @@ impl fmt::Display for DataFileError {
             DataFileError::Refused { path } => {
                 write!(f, "data file '{}' is not allowed", path.display())
             }
+            DataFileError::Unusable { path, why } => f.write_str(&why.message(path)),
             DataFileError::Open { path, error } => {
                 write!(f, "Could not open '{}': {error}", path.display())
             }
@@ -134,7 +152,7 @@ pub fn data_file_name(image: &mut Image<FileDevice>) -> Result<Option<String>, E
 
 /// Opens and attaches the external data file of `image` (opened from
 /// `path`) as `options` allow, read-only or writable as the image was
-/// opened. Returns the data file's path, or `None` for an image without
+/// opened (or as [`DataFileOptions::writable`] says). Returns the data file's path, or `None` for an image without
 /// an external data file (nothing to do).
 pub fn attach_data_file(
     image: &mut Image<FileDevice>,
@@ -160,10 +178,16 @@ pub fn attach_data_file(
             resolved
         }
     };
-    let writable = !image.info().read_only;
-    let dev = (options.open_file)(&data_path, writable).map_err(|error| DataFileError::Open {
-        path: data_path.clone(),
-        error,
+    let writable = options.writable.unwrap_or(!image.info().read_only);
+    let dev = open_checked(&data_path, writable, options.open_file).map_err(|e| match e {
+        OpenCheckedError::Open(error) => DataFileError::Open {
+            path: data_path.clone(),
+            error,
+        },
+        OpenCheckedError::Unusable(why) => DataFileError::Unusable {
+            path: data_path.clone(),
+            why,
+        },
     })?;
     crate::block_on(image.inner_mut().attach_data_file(dev))
         .map_err(|(error, _)| DataFileError::Image { error })?;

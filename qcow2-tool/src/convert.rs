@@ -37,6 +37,10 @@ pub struct ConvertArgs {
     /// `compression_type`, on several threads.
     #[arg(short = 'c')]
     compress: bool,
+    /// Parallel requests, 1 to 16 (qemu-img's coroutines): here the
+    /// number of threads compressing with `-c`; one per core by default.
+    #[arg(short = 'm', value_name = "NUM", allow_hyphen_values = true)]
+    parallel: Option<String>,
     /// The source image.
     source: PathBuf,
     /// The target image (created or overwritten).
@@ -51,8 +55,54 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The most parallel requests qemu-img's `-m` accepts.
+const MAX_PARALLEL: usize = 16;
+
+/// A whole number as C's `strtol` with base 0 reads all of `text`
+/// (leading blanks, a sign, `0x` for hex, `0` for octal), saturated far
+/// outside any count; `None` when `text` is not one.
+fn parse_c_integer(text: &str) -> Option<i64> {
+    let t = text.trim_start();
+    let (negative, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(hex) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        (16, hex)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for c in digits.chars() {
+        let d = c.to_digit(radix)?;
+        value = value.saturating_mul(radix.into()).saturating_add(d.into());
+    }
+    Some(if negative { -value } else { value })
+}
+
+/// Parses `-m` as qemu-img does (a whole number from 1 to 16), with its
+/// messages.
+fn parse_parallel(text: &str) -> CliResult<usize> {
+    let n = parse_c_integer(text)
+        .ok_or_else(|| format!("Invalid number of coroutines specified: '{text}'."))?;
+    match usize::try_from(n) {
+        Ok(n) if (1..=MAX_PARALLEL).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+        )
+        .into()),
+    }
+}
+
 /// Runs `convert`.
 pub fn run(args: &ConvertArgs) -> CliResult<()> {
+    let parallel = args.parallel.as_deref().map(parse_parallel).transpose()?;
     let allowed: &[&str] = match args.output_format {
         Format::Qcow2 => QCOW2_KEYS,
         Format::Raw => &[],
@@ -87,7 +137,9 @@ pub fn run(args: &ConvertArgs) -> CliResult<()> {
         .map_err(|e| e.convert_target(&dst_name, args.output_format))?;
     let copied = match &mut dst {
         Disk::Qcow2(image) if args.compress => {
-            copy_compressed(&mut src, image, &src_name, &dst_name)
+            let workers = parallel
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            copy_compressed(&mut src, image, workers, &src_name, &dst_name)
         }
         _ => copy(&mut src, &mut dst, granule, &src_name, &dst_name),
     };
@@ -144,11 +196,12 @@ fn copy(
 
 /// Copies `src` into the empty qcow2 image `dst` with every cluster that
 /// holds data compressed (or stored plainly when it does not shrink):
-/// batches of clusters are read, compressed on every core, then written in
-/// order. All-zero clusters stay unallocated.
+/// batches of clusters are read, compressed on `workers` threads, then
+/// written in order. All-zero clusters stay unallocated.
 fn copy_compressed(
     src: &mut Disk,
     dst: &mut Image<FileDevice>,
+    workers: usize,
     src_name: &str,
     dst_name: &str,
 ) -> CliResult<()> {
@@ -159,7 +212,7 @@ fn copy_compressed(
     let cluster = dst.info().cluster_size as usize;
     let size = src.size();
     let clusters = size.div_ceil(cluster as u64);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = workers.max(1);
     // A few clusters per worker and batch: enough to keep every core busy.
     let batch = (BUFFER_BYTES / cluster).max(workers);
     let mut buf = vec![0u8; batch * cluster];
@@ -268,7 +321,33 @@ fn is_zero(data: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{is_zero, parse_parallel};
+
+    #[test]
+    fn parallel_requests_as_qemu_img() {
+        // Each as qemu-img 10 reads it.
+        for (text, n) in [
+            ("1", 1),
+            ("16", 16),
+            (" 3", 3),
+            ("+3", 3),
+            ("0x3", 3),
+            ("010", 8),
+        ] {
+            assert_eq!(parse_parallel(text), Ok(n), "{text}");
+        }
+        let range = "Invalid number of coroutines specified. Must be between 1 and 16.";
+        for bad in ["0", "17", "-1", "0x11", "-0x10", "99999999999999999999"] {
+            assert_eq!(parse_parallel(bad).unwrap_err().0, range, "{bad}");
+        }
+        for bad in ["x", "", "3 ", "08", "-", "0x", "2.5"] {
+            assert_eq!(
+                parse_parallel(bad).unwrap_err().0,
+                format!("Invalid number of coroutines specified: '{bad}'."),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn zero_detection() {

@@ -1,6 +1,6 @@
 //! `create`: make a new, empty image.
 
-use crate::disk::{probe, round_to_sector, Access, Disk, Format, OpenError};
+use crate::disk::{round_to_sector, Disk, Format, OpenError};
 use crate::error::{core_error, io_error, CliError, CliResult};
 use crate::options::{self, ImageOptions, FILE_KEYS, QCOW2_KEYS, QEMU_FORMATS};
 use crate::size::{parse_size, SizeError};
@@ -78,31 +78,22 @@ pub fn full_backing_name(image: &str, backing: &str) -> String {
     }
 }
 
-/// Opens the backing file `path` (read-only, sharing everything, its own
-/// chain too, as QEMU does) as `format` (probed when `None`) and returns
-/// the format and its virtual size, or the error as `qemu-img create`
-/// words it (before its `Could not open backing image.` hint).
-fn open_backing(path: &Path, format: Option<&str>) -> CliResult<(Format, u64)> {
-    let shown = path.display().to_string();
-    let format = match format {
-        Some("raw") => Format::Raw,
-        Some("qcow2") => {
-            if probe(path)? != Format::Qcow2 {
-                return Err("Image is not in qcow2 format".into());
-            }
-            Format::Qcow2
-        }
-        Some(other) if QEMU_FORMATS.contains(&other) => {
+/// Opens the backing file `backing` of the new image `image` (read-only,
+/// sharing everything, its own chain too, as QEMU does) as `format`
+/// (probed when `None`) and returns the format and its virtual size, or
+/// the error as `qemu-img create` words it (before its `Could not open
+/// backing image.` hint).
+fn open_backing(image: &Path, backing: &str, format: Option<&str>) -> CliResult<(Format, u64)> {
+    if let Some(other) = format.filter(|f| !matches!(*f, "raw" | "qcow2" | "file")) {
+        if QEMU_FORMATS.contains(&other) {
+            let full = full_backing_name(&image.display().to_string(), backing);
             return Err(format!(
-                "Could not open '{shown}': backing format '{other}' is not supported"
+                "Could not open '{full}': backing format '{other}' is not supported"
             )
-            .into())
+            .into());
         }
-        Some(other) => return Err(format!("Unknown driver '{other}'").into()),
-        None => probe(path)?,
-    };
-    let disk = Disk::open(path, Some(format), Access::Read, true).map_err(|e| e.img(&shown))?;
-    Ok((format, disk.size()))
+    }
+    crate::disk::open_new_backing(image, backing, format).map_err(CliError)
 }
 
 /// Creates (or truncates) the raw data file `name` of `size` bytes, as
@@ -215,9 +206,8 @@ pub fn run(args: &CreateArgs) -> CliResult<()> {
     };
     if let Some(backing) = &opts.backing_file {
         if !args.unsafe_backing {
-            let full = full_backing_name(&shown, backing);
             let (format, backing_size) =
-                open_backing(Path::new(&full), opts.backing_fmt.as_deref())
+                open_backing(&args.file, backing, opts.backing_fmt.as_deref())
                     .map_err(|e| format!("{shown}: {e}\nCould not open backing image."))?;
             if opts.backing_fmt.is_none() {
                 return Err(format!(

@@ -1,9 +1,14 @@
 //! Raw files and qcow2 images behind one byte-addressed interface.
 
-use crate::error::{core_error, io_error, CliError, CliResult, CoreError};
+use crate::error::{
+    core_error, core_message, io_error, io_message, CliError, CliResult, CoreError,
+};
 use qcow2_core::format::MAGIC;
 use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
-use qcow2_std_shim::chain::{attach_chain, ChainError, ChainOptions, DEFAULT_MAX_DEPTH};
+use qcow2_std_shim::chain::{
+    attach_chain, open_checked, parse_backing_name, BackingFormat, ChainError, ChainOptions,
+    OpenCheckedError, UnusableFile, DEFAULT_MAX_DEPTH,
+};
 use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
 use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
@@ -106,10 +111,11 @@ impl Access {
 /// Why an image could not be opened or created.
 #[derive(Debug)]
 pub enum OpenError {
-    /// A refusal QEMU words after its command's own context (`qemu-img`:
+    /// A failure QEMU words after its command's own context (`qemu-img`:
     /// `Could not open '<file>': `, `qemu-io`: `can't open device <file>: `):
-    /// a lock conflict, or `-U` on a writable open. `hint` is the second
-    /// line QEMU prints, if any.
+    /// a lock conflict, `-U` on a writable open, a backing or data file
+    /// that cannot be opened. `hint` is the second line QEMU prints, if
+    /// any.
     Refused {
         /// The message.
         message: String,
@@ -186,21 +192,125 @@ impl OpenError {
     }
 }
 
-/// The message for a backing chain that could not be opened under the
-/// image `shown`, as `qemu-img` words it.
-fn backing_error(shown: &str, e: ChainError) -> CliError {
-    let context = format!("Could not open '{shown}': Could not open backing file");
-    match e {
-        ChainError::Open { path, error } => {
-            let inner = io_error(&format!("Could not open '{}'", path.display()), &error);
-            CliError(format!("{context}: {inner}"))
-        }
-        ChainError::Image { path, error } => core_error(
-            &format!("{context}: Could not open '{}'", path.display()),
-            &error,
-        ),
-        other => CliError(format!("{context}: {other}")),
+/// The failure to open a backing or data file `path` (`what` is QEMU's
+/// context, such as `Could not open backing file: `): a lock conflict as
+/// QEMU words it (with its hint), anything else as `Could not open
+/// '<path>': <reason>`.
+fn child_open_error(what: &str, path: &Path, error: &io::Error) -> OpenError {
+    let shown = path.display().to_string();
+    match LockError::from_io(error) {
+        Some(lock) => OpenError::Refused {
+            message: format!("{what}{lock}"),
+            hint: lock.hint(&shown),
+        },
+        None => OpenError::Refused {
+            message: format!("{what}Could not open '{shown}': {}", io_message(error)),
+            hint: None,
+        },
     }
+}
+
+/// Why `path` cannot be a backing or data file, with the C library's
+/// text for an OS error.
+fn unusable_message(path: &Path, why: &UnusableFile) -> String {
+    match why {
+        UnusableFile::NoSize(e) => {
+            format!("Could not refresh total sector count: {}", io_message(e))
+        }
+        other => other.message(path),
+    }
+}
+
+/// The error for a backing chain that could not be opened, as QEMU words
+/// it after its command's context.
+fn backing_error(e: ChainError) -> OpenError {
+    const CONTEXT: &str = "Could not open backing file: ";
+    // QEMU says it again for every level further down the chain.
+    let mut context = CONTEXT.to_string();
+    let mut e = e;
+    while let ChainError::InBacking { error, .. } = e {
+        context.push_str(CONTEXT);
+        e = *error;
+    }
+    let message = match e {
+        ChainError::Open { path, error } => return child_open_error(&context, &path, &error),
+        ChainError::DataFile { error, .. } => match data_file_error(error) {
+            OpenError::Refused { message, hint } => {
+                return OpenError::Refused {
+                    message: format!("{context}{message}"),
+                    hint,
+                }
+            }
+            OpenError::Failed(e) => e.0,
+        },
+        // QEMU names no file here.
+        ChainError::Image {
+            error: Error::NotQcow2,
+            ..
+        } => "Image is not in qcow2 format".to_string(),
+        ChainError::Image { error, .. } => core_message(&error),
+        ChainError::Unusable { path, why } => unusable_message(&path, &why),
+        other => other.to_string(),
+    };
+    OpenError::Refused {
+        message: format!("{context}{message}"),
+        hint: None,
+    }
+}
+
+/// The error for an external data file that could not be attached, as
+/// QEMU words it after its command's context.
+fn data_file_error(e: DataFileError) -> OpenError {
+    match e {
+        DataFileError::Open { path, error } => child_open_error("", &path, &error),
+        DataFileError::Unusable { path, why } => OpenError::Refused {
+            message: unusable_message(&path, &why),
+            hint: None,
+        },
+        other => OpenError::Refused {
+            message: other.to_string(),
+            hint: None,
+        },
+    }
+}
+
+/// Opens the backing chain (unless `with_chain` is false) and external
+/// data file of the qcow2 image `image` (opened from `path`) for `access`,
+/// as qemu-img and qemu-io do before any guest I/O: backings read-only and
+/// locked so that nobody writes them underneath (shared with
+/// `force_share`), the data file locked as a raw image of the same access.
+fn attach_children(
+    image: Image<FileDevice>,
+    path: &Path,
+    access: Access,
+    force_share: bool,
+    with_chain: bool,
+) -> Result<Image<FileDevice>, OpenError> {
+    let open_backing = |path: &Path, _writable: bool| {
+        let mode = Access::CopySource.lock_mode(Format::Qcow2, force_share);
+        FileDevice::open_locked(path, false, mode)
+    };
+    let chain = ChainOptions {
+        allow: &|_| true,
+        open_file: &open_backing,
+        max_depth: DEFAULT_MAX_DEPTH,
+    };
+    let mut image = if with_chain {
+        attach_chain(image, path, &chain).map_err(backing_error)?
+    } else {
+        image
+    };
+    // The external data file, named relative to the image.
+    let open_data = |path: &Path, writable: bool| {
+        FileDevice::open_locked(path, writable, access.lock_mode(Format::Raw, force_share))
+    };
+    let data = DataFileOptions {
+        open_file: &open_data,
+        writable: Some(access.writable()),
+        ..DataFileOptions::trusting()
+    };
+    attach_data_file(&mut image, path, &data).map_err(data_file_error)?;
+    Ok(image)
 }
 
 /// The message for a file that could not be opened, as `qemu-img` words it.
@@ -208,8 +318,56 @@ fn open_error(shown: &str, e: &io::Error) -> crate::error::CliError {
     io_error(&format!("Could not open '{shown}'"), e)
 }
 
+/// Opens the backing file `name` that a new image at `image` is to name,
+/// with backing format `format`, as `qemu-img create` opens it to learn
+/// its size: read-only, sharing everything, found and checked as the
+/// chain of an opened image would be ([`parse_backing_name`]: `file:` and
+/// `json:` names, format `file`; regular files and block devices only), a
+/// qcow2 backing with its own chain and data file. Returns the format
+/// found and the virtual size, or the message qemu-img prints after
+/// `<image>: `.
+pub fn open_new_backing(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+) -> Result<(Format, u64), String> {
+    let refused = |e: OpenError| match e {
+        OpenError::Refused { message, hint } => match hint {
+            Some(hint) => format!("{message}\n{hint}"),
+            None => message,
+        },
+        OpenError::Failed(e) => e.0,
+    };
+    let target = parse_backing_name(image, name, format).map_err(|e| e.to_string())?;
+    let path = target.path.as_path();
+    let mode = Access::Read.lock_mode(Format::Qcow2, true);
+    let open_file = |p: &Path, _writable: bool| FileDevice::open_locked(p, false, mode);
+    let dev = open_checked(path, false, &open_file).map_err(|e| match e {
+        OpenCheckedError::Open(error) => refused(child_open_error("", path, &error)),
+        OpenCheckedError::Unusable(why) => unusable_message(path, &why),
+    })?;
+    let qcow2 = match target.format {
+        BackingFormat::Qcow2 => true,
+        BackingFormat::Raw => false,
+        BackingFormat::Probe => {
+            let mut magic = [0u8; 4];
+            dev.file().read_exact_at(&mut magic, 0).is_ok() && magic == MAGIC
+        }
+    };
+    if !qcow2 {
+        return Ok((Format::Raw, round_to_sector(dev.len())));
+    }
+    let image = Image::open(dev, &OpenOptions::read_only()).map_err(|e| match e {
+        Error::NotQcow2 => "Image is not in qcow2 format".to_string(),
+        e => core_message(&e),
+    })?;
+    let image =
+        attach_children(image, path, Access::Read, true, target.open_backing).map_err(refused)?;
+    Ok((Format::Qcow2, image.virtual_size()))
+}
+
 /// Opens the qcow2 image file `path` for `access` with QEMU's locks.
-pub fn open_qcow2_file(
+fn open_locked_qcow2(
     path: &Path,
     access: Access,
     force_share: bool,
@@ -221,6 +379,30 @@ pub fn open_qcow2_file(
     let mode = access.lock_mode(Format::Qcow2, force_share);
     FileDevice::open_locked(path, access.writable(), mode)
         .map_err(|e| OpenError::from_io(&shown, &e))
+}
+
+/// Opens the qcow2 image file `path` for `access` with QEMU's locks, for
+/// a caller that opens the image on it itself (`check`). Unless `access`
+/// is [`Access::Metadata`], the image's backing chain and external data
+/// file must open too, as qemu-img opens them before it does anything
+/// else: a missing backing, a loop, a data file that is a directory fail
+/// here. They are opened and closed again; an image that does not open at
+/// all is left for the caller to report.
+pub fn open_qcow2_file(
+    path: &Path,
+    access: Access,
+    force_share: bool,
+) -> Result<FileDevice, OpenError> {
+    let dev = open_locked_qcow2(path, access, force_share)?;
+    if access != Access::Metadata {
+        // Through a second, unlocked descriptor: locks belong to open
+        // files, and this process's own would conflict.
+        let second = FileDevice::open(path, false);
+        if let Ok(Ok(image)) = second.map(|d| Image::open(d, &OpenOptions::read_only())) {
+            drop(attach_children(image, path, access, force_share, true)?);
+        }
+    }
+    Ok(dev)
 }
 
 /// Takes the locks of `mode` on `file`, the image `shown`.
@@ -379,7 +561,7 @@ impl Disk {
                 }))
             }
             Format::Qcow2 => {
-                let dev = open_qcow2_file(path, access, force_share)?;
+                let dev = open_locked_qcow2(path, access, force_share)?;
                 let options = if writable {
                     OpenOptions::read_write()
                 } else {
@@ -392,47 +574,12 @@ impl Disk {
                     e => core_error(&format!("Could not open '{shown}'"), &e),
                 })?;
                 // As qemu-img: metadata-only verbs (info) leave the chain
-                // closed; the others open it, read-only and locked so that
-                // nobody writes a backing under them.
-                let mut image = if access == Access::Metadata {
+                // and the data file closed; the others open them.
+                let image = if access == Access::Metadata {
                     image
                 } else {
-                    let open_backing = |path: &Path, _writable: bool| {
-                        let mode = Access::CopySource.lock_mode(Format::Qcow2, force_share);
-                        FileDevice::open_locked(path, false, mode)
-                    };
-                    let chain = ChainOptions {
-                        allow: &|_| true,
-                        open_file: &open_backing,
-                        max_depth: DEFAULT_MAX_DEPTH,
-                    };
-                    attach_chain(image, path, &chain).map_err(|e| backing_error(&shown, e))?
+                    attach_children(image, path, access, force_share, true)?
                 };
-                if access != Access::Metadata {
-                    // The external data file, named relative to the image,
-                    // locked as a raw image of the same access.
-                    let open_data = |path: &Path, writable: bool| {
-                        FileDevice::open_locked(
-                            path,
-                            writable,
-                            access.lock_mode(Format::Raw, force_share),
-                        )
-                    };
-                    let data = DataFileOptions {
-                        open_file: &open_data,
-                        ..DataFileOptions::trusting()
-                    };
-                    attach_data_file(&mut image, path, &data).map_err(|e| match e {
-                        DataFileError::Open { path, error } => io_error(
-                            &format!(
-                                "Could not open '{shown}': Could not open '{}'",
-                                path.display()
-                            ),
-                            &error,
-                        ),
-                        other => CliError(format!("Could not open '{shown}': {other}")),
-                    })?;
-                }
                 Ok(Disk::Qcow2(Box::new(image)))
             }
         }
@@ -557,11 +704,17 @@ impl Disk {
     /// Writes `data` at guest `offset` compressed (qemu-io's `write -c`),
     /// as QEMU's qcow2 driver: whole clusters on cluster boundaries (the
     /// disk's last cluster may be partial), clusters not already holding
-    /// data (EIO otherwise); raw images cannot (ENOTSUP).
+    /// data (EIO otherwise); raw images and images with an external data
+    /// file cannot (ENOTSUP, before anything else is looked at).
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), CoreError> {
         match self {
             Disk::Raw(_) => Err(Error::Unsupported("compressed writes to raw images")),
             Disk::Qcow2(image) => {
+                if image.inner_mut().has_data_file() {
+                    return Err(Error::Unsupported(
+                        "compressed writes to an image with an external data file",
+                    ));
+                }
                 let cluster = image.info().cluster_size;
                 let end = offset.saturating_add(data.len() as u64);
                 let whole =

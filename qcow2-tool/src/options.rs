@@ -332,7 +332,8 @@ impl ImageOptions {
             ),
         ] {
             if let Some(value) = value {
-                files += &format!(" {key}={value}");
+                // As QEMU prints option values: a comma doubled.
+                files += &format!(" {key}={}", value.replace(',', ",,"));
             }
         }
         format!(
@@ -452,10 +453,11 @@ mod tests {
         assert_eq!(o.backing_fmt.as_deref(), Some("raw"));
         assert_eq!(o.data_file.as_deref(), Some("d,x"));
         assert!(o.data_file_raw());
+        // Commas doubled, as qemu-img prints them.
         assert_eq!(
             o.describe(1024),
             "cluster_size=65536 extended_l2=off compression_type=zlib size=1024 \
-             backing_file=b.img backing_fmt=raw data_file=d,x data_file_raw=on \
+             backing_file=b.img backing_fmt=raw data_file=d,,x data_file_raw=on \
              lazy_refcounts=off refcount_bits=16"
         );
         // Accepted by the parser, refused as QEMU's qcow2 driver does.

@@ -144,7 +144,7 @@ const CORE_FEATURE_SETS: &[&[&str]] = &[
 ];
 
 /// The fuzz targets, as named in `fuzz/Cargo.toml`.
-const FUZZ_TARGETS: &[&str] = &["header", "open_read", "ops", "check_repair"];
+const FUZZ_TARGETS: &[&str] = &["header", "open_read", "ops", "check_repair", "codec"];
 
 fn has_nightly() -> bool {
     Command::new("rustup")
