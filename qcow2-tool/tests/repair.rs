@@ -394,6 +394,30 @@ fn check_prints_qemu_img_lines_for_each_problem() {
         check_text(TOOL, &[], &empty),
         check_text("qemu-img", &[], &empty)
     );
+
+    // An external data file: its clusters have refcount 1 by definition,
+    // so an entry without COPIED is reported (and repaired) as such.
+    let data = dir.path("data-file.raw");
+    let image = qemu_image(
+        &dir,
+        "data-file-copied.qcow2",
+        &format!("cluster_size=4096,data_file={data}"),
+        "1M",
+        &["write -P 1 0 8k"],
+    );
+    let (_, l2) = entries(&image, 4096);
+    poke64(&image, l2, peek64(&image, l2) & !(1 << 63));
+    let copy = dir.path("data-file-copied-qemu.qcow2");
+    std::fs::copy(&image, &copy).expect("copy");
+    assert_eq!(
+        check_text(TOOL, &[], &image),
+        check_text("qemu-img", &[], &copy)
+    );
+    assert_eq!(
+        check_text(TOOL, &["-r", "all"], &image),
+        check_text("qemu-img", &["-r", "all"], &copy),
+        "data file: check -r all"
+    );
 }
 
 #[test]

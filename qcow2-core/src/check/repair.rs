@@ -170,11 +170,18 @@ where
                 if self.external_data() {
                     // Data file clusters have refcount 1 by definition.
                     let fixed_raw = raw | crate::format::entry::COPIED;
-                    if write && self.geo.within_cluster(host) == 0 && fixed_raw != raw {
-                        self.cache
-                            .write_u64(&mut self.dev, at, Kind::L2, fixed_raw)
-                            .await?;
+                    if self.geo.within_cluster(host) == 0 && fixed_raw != raw {
+                        if write {
+                            self.cache
+                                .write_u64(&mut self.dev, at, Kind::L2, fixed_raw)
+                                .await?;
+                        }
                         fixed += 1;
+                        findings(Finding::CopiedData {
+                            l2_entry: raw,
+                            refcount: 1,
+                            repaired: write,
+                        });
                     }
                 } else if self.valid_clusters(host, cs) {
                     if let Some(refcount) = self.set_copied(at, Kind::L2, raw, host, write).await? {

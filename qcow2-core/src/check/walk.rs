@@ -348,7 +348,7 @@ where
             }
             let entry = self.decode_l2(raw);
             if self.external_data() {
-                self.walk_external_l2_entry(w, at, entry, active, &mut next_contiguous)
+                self.walk_external_l2_entry(w, at, raw, entry, active, &mut next_contiguous)
                     .await?;
                 continue;
             }
@@ -417,6 +417,7 @@ where
         &mut self,
         w: &mut Walk<'_>,
         at: u64,
+        raw: u64,
         entry: L2Entry,
         active: bool,
         next_contiguous: &mut u64,
@@ -440,8 +441,11 @@ where
             }
             *next_contiguous = host + cs;
             if !copied {
-                w.report.corruptions += 1;
-                w.tally.copied += 1;
+                w.copied_error(Finding::CopiedData {
+                    l2_entry: raw,
+                    refcount: 1,
+                    repaired: false,
+                });
             }
         }
         if self.geo.within_cluster(host) != 0 {
