@@ -342,7 +342,7 @@ pub fn compress_cluster(format: Compression, data: &[u8], out: &mut Vec<u8>) -> 
 }
 
 /// The cluster sizes an image may have, smallest first.
-const FUZZ_CLUSTERS: [usize; 13] = [
+pub const CLUSTER_SIZES: [usize; 13] = [
     512,
     1 << 10,
     2 << 10,
@@ -444,7 +444,7 @@ pub fn fuzz_compressors(input: &[u8]) {
     let Some((&first, mut script)) = input.split_first() else {
         return;
     };
-    let cluster = FUZZ_CLUSTERS[usize::from(first & 15) % FUZZ_CLUSTERS.len()];
+    let cluster = CLUSTER_SIZES[usize::from(first & 15) % CLUSTER_SIZES.len()];
     let base = if first & 16 != 0 {
         Compression::Zstd
     } else {

@@ -7,25 +7,11 @@ use std::path::Path;
 
 use qcow2_core::compress::{Compression, DecodeError, Decoder};
 use qcow2_core::inflate::{Inflate, InflateState};
-use qcow2_std_shim::codec::{compress_cluster, decompress_cluster, HostCompressor, HostDecoder};
+use qcow2_std_shim::codec::{
+    compress_cluster, decompress_cluster, HostCompressor, HostDecoder, CLUSTER_SIZES,
+};
 use test_support::raw::{header, peek32, peek64};
 use test_support::{noise, Rng, Scratch};
-
-const CLUSTERS: [usize; 13] = [
-    512,
-    1 << 10,
-    2 << 10,
-    4 << 10,
-    8 << 10,
-    16 << 10,
-    32 << 10,
-    64 << 10,
-    128 << 10,
-    256 << 10,
-    512 << 10,
-    1 << 20,
-    2 << 20,
-];
 
 /// Compressible bytes: runs, words and copies from up to 3 KiB back, with
 /// some noise.
@@ -119,7 +105,7 @@ fn zstd_frame(data: &[u8]) -> Vec<u8> {
 fn compress_and_decode_every_cluster_size() {
     let mut compressor = HostCompressor::new();
     let mut decoder = HostDecoder::new();
-    for (i, &cluster) in CLUSTERS.iter().enumerate() {
+    for (i, &cluster) in CLUSTER_SIZES.iter().enumerate() {
         let data = sample(cluster, i as u64 + 1);
         for format in [Compression::Zlib, Compression::Zstd] {
             let mut stream = Vec::new();
@@ -408,7 +394,7 @@ fn one_compressor_for_many_clusters() {
     // must come out as from a fresh compressor, decode back, and noise
     // must fall back to being stored.
     let mut decoder = HostDecoder::new();
-    for (i, &cluster) in CLUSTERS.iter().enumerate() {
+    for (i, &cluster) in CLUSTER_SIZES.iter().enumerate() {
         let run = ((256 << 10) / cluster).max(3);
         let mut kinds = vec![Kind::Noise; run];
         kinds.extend([
