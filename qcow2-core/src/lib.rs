@@ -28,59 +28,35 @@
 
 #[macro_use]
 mod fmt;
-#[cfg(feature = "write")]
-mod alloc;
-pub mod backing;
 mod cache;
 #[cfg(feature = "check")]
 mod check;
-pub mod compress;
-#[cfg(feature = "write")]
-mod create;
-mod data;
-mod device;
+pub mod codec;
+pub mod device;
+mod engine;
 mod error;
-mod extent;
-mod fill;
 pub mod format;
-#[cfg(feature = "write")]
-mod free;
-mod header_io;
 mod image;
-#[cfg(feature = "zlib")]
-pub mod inflate;
-mod map;
-mod names;
 mod outline;
-#[cfg(feature = "write")]
-mod pack;
-#[cfg(feature = "check")]
-mod refcount;
 #[cfg(test)]
 mod testing;
-#[cfg(feature = "write")]
-mod write;
-#[cfg(feature = "zstd")]
-pub mod zstd;
 
-pub mod blockutil;
-pub mod bytes;
-pub mod io;
-pub mod seek;
+pub use device::{blockutil, bytes, io, seek};
+pub use image::backing;
 
 pub use backing::NoBacking;
 pub use cache::Slot;
 #[cfg(feature = "check")]
 pub use check::{CheckReport, Finding, Repair};
-pub use compress::{Compression, NoWorkspace, Workspace};
-#[cfg(feature = "write")]
-pub use create::CreateOptions;
+pub use codec::{Compression, NoWorkspace, Workspace};
 pub use device::{BlockDevice, Sector, SECTOR};
+pub use engine::extent::CompressedExtent;
+pub use engine::map::Mapping;
 pub use error::{Error, OpenError};
-pub use extent::CompressedExtent;
 pub use format::Version;
+#[cfg(feature = "write")]
+pub use image::create::CreateOptions;
 pub use image::{ImageInfo, OpenOptions, Qcow2};
-pub use map::Mapping;
 pub use seek::SeekableDevice;
 
 /// The cache configuration recommended for firmware: 8 slices of 512 bytes.

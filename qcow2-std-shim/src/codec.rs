@@ -24,7 +24,7 @@
 //! [`compress_cluster`], which make theirs.
 
 use flate2::{Decompress, FlushDecompress, Status};
-use qcow2_core::compress::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
+use qcow2_core::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
 use qcow2_core::{Sector, SECTOR};
 use zlib_rs::{DeflateConfig, DeflateFlush, Method, Strategy};
 use zstd::zstd_safe::{self, CCtx, DCtx, InBuffer, OutBuffer, ResetDirective};
@@ -395,12 +395,12 @@ fn fuzz_repeat(bytes: &[u8], cluster: &mut [u8]) {
 /// The core's no-heap inflate with QEMU's 4 KiB window over `stream`, fed
 /// a sector at a time as an image read feeds it: the cluster, or `None`.
 fn fuzz_core_inflate(
-    state: &mut qcow2_core::inflate::InflateState,
+    state: &mut qcow2_core::codec::inflate::InflateState,
     stream: &[u8],
     cluster: usize,
 ) -> Option<Vec<u8>> {
     let mut window = [0u8; 4096];
-    let mut dec = qcow2_core::inflate::Inflate::new(state, &mut window);
+    let mut dec = qcow2_core::codec::inflate::Inflate::new(state, &mut window);
     dec.start(Compression::Zlib, cluster).ok()?;
     let mut out = Vec::with_capacity(cluster);
     let pieces: Vec<&[u8]> = stream.chunks(SECTOR).collect();
@@ -457,7 +457,7 @@ pub fn fuzz_compressors(input: &[u8]) {
     let mut stream = Vec::new();
     let mut fresh = Vec::new();
     let mut decoded = vec![0u8; cluster];
-    let mut inflate = Box::new(qcow2_core::inflate::InflateState::new());
+    let mut inflate = Box::new(qcow2_core::codec::inflate::InflateState::new());
     let mut made = 0usize;
     let mut seed = 0u64;
     // Whether the clusters just before did not compress.

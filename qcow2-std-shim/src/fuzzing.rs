@@ -36,7 +36,7 @@ pub fn header(data: &[u8]) {
 /// zlib images inflate with a 4 KiB ring, for zstd images zstd-zero with a
 /// cluster of history), which must agree whenever both succeed.
 pub fn open_read(data: &[u8]) {
-    use qcow2_core::{inflate, zstd};
+    use qcow2_core::codec::{inflate, zstd};
     let dev = RamDevice::from_bytes(data);
     let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;

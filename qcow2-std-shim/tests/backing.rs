@@ -4,7 +4,7 @@
 //! class, v2 and v3. The image must read as the model after every step and
 //! check clean at the end.
 
-use qcow2_core::compress::{Buffers, Workspace};
+use qcow2_core::codec::{Buffers, Workspace};
 use qcow2_core::{bytes, CreateOptions, Qcow2, Sector, Slot, Version, SECTOR};
 use qcow2_std_shim::{block_on, RamDevice};
 use test_support::{noise, Rng};

@@ -1,12 +1,12 @@
 //! The codecs: the host's (`qcow2_std_shim::codec`, zlib-rs and libzstd by
-//! QEMU's rules) and the core's no-heap inflate (`qcow2_core::inflate`),
+//! QEMU's rules) and the core's no-heap inflate (`qcow2_core::codec::inflate`),
 //! on streams from the host compressors, on damaged streams, on random
 //! bytes, and on compressed clusters `qemu-img convert -c` wrote.
 
 use std::path::Path;
 
-use qcow2_core::compress::{Compression, DecodeError, Decoder};
-use qcow2_core::inflate::{Inflate, InflateState};
+use qcow2_core::codec::inflate::{Inflate, InflateState};
+use qcow2_core::codec::{Compression, DecodeError, Decoder};
 use qcow2_std_shim::codec::{
     compress_cluster, decompress_cluster, HostCompressor, HostDecoder, CLUSTER_SIZES,
 };

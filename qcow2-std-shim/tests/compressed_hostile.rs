@@ -5,8 +5,8 @@
 //! core's no-heap decoders alike (inflate for zlib images, zstd-zero for
 //! zstd images); the rest of the image still reads.
 
-use qcow2_core::inflate::{Inflate, InflateState, InflateWorkspace};
-use qcow2_core::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
+use qcow2_core::codec::inflate::{Inflate, InflateState, InflateWorkspace};
+use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
 use qcow2_core::{Compression, Error, OpenOptions, Qcow2, Slot, SECTOR};
 use qcow2_std_shim::{block_on, FileDevice, Image};
 use test_support::qemu;

@@ -6,7 +6,7 @@
 //! check` finds no corruption.
 
 use qcow2_core::backing::Backing;
-use qcow2_core::compress::{Compression, Parts, Workspace};
+use qcow2_core::codec::{Compression, Parts, Workspace};
 use qcow2_core::{
     BlockDevice, CreateOptions, Error, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
 };

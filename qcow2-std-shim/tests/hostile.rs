@@ -6,8 +6,8 @@
 //! Compressed clusters read through the host's decoders, and the core's
 //! no-heap decoders must give the same outcome.
 
-use qcow2_core::inflate::{Inflate, InflateState, InflateWorkspace};
-use qcow2_core::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
+use qcow2_core::codec::inflate::{Inflate, InflateState, InflateWorkspace};
+use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
 use qcow2_core::{Compression, NoBacking, OpenOptions, Qcow2, Sector, Slot, Workspace, SECTOR};
 use qcow2_std_shim::codec::HostWorkspace;
 use qcow2_std_shim::{block_on, RamDevice};

@@ -12,10 +12,10 @@
 
 use super::rebuild::Placement;
 use super::Walk;
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
 use crate::format::incompatible;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>

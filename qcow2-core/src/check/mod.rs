@@ -14,9 +14,9 @@ mod rebuild;
 mod repair;
 mod walk;
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2};
 
 /// Findings of a check, in `qemu-img check` terms.

@@ -17,11 +17,12 @@
 //! before the header switch leaves the old image as it was.
 
 use super::Walk;
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::engine::header_io;
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
-use crate::{header_io, BlockDevice, Error, Qcow2, SECTOR};
+use crate::image::backing::Backing;
+use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// log2 of the refcount table entries in a sector.
 const TABLE_ENTRIES_PER_SECTOR_BITS: u32 = 6;

@@ -2,12 +2,13 @@
 //! place, COPIED flags and header bits.
 
 use super::{Finding, Fix, Walk};
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
 use crate::check::CheckReport;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::engine::header_io;
 use crate::format::{incompatible, L1Entry, L2Entry};
-use crate::{header_io, BlockDevice, Error, Qcow2};
+use crate::image::backing::Backing;
+use crate::{BlockDevice, Error, Qcow2};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where

@@ -2,12 +2,13 @@
 //! host cluster, noting faulty entries (and fixing them during a repair).
 
 use super::{Finding, Walk};
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::engine::header_io;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{L1Entry, L2Entry};
-use crate::{header_io, BlockDevice, Error, Qcow2};
+use crate::image::backing::Backing;
+use crate::{BlockDevice, Error, Qcow2};
 
 /// Largest extra data QEMU accepts in a snapshot entry.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;

@@ -14,7 +14,7 @@ use core::hint::black_box;
 
 use cortex_m_rt::entry;
 #[cfg(any(feature = "zlib", feature = "zstd"))]
-use qcow2_core::compress::{Compression, Decoder};
+use qcow2_core::codec::{Compression, Decoder};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -44,7 +44,7 @@ fn drive(decoder: &mut impl Decoder, format: Compression) {
 
 #[cfg(feature = "zlib")]
 mod zlib {
-    use qcow2_core::inflate::{Inflate, InflateState, MIN_WINDOW, STATE_BYTES};
+    use qcow2_core::codec::inflate::{Inflate, InflateState, MIN_WINDOW, STATE_BYTES};
     use static_cell::{ConstStaticCell, StaticCell};
 
     /// Size of the inflate state on the target.
@@ -72,7 +72,7 @@ mod zlib {
 
 #[cfg(feature = "zstd")]
 mod zstd {
-    use qcow2_core::zstd::{scratch_bytes, Zstd, ZstdTables, TABLES_BYTES};
+    use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables, TABLES_BYTES};
     use static_cell::ConstStaticCell;
 
     use super::CLUSTER;

@@ -39,7 +39,7 @@ use miniz_oxide::inflate::core::inflate_flags::{
 };
 use miniz_oxide::inflate::TINFLStatus;
 
-use crate::compress::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
+use crate::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
 use crate::Sector;
 
 /// The decompressor state (miniz_oxide's `DecompressorOxide`): Huffman
@@ -284,7 +284,7 @@ impl Decoder for Inflate<'_> {
 }
 
 /// A [`Workspace`] with an [`Inflate`] decoder and borrowed bounce and
-/// input buffers (either may be empty: see [`crate::compress`]).
+/// input buffers (either may be empty: see [`crate::codec`]).
 pub struct InflateWorkspace<'a> {
     bounce: &'a mut [Sector],
     input: &'a mut [Sector],

@@ -1,10 +1,10 @@
 //! The write path: in-place overwrites and allocating writes.
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::compress::Workspace;
-use crate::fill::{read_backing_into, Fill, Target};
+use crate::codec::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
+use crate::image::backing::Backing;
+use crate::image::fill::{read_backing_into, Fill, Target};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
 /// Clusters resolved before their data is written.
@@ -162,7 +162,7 @@ where
     /// A host cluster for guest cluster `guest`'s data: from the refcounts,
     /// or, with an external data file, the guest offset itself, outside
     /// the refcounts (as QEMU's `do_alloc_cluster_offset`; see
-    /// [`crate::data`]).
+    /// [`crate::engine::data`]).
     async fn alloc_data(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
         if self.external_data() {
             return guest

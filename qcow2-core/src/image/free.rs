@@ -9,12 +9,12 @@
 //! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
 //! and switching order flushes).
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
-use crate::compress::Workspace;
-use crate::fill::Target;
+use crate::codec::Workspace;
 use crate::format::entry::ZERO;
 use crate::format::{L1Entry, L2Entry};
+use crate::image::backing::Backing;
+use crate::image::fill::Target;
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>

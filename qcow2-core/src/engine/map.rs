@@ -1,10 +1,10 @@
 //! Guest offset to host mapping through the L1 and L2 tables.
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
 use crate::format::entry::{COMPRESSED, COPIED, ZERO};
 use crate::format::{L1Entry, L2Entry};
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Where a run of guest data lives.

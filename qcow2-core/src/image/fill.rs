@@ -3,9 +3,9 @@
 //! does copy-on-write, which fills the parts of a newly allocated cluster
 //! a write does not cover from where the cluster's data was before.
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::{Compression, DecodeError, Decoder, Parts, Workspace};
+use crate::codec::{Compression, DecodeError, Decoder, Parts, Workspace};
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 /// Where the old contents of a cluster being (re)allocated come from.

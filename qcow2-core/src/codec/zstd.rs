@@ -24,7 +24,7 @@
 
 use zstd_zero::{DecodeStep, DecoderBuffers, FSE_ENTRIES, FSE_SCRATCH_LEN, HUFFMAN_ENTRIES};
 
-use crate::compress::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
+use crate::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
 use crate::Sector;
 
 pub use zstd_zero::{FseEntry, HuffmanEntry, MAX_BLOCK_SIZE};
@@ -321,7 +321,7 @@ impl Decoder for Zstd<'_> {
 }
 
 /// A [`Workspace`] with a [`Zstd`] decoder and borrowed bounce and input
-/// buffers (either may be empty: see [`crate::compress`]).
+/// buffers (either may be empty: see [`crate::codec`]).
 pub struct ZstdWorkspace<'a> {
     bounce: &'a mut [Sector],
     input: &'a mut [Sector],

@@ -1,18 +1,30 @@
 //! The open image: [`Qcow2`] with open, read, write, flush and close.
 
+pub mod backing;
+#[cfg(feature = "write")]
+pub(crate) mod create;
+pub(crate) mod fill;
+#[cfg(feature = "write")]
+mod free;
+#[cfg(feature = "write")]
+mod pack;
+#[cfg(feature = "write")]
+mod write;
+
 use core::future::Future;
 use core::pin::pin;
 
-use crate::backing::{Backing, NoBacking};
 use crate::cache::{Cache, Slot};
 #[cfg(feature = "write")]
 use crate::check::Repair;
-use crate::compress::{NoWorkspace, Workspace};
-use crate::data::Devices;
+use crate::codec::{NoWorkspace, Workspace};
+use crate::engine::data::Devices;
+use crate::engine::header_io;
+use crate::engine::map::Mapping;
 use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
-use crate::map::Mapping;
+use crate::image::backing::{Backing, NoBacking};
 use crate::outline::OutOfLine;
-use crate::{header_io, BlockDevice, Error, OpenError, Sector, SECTOR};
+use crate::{BlockDevice, Error, OpenError, Sector, SECTOR};
 
 /// [`Prepare::prepare`]'s result for "allocate from the device's end" (a
 /// plain value rather than an `Option`: smaller futures).
@@ -505,7 +517,7 @@ where
             return Err(Error::Unsupported("writing images with persistent bitmaps"));
         }
         // We maintain none of the autoclear features but raw external data
-        // (see `crate::data`): declare the others stale.
+        // (see `crate::engine::data`): declare the others stale.
         let kept = if header.has_data_file() {
             autoclear::RAW_EXTERNAL
         } else {
@@ -571,7 +583,7 @@ where
     }
 
     /// The image using `workspace` as working memory (see
-    /// [`crate::compress`]): needed to read compressed clusters, and makes
+    /// [`crate::codec`]): needed to read compressed clusters, and makes
     /// copy-on-write faster. Any workspace lent before is dropped.
     pub fn with_workspace<W2: Workspace>(self, workspace: W2) -> Qcow2<D, S, K, B, W2> {
         Qcow2 {

@@ -62,9 +62,9 @@
 //!   data file. This crate flushes the data file first (rule 3 of
 //!   `ORDERING.md` covers both devices): see [`Devices`].
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
 /// The devices of an image: `meta` holds the image file (header, tables,

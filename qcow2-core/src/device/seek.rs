@@ -19,10 +19,10 @@
 //! empty `impl` (the trait's default methods), or, for a type from another
 //! crate, by wrapping it in [`AllMapped`].
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
 use crate::format::L2Entry;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, Sector};
 
 /// log2 of [`crate::SECTOR`].

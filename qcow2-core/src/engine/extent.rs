@@ -2,9 +2,9 @@
 //! compressed clusters themselves (on several threads, say) and must read
 //! exactly what [`Qcow2::read`] would.
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Where the bytes of one compressed cluster are, as reads take them.

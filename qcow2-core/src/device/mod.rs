@@ -1,5 +1,10 @@
 //! The block device abstraction every image sits on and itself implements.
 
+pub mod blockutil;
+pub mod bytes;
+pub mod io;
+pub mod seek;
+
 /// Size in bytes of one sector, the unit of all device I/O.
 pub const SECTOR: usize = 512;
 

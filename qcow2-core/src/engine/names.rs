@@ -3,11 +3,12 @@
 //! demand into the caller's buffer, never kept in the image (firmware RAM
 //! matters more than a few reads of the first cluster).
 
-use crate::backing::Backing;
 use crate::cache::Slot;
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::engine::header_io;
 use crate::format::{Extension, ExtensionKind};
-use crate::{header_io, BlockDevice, Error, Qcow2};
+use crate::image::backing::Backing;
+use crate::{BlockDevice, Error, Qcow2};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where

@@ -1,10 +1,10 @@
 //! Cluster allocation from the refcounts, growing refcount blocks and the
 //! refcount table on demand.
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 /// Each round of allocation either succeeds or creates refcount metadata;

@@ -1,10 +1,10 @@
 //! Reading and changing cluster refcounts through the cache.
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
+use crate::engine::map::REFCOUNT_BLOCK;
 use crate::format::{refcount, MAX_HOST_OFFSET};
-use crate::map::REFCOUNT_BLOCK;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2};
 
 /// Low bits of a refcount table entry that must be zero.

@@ -21,6 +21,11 @@
 //! least a whole cluster; zlib output past the cluster is ignored (so is
 //! input after it); decoders enforce their own format's further rules.
 
+#[cfg(feature = "zlib")]
+pub mod inflate;
+#[cfg(feature = "zstd")]
+pub mod zstd;
+
 use crate::Sector;
 
 /// A compression format of qcow2 (the header's `compression_type`).

@@ -9,11 +9,11 @@
 //! as many; a cluster whose refcount is at the maximum (always, with 1-bit
 //! refcounts) is not packed further.
 
-use crate::backing::Backing;
 use crate::cache::{Kind, Order, Slot};
-use crate::compress::Workspace;
+use crate::codec::Workspace;
 use crate::format::entry::COMPRESSED;
 use crate::format::L2Entry;
+use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
