@@ -104,6 +104,12 @@ const fn broken<E>() -> Error<E> {
     Error::Internal("metadata cache index out of range")
 }
 
+/// Storage for cache slots of `K` sectors each: an array, a slice, a
+/// mutable reference to either; whatever lends out `[Slot<K>]`.
+pub trait SlotStorage<const K: usize>: AsMut<[Slot<K>]> + AsRef<[Slot<K>]> {}
+
+impl<const K: usize, T: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>> SlotStorage<K> for T {}
+
 /// The cache proper, over caller-owned slot storage `S`.
 pub(crate) struct Cache<S, const K: usize> {
     slots: S,
@@ -133,10 +139,7 @@ pub(crate) struct Cache<S, const K: usize> {
     relaxed: bool,
 }
 
-impl<S, const K: usize> Cache<S, K>
-where
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-{
+impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
     /// Takes over `slots`, clearing them, for an image of `cluster_size`;
     /// gives them back with the error when they cannot serve as a cache.
     pub(crate) fn new<E>(

@@ -9,7 +9,7 @@
 //! directions never wait on each other. Data and zeroed new tables written
 //! outside the cache are always flushed before any mapping slice.
 
-use super::{broken, Cache, Slot};
+use super::{broken, Cache, SlotStorage};
 use crate::{BlockDevice, Error, SECTOR};
 
 /// Which class of dirty slices must be durable before the other class may
@@ -23,10 +23,7 @@ pub(crate) enum Order {
     MappingFirst,
 }
 
-impl<S, const K: usize> Cache<S, K>
-where
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-{
+impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
     /// Records a device write outside the cache (guest data, new tables).
     pub(crate) fn note_device_write(&mut self) {
         self.device_unflushed = true;

@@ -12,19 +12,13 @@
 
 use super::rebuild::Placement;
 use super::Walk;
-use crate::cache::{Kind, Slot};
-use crate::codec::Workspace;
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
+use crate::engine::Engine;
 use crate::format::incompatible;
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::{BlockDevice, Error};
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Rewrites every refcount in place (see the module documentation).
     /// Fails with [`Error::NoSpace`], before writing anything, when the
     /// plan cannot be carried out (see [`Self::plan_in_place`]).

@@ -14,10 +14,9 @@ mod rebuild;
 mod repair;
 mod walk;
 
-use crate::cache::Slot;
-use crate::codec::Workspace;
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::cache::SlotStorage;
+use crate::engine::Engine;
+use crate::{BlockDevice, Error};
 
 /// Findings of a check, in `qemu-img check` terms.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -270,28 +269,17 @@ impl Walk<'_> {
     }
 }
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
-    /// Checks the image's consistency; `scratch` holds the reference counts
-    /// (4 bytes per host cluster per pass). Counts as `qemu-img check`.
-    ///
-    /// Cancelled, it leaves the image as it was (cached metadata it wrote
-    /// back on the way went out in order).
-    pub async fn check(&mut self, scratch: &mut [u8]) -> Result<CheckReport, Error<D::Error>> {
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
+    /// See [`crate::Qcow2::check`].
+    pub(crate) async fn check(
+        &mut self,
+        scratch: &mut [u8],
+    ) -> Result<CheckReport, Error<D::Error>> {
         self.check_and_repair(scratch, None, &mut |_| {}).await
     }
 
-    /// [`Qcow2::check`], reporting each inconsistency to `findings` as it
-    /// is found (for a per-problem listing such as `qemu-img check`
-    /// prints, which lists the refcounts cluster by cluster, then the
-    /// COPIED flags; here the COPIED findings come during the walk, before
-    /// the refcounts).
-    pub async fn check_with(
+    /// See [`crate::Qcow2::check_with`].
+    pub(crate) async fn check_with(
         &mut self,
         scratch: &mut [u8],
         findings: &mut dyn FnMut(Finding),
@@ -299,20 +287,8 @@ where
         self.check_and_repair(scratch, None, findings).await
     }
 
-    #[cfg(feature = "write")]
-    /// Checks and repairs. The report describes the image as found, with the
-    /// `*_fixed` counts of what was repaired; check again to see the result.
-    ///
-    /// A repair writes only into clusters it has established the role of:
-    /// refcount blocks that nothing else references, table entries when no
-    /// cluster is claimed twice, and new refcount structures in clusters
-    /// that nothing references. Guest data a read returned before the
-    /// repair reads back the same after it.
-    ///
-    /// Cancelled, it leaves the image as before the repair or with part of
-    /// it done (rules 4 and 8 of `ORDERING.md`): at most leaked clusters
-    /// beyond what the audit found.
-    pub async fn repair(
+    /// See [`crate::Qcow2::repair`].
+    pub(crate) async fn repair(
         &mut self,
         scratch: &mut [u8],
         mode: Repair,
@@ -320,14 +296,8 @@ where
         self.repair_with(scratch, mode, &mut |_| {}).await
     }
 
-    #[cfg(feature = "write")]
-    /// [`Qcow2::repair`], reporting to `findings` in the order `qemu-img
-    /// check -r` prints: the audit's refcount findings; those a pass then
-    /// sets right in place again, `repaired` (or unrepaired where the mode
-    /// does not cover them); [`Finding::Rebuilding`] before a rebuild; last
-    /// the COPIED flags as they stand after the refcounts are right
-    /// (`repaired` with [`Repair::All`], which fixes them).
-    pub async fn repair_with(
+    /// See [`crate::Qcow2::repair_with`].
+    pub(crate) async fn repair_with(
         &mut self,
         scratch: &mut [u8],
         mode: Repair,
@@ -367,7 +337,7 @@ where
             end: 0,
             refcounted_end: 0,
             report: CheckReport {
-                total_clusters: self.geo.clusters_for(self.virtual_size()),
+                total_clusters: self.geo.clusters_for(self.geo.virtual_size()),
                 ..CheckReport::default()
             },
             tally: Tally::default(),

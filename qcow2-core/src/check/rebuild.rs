@@ -17,12 +17,12 @@
 //! before the header switch leaves the old image as it was.
 
 use super::Walk;
-use crate::cache::Slot;
-use crate::codec::Workspace;
+use crate::cache::SlotStorage;
+use crate::engine::geometry::Geometry;
 use crate::engine::header_io;
+use crate::engine::Engine;
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, SECTOR};
+use crate::{BlockDevice, Error, SECTOR};
 
 /// log2 of the refcount table entries in a sector.
 const TABLE_ENTRIES_PER_SECTOR_BITS: u32 = 6;
@@ -59,13 +59,7 @@ impl Placement {
     }
 }
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Writes a complete new set of refcount structures computed from the
     /// references into clusters nothing references (see the module
     /// documentation for where), then switches the header to it.
@@ -108,14 +102,12 @@ where
         // Entries are judged as they will be once the new table is in force
         // (one pointing into the old table, refused now, counts then), so
         // that a check after the switch agrees with what is stored.
-        let old = (
-            self.header.refcount_table_offset,
-            self.header.refcount_table_clusters,
-        );
-        self.set_reftable(p.table << self.geo.cluster_bits, table_clusters);
-        let switched = self.switch_refcounts(w, &p).await;
+        self.geo
+            .set_reftable(p.table << self.geo.cluster_bits, table_clusters);
+        let switched = self.switch_refcounts(w, &p, table_clusters).await;
         if switched.is_err() {
-            self.set_reftable(old.0, old.1);
+            // Memory keeps the old table, as the disk may.
+            self.geo = Geometry::new(&self.header);
         }
         switched?;
         // Old refcount structures are free now; let allocation find them.
@@ -391,6 +383,7 @@ where
         &mut self,
         w: &mut Walk<'_>,
         p: &Placement,
+        table_clusters: u32,
     ) -> Result<(), Error<D::Error>> {
         w.skip_refcount_structures = true;
         w.audit = false;
@@ -411,8 +404,8 @@ where
         }
         self.cache.flush_device(&mut self.dev).await?;
         self.cache.forget_refcounts()?;
-        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
-        self.cache.flush_device(&mut self.dev).await
+        self.switch_reftable(self.geo.reftable_offset, table_clusters)
+            .await
     }
 
     /// Writes the counted refcounts of clusters `[first, stop)` into the new

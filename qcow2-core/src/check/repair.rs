@@ -2,21 +2,14 @@
 //! place, COPIED flags and header bits.
 
 use super::{Finding, Fix, Walk};
-use crate::cache::{Kind, Slot};
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
 use crate::check::CheckReport;
-use crate::codec::Workspace;
-use crate::engine::header_io;
+use crate::engine::Engine;
 use crate::format::{incompatible, L1Entry, L2Entry};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::{BlockDevice, Error};
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// The `Repair::All` steps after the audit: entries, refcounts, COPIED
     /// flags, header bits.
     pub(super) async fn repair_all(
@@ -224,16 +217,5 @@ where
             self.cache.write_u64(&mut self.dev, at, kind, fixed).await?;
         }
         Ok(Some(refcount))
-    }
-
-    /// Clears incompatible feature bits in the header, durably.
-    pub(crate) async fn clear_incompatible(&mut self, bits: u64) -> Result<(), Error<D::Error>> {
-        if self.header.incompatible_features & bits == 0 {
-            return Ok(());
-        }
-        self.flush().await?;
-        self.header.incompatible_features &= !bits;
-        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
-        self.cache.flush_device(&mut self.dev).await
     }
 }

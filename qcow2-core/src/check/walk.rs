@@ -2,13 +2,13 @@
 //! host cluster, noting faulty entries (and fixing them during a repair).
 
 use super::{Finding, Walk};
-use crate::cache::{Kind, Slot};
-use crate::codec::Workspace;
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
 use crate::engine::header_io;
+use crate::engine::Engine;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{L1Entry, L2Entry};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::{BlockDevice, Error};
 
 /// Largest extra data QEMU accepts in a snapshot entry.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
@@ -16,13 +16,7 @@ const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 const MAX_BITMAPS: u32 = 65535;
 const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
     /// the device and clear of the header and the L1 table.
     ///

@@ -198,11 +198,11 @@ where
     /// stops at the first cluster of the wanted kind, looks each L1 entry
     /// up once per table range, and skips a range without a table at once.
     async fn seek_where(&mut self, from: u64, zeros: bool) -> Result<u64, Error<D::Error>> {
-        let end = self.geo.sectors;
+        let end = self.engine.geo.sectors;
         // Sectors per cluster and per L2 table's range, as shifts (cluster
         // sizes are 512 B..2 MiB, 8-byte entries: at most 30).
-        let cluster_shift = self.geo.cluster_bits.saturating_sub(SECTOR_BITS);
-        let table_shift = cluster_shift + self.geo.cluster_bits.saturating_sub(3);
+        let cluster_shift = self.engine.geo.cluster_bits.saturating_sub(SECTOR_BITS);
+        let table_shift = cluster_shift + self.engine.geo.cluster_bits.saturating_sub(3);
         // Unallocated sectors below this read the backing: maybe data.
         let backing_end = self.backing_sectors();
         // The answer inside an unallocated span [sector, span_end), if any.
@@ -227,7 +227,7 @@ where
             let l2 = match table {
                 Some((r, l2)) if r == range => l2,
                 _ => {
-                    let l2 = self.l2_table(shr(sector, cluster_shift)).await?;
+                    let l2 = self.engine.l2_table(shr(sector, cluster_shift)).await?;
                     table = Some((range, l2));
                     l2
                 }
@@ -243,7 +243,7 @@ where
             }
             let guest = shr(sector, cluster_shift);
             let cluster_end = shl(guest.saturating_add(1), cluster_shift).min(end);
-            let (entry, _) = self.l2_entry(l2, guest).await?;
+            let (entry, _) = self.engine.l2_entry(l2, guest).await?;
             if entry == L2Entry::Unallocated {
                 if let Some(at) = in_unallocated(sector, cluster_end) {
                     return Ok(at);
@@ -391,8 +391,8 @@ mod tests {
 
             // Set the zero flag on sector 701's cluster (keeping its
             // preallocated offset): it reads as zeros, so it is a hole.
-            let l2 = image.l2_table(701).await.unwrap();
-            let (_, at) = image.l2_entry(l2, 701).await.unwrap();
+            let l2 = image.engine.l2_table(701).await.unwrap();
+            let (_, at) = image.engine.l2_entry(l2, 701).await.unwrap();
             let (mut dev, cache) = image.abandon();
             let sector = (at >> 9) as usize;
             let byte = (at & 511) as usize + 7;

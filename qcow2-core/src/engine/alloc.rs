@@ -1,23 +1,17 @@
 //! Cluster allocation from the refcounts, growing refcount blocks and the
 //! refcount table on demand.
 
-use crate::cache::{Kind, Order, Slot};
-use crate::codec::Workspace;
+use crate::cache::SlotStorage;
+use crate::cache::{Kind, Order};
+use crate::engine::Engine;
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, SECTOR};
+use crate::{BlockDevice, Error, SECTOR};
 
 /// Each round of allocation either succeeds or creates refcount metadata;
 /// a handful of rounds always suffices on a consistent image.
 const MAX_ALLOC_ROUNDS: usize = 16;
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
     ///
     /// The search starts at the free hint, which an open image sets to the

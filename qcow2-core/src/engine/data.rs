@@ -62,10 +62,9 @@
 //!   data file. This crate flushes the data file first (rule 3 of
 //!   `ORDERING.md` covers both devices): see [`Devices`].
 
-use crate::cache::Slot;
-use crate::codec::Workspace;
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
+use crate::cache::SlotStorage;
+use crate::engine::Engine;
+use crate::{BlockDevice, Error, Sector, SECTOR};
 
 /// The devices of an image: `meta` holds the image file (header, tables,
 /// refcounts, and the guest data of images without a data file), `data`
@@ -231,24 +230,12 @@ impl<D: BlockDevice> BlockDevice for Devices<D> {
     }
 }
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
-    /// Attaches `dev` as the image's external data file (see
-    /// [`Qcow2::has_data_file`] and [`Qcow2::data_file_name`]; the caller
-    /// finds and opens it, writable when the image is). Until one is
-    /// attached, guest reads and writes of such an image fail with
-    /// [`Error::Unsupported`]; metadata (info, map, check) works without.
-    ///
-    /// Returns the data file attached before, if any, after flushing it
-    /// and the image (writes in flight stay ordered). An image without the
-    /// feature refuses, as QEMU refuses a `data-file` option for it: the
-    /// device comes back in the error.
-    pub async fn attach_data_file(&mut self, dev: D) -> Result<Option<D>, (Error<D::Error>, D)> {
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
+    /// See [`crate::Qcow2::attach_data_file`].
+    pub(crate) async fn attach_data_file(
+        &mut self,
+        dev: D,
+    ) -> Result<Option<D>, (Error<D::Error>, D)> {
         if !self.header.has_data_file() {
             return Err((
                 Error::InvalidArgument(
@@ -265,21 +252,14 @@ where
         Ok(self.dev.attach(dev))
     }
 
-    /// The attached external data file.
-    pub fn data_file(&self) -> Option<&D> {
+    /// See [`crate::Qcow2::data_file`].
+    pub(crate) fn data_file(&self) -> Option<&D> {
         self.dev.data.as_ref()
     }
 
-    /// The attached external data file, mutably: for device-specific
-    /// controls. Writing to it behind the image's back changes the disk.
-    pub fn data_file_mut(&mut self) -> Option<&mut D> {
+    /// See [`crate::Qcow2::data_file_mut`].
+    pub(crate) fn data_file_mut(&mut self) -> Option<&mut D> {
         self.dev.data.as_mut()
-    }
-
-    /// Gives up the image without flushing, as [`Qcow2::abandon`], and
-    /// returns the data file too.
-    pub fn abandon_with_data_file(self) -> (D, S, Option<D>) {
-        (self.dev.meta, self.cache.into_slots(), self.dev.data)
     }
 
     /// Refuses guest I/O when the image keeps its data in an external data
@@ -327,6 +307,7 @@ mod tests {
     use crate::format::entry::{COMPRESSED, COPIED, ZERO};
     use crate::format::header::ExternalFiles;
     use crate::{CreateOptions, OpenOptions};
+    use crate::{Qcow2, Slot};
     use core::cell::RefCell;
     use embassy_futures::block_on;
     use std::rc::Rc;
@@ -425,8 +406,8 @@ mod tests {
 
     /// The raw L2 entry of guest cluster `guest`.
     fn l2_raw(image: &mut Image, guest: u64) -> u64 {
-        let l2 = block_on(image.l2_table(guest)).unwrap();
-        block_on(image.l2_entry_raw(l2, guest)).map_or(u64::MAX, |e| e.2)
+        let l2 = block_on(image.engine.l2_table(guest)).unwrap();
+        block_on(image.engine.l2_entry_raw(l2, guest)).map_or(u64::MAX, |e| e.2)
     }
 
     #[test]
@@ -469,7 +450,7 @@ mod tests {
         let data_flush = log.iter().position(|e| *e == ('d', 0, true)).unwrap();
         let last_data_write = log.iter().rposition(|e| e.0 == 'd' && !e.2).unwrap();
         assert!(last_data_write < data_flush);
-        let l2 = block_on(image.l2_table(0)).unwrap() / SECTOR as u64;
+        let l2 = block_on(image.engine.l2_table(0)).unwrap() / SECTOR as u64;
         let l2_write = log.iter().rposition(|e| *e == ('m', l2, false)).unwrap();
         assert!(data_flush < l2_write, "{log:?}");
         drop(log);
@@ -536,10 +517,10 @@ mod tests {
         let mut image = with_data(create(false, &log), &log);
         block_on(image.write(0, &[[1u8; SECTOR]])).unwrap();
         // A compressed entry: corruption to read (QEMU signals corruption).
-        let l2 = block_on(image.l2_table(3)).unwrap();
+        let l2 = block_on(image.engine.l2_table(3)).unwrap();
         let at = l2 + 3 * 8;
-        block_on(image.cache.write_u64(
-            &mut image.dev,
+        block_on(image.engine.cache.write_u64(
+            &mut image.engine.dev,
             at,
             crate::cache::Kind::L2,
             COMPRESSED | 0x10000,
@@ -554,8 +535,8 @@ mod tests {
         assert_eq!((r.corruptions, r.allocated_clusters), (1, 1));
         // A data cluster elsewhere than its guest offset.
         let at = l2 + 4 * 8;
-        block_on(image.cache.write_u64(
-            &mut image.dev,
+        block_on(image.engine.cache.write_u64(
+            &mut image.engine.dev,
             at,
             crate::cache::Kind::L2,
             COPIED | 9 << 9,
@@ -566,11 +547,12 @@ mod tests {
             Err(Error::Corrupt { what, .. }) if what.contains("guest offset")
         ));
         // COPIED missing: a corruption a repair fixes.
-        block_on(
-            image
-                .cache
-                .write_u64(&mut image.dev, at, crate::cache::Kind::L2, 4 << 9),
-        )
+        block_on(image.engine.cache.write_u64(
+            &mut image.engine.dev,
+            at,
+            crate::cache::Kind::L2,
+            4 << 9,
+        ))
         .unwrap();
         let r = check(&mut image);
         assert_eq!((r.corruptions, r.allocated_clusters), (2, 2));

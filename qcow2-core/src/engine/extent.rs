@@ -2,10 +2,9 @@
 //! compressed clusters themselves (on several threads, say) and must read
 //! exactly what [`Qcow2::read`] would.
 
-use crate::cache::Slot;
-use crate::codec::Workspace;
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, SECTOR};
+use crate::cache::SlotStorage;
+use crate::engine::Engine;
+use crate::{BlockDevice, Error, SECTOR};
 
 /// Where the bytes of one compressed cluster are, as reads take them.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -22,18 +21,9 @@ pub struct CompressedExtent {
     pub truncated: bool,
 }
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
-    /// The device sectors of the compressed cluster of `len` bytes at host
-    /// byte `host` (from [`crate::Mapping::Compressed`]), checked as a read
-    /// checks them: starting inside the device, clear of the header, L1
-    /// table, refcount table and cached metadata.
-    pub fn compressed_extent(
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
+    /// See [`crate::Qcow2::compressed_extent`].
+    pub(crate) fn compressed_extent(
         &self,
         host: u64,
         len: u64,
@@ -59,8 +49,8 @@ where
         })
     }
 
-    /// The image's compression format.
-    pub fn compression(&self) -> Option<crate::Compression> {
+    /// See [`crate::Qcow2::compression`].
+    pub(crate) fn compression(&self) -> Option<crate::Compression> {
         crate::Compression::from_type(self.header.compression_type)
     }
 }

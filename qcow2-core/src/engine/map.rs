@@ -1,11 +1,11 @@
 //! Guest offset to host mapping through the L1 and L2 tables.
 
-use crate::cache::{Kind, Slot};
-use crate::codec::Workspace;
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
+use crate::engine::Engine;
 use crate::format::entry::{COMPRESSED, COPIED, ZERO};
 use crate::format::{L1Entry, L2Entry};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, SECTOR};
+use crate::{BlockDevice, Error, SECTOR};
 
 /// Where a run of guest data lives.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -52,13 +52,7 @@ pub(crate) const REFCOUNT_BLOCK: ClusterErrors = [
     "refcount block overlaps the header, L1 or refcount table",
 ];
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Host byte offset of the L1 entry for guest cluster `guest`.
     pub(crate) fn l1_entry_offset(&self, guest: u64) -> Result<u64, Error<D::Error>> {
         let index = guest >> self.geo.l2_bits;
@@ -251,14 +245,12 @@ where
         Ok((first, run))
     }
 
-    /// The host byte offset of the cluster the L2 entry of guest byte
-    /// `offset` holds, if it holds one: data, a compressed stream's start,
-    /// or a zero cluster that keeps its preallocated host cluster (which
-    /// [`Qcow2::map`] reports as [`Mapping::Zero`]). `None` when the guest
-    /// cluster has no host cluster. QEMU's compressed writes refuse any
-    /// guest cluster that has one.
-    pub async fn host_cluster(&mut self, offset: u64) -> Result<Option<u64>, Error<D::Error>> {
-        if offset >= self.virtual_size() {
+    /// See [`crate::Qcow2::host_cluster`].
+    pub(crate) async fn host_cluster(
+        &mut self,
+        offset: u64,
+    ) -> Result<Option<u64>, Error<D::Error>> {
+        if offset >= self.geo.virtual_size() {
             return Err(Error::OutOfRange);
         }
         let guest = offset >> self.geo.cluster_bits;
@@ -274,13 +266,9 @@ where
         })
     }
 
-    /// How the guest byte `offset` is stored, and for how many bytes from
-    /// there the same holds (contiguously on the host for data).
-    ///
-    /// Cancelled, it leaves the image as it was (cached metadata it wrote
-    /// back on the way went out in order).
-    pub async fn map(&mut self, offset: u64) -> Result<(Mapping, u64), Error<D::Error>> {
-        let size = self.virtual_size();
+    /// See [`crate::Qcow2::map`].
+    pub(crate) async fn map(&mut self, offset: u64) -> Result<(Mapping, u64), Error<D::Error>> {
+        let size = self.geo.virtual_size();
         if offset >= size {
             return Err(Error::OutOfRange);
         }

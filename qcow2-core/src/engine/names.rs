@@ -3,49 +3,30 @@
 //! demand into the caller's buffer, never kept in the image (firmware RAM
 //! matters more than a few reads of the first cluster).
 
-use crate::cache::Slot;
-use crate::codec::Workspace;
+use crate::cache::SlotStorage;
 use crate::engine::header_io;
+use crate::engine::Engine;
 use crate::format::{Extension, ExtensionKind};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::{BlockDevice, Error};
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
-    /// Whether the header names a backing file (no device access). See
-    /// [`crate::format::Header::has_backing_file`]: a name that starts with
-    /// a NUL byte still reads as none from
-    /// [`Qcow2::backing_file_name`].
-    pub fn has_backing_file(&self) -> bool {
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
+    /// See [`crate::Qcow2::has_backing_file`].
+    pub(crate) fn has_backing_file(&self) -> bool {
         self.header.has_backing_file()
     }
 
-    /// Whether guest data lives in an external data file (incompatible
-    /// feature bit 2; no device access).
-    pub fn has_data_file(&self) -> bool {
+    /// See [`crate::Qcow2::has_data_file`].
+    pub(crate) fn has_data_file(&self) -> bool {
         self.header.has_data_file()
     }
 
-    /// Whether the external data file is also a valid raw image of the
-    /// guest disk (`data_file_raw`, autoclear bit 1; false without a data
-    /// file).
-    pub fn data_file_raw(&self) -> bool {
+    /// See [`crate::Qcow2::data_file_raw`].
+    pub(crate) fn data_file_raw(&self) -> bool {
         self.header.data_file_raw()
     }
 
-    /// Reads the backing file name into the start of `buf` and returns its
-    /// length, or `None` when the image has no backing file. The name is
-    /// the stored bytes up to the first NUL, as QEMU reads it (an empty
-    /// name is no backing file); whether they are UTF-8 or a path is for
-    /// the caller to decide. At most 1023 bytes:
-    /// [`Error::InvalidArgument`] when `buf` is shorter than the stored
-    /// name.
-    pub async fn backing_file_name(
+    /// See [`crate::Qcow2::backing_file_name`].
+    pub(crate) async fn backing_file_name(
         &mut self,
         buf: &mut [u8],
     ) -> Result<Option<usize>, Error<D::Error>> {
@@ -72,12 +53,8 @@ where
         .await
     }
 
-    /// Reads the backing file's format (the backing format extension:
-    /// `raw`, `qcow2`, ...) into the start of `buf` and returns its length;
-    /// `None` when the image has no backing file or does not say (readers
-    /// then probe the backing). At most 15 bytes; see
-    /// [`Qcow2::backing_file_name`] for `buf`.
-    pub async fn backing_format(
+    /// See [`crate::Qcow2::backing_format`].
+    pub(crate) async fn backing_format(
         &mut self,
         buf: &mut [u8],
     ) -> Result<Option<usize>, Error<D::Error>> {
@@ -102,14 +79,8 @@ where
         .await
     }
 
-    /// Reads the external data file's name (the data file extension) into
-    /// the start of `buf` and returns its length; `None` when the header
-    /// has no such extension (an image with a data file then needs the
-    /// name from its user, as in QEMU). The name matters only when
-    /// [`Qcow2::has_data_file`] says guest data is there; without that
-    /// feature bit QEMU ignores it (and `qemu-img info` still shows it).
-    /// Up to a cluster long; see [`Qcow2::backing_file_name`] for `buf`.
-    pub async fn data_file_name(
+    /// See [`crate::Qcow2::data_file_name`].
+    pub(crate) async fn data_file_name(
         &mut self,
         buf: &mut [u8],
     ) -> Result<Option<usize>, Error<D::Error>> {
@@ -168,6 +139,7 @@ mod tests {
     use crate::format::{autoclear, incompatible, Header};
     use crate::testing::{ram, Ram};
     use crate::{CreateOptions, OpenOptions, SECTOR};
+    use crate::{Qcow2, Slot};
     use embassy_futures::block_on;
     use std::vec::Vec;
 
@@ -329,8 +301,8 @@ mod tests {
         assert_eq!(backing(&mut open(b).unwrap()), Ok(Some(b"last".to_vec())));
         // A header changed under the open image is checked again.
         let mut img = open(base()).unwrap();
-        img.header.backing_file_offset = 500;
-        img.header.backing_file_size = 100;
+        img.engine.header.backing_file_offset = 500;
+        img.engine.header.backing_file_size = 100;
         assert!(matches!(backing(&mut img), Err(Error::Corrupt { .. })));
     }
 
@@ -365,9 +337,9 @@ mod tests {
         name_at(&mut b, 400, 4);
         poke(&mut b, 400, b"base");
         let mut img = open(b).unwrap();
-        ext(&mut img.dev.meta, 112, EXT_BACKING_FORMAT, 300);
+        ext(&mut img.engine.dev.meta, 112, EXT_BACKING_FORMAT, 300);
         assert!(matches!(format(&mut img), Err(Error::Corrupt { .. })));
-        ext(&mut img.dev.meta, 112, EXT_BACKING_FORMAT, 3000);
+        ext(&mut img.engine.dev.meta, 112, EXT_BACKING_FORMAT, 3000);
         assert!(matches!(format(&mut img), Err(Error::Corrupt { .. })));
     }
 
@@ -390,9 +362,9 @@ mod tests {
         poke(&mut b, 120, b"d.data");
         let mut img = open(b).unwrap();
         assert!(!img.data_file_raw());
-        img.header.incompatible_features |= incompatible::EXTERNAL_DATA;
+        img.engine.header.incompatible_features |= incompatible::EXTERNAL_DATA;
         assert!(img.has_data_file() && !img.data_file_raw());
-        img.header.autoclear_features |= autoclear::RAW_EXTERNAL;
+        img.engine.header.autoclear_features |= autoclear::RAW_EXTERNAL;
         assert!(img.data_file_raw());
         assert_eq!(data_file(&mut img), Ok(Some(b"d.data".to_vec())));
         let mut small = [0u8; 5];
@@ -402,7 +374,7 @@ mod tests {
         ));
         // A data file without the extension: no name to give.
         let mut img = open(base()).unwrap();
-        img.header.incompatible_features |= incompatible::EXTERNAL_DATA;
+        img.engine.header.incompatible_features |= incompatible::EXTERNAL_DATA;
         assert_eq!(data_file(&mut img), Ok(None));
     }
 }

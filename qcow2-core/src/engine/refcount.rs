@@ -1,11 +1,11 @@
 //! Reading and changing cluster refcounts through the cache.
 
-use crate::cache::{Kind, Slot};
-use crate::codec::Workspace;
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
 use crate::engine::map::REFCOUNT_BLOCK;
+use crate::engine::Engine;
 use crate::format::{refcount, MAX_HOST_OFFSET};
-use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2};
+use crate::{BlockDevice, Error};
 
 /// Low bits of a refcount table entry that must be zero.
 const REFTABLE_RESERVED: u64 = 0x1ff;
@@ -19,13 +19,7 @@ pub(crate) struct RefcountSlot {
     pub index: usize,
 }
 
-impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
-where
-    D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
-    B: Backing<D::Error>,
-    W: Workspace,
-{
+impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// log2 of the refcount entries per cache slice.
     pub(crate) fn refcounts_per_slice_bits(&self) -> u32 {
         // A slice holds at least 512 bytes: 4096 one-bit entries or more.

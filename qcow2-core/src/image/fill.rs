@@ -4,8 +4,12 @@
 //! a write does not cover from where the cluster's data was before.
 
 use crate::cache::Slot;
-use crate::codec::{Compression, DecodeError, Decoder, Parts, Workspace};
+use crate::codec::Workspace;
+#[cfg(feature = "write")]
+use crate::format::L2Entry;
 use crate::image::backing::Backing;
+#[cfg(feature = "write")]
+use crate::image::decompress::DecodeProbe;
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 /// Where the old contents of a cluster being (re)allocated come from.
@@ -58,29 +62,6 @@ pub(crate) async fn read_backing_into<E, B: Backing<E>>(
     Ok(())
 }
 
-/// Copies the part of decompressed `data` (at byte `pos` of the cluster)
-/// that falls in `dst`, which holds the cluster's bytes from `dst_start`.
-fn copy_overlap(dst: &mut [u8], dst_start: u64, pos: u64, data: &[u8]) {
-    let dst_end = dst_start + dst.len() as u64;
-    let from = pos.max(dst_start);
-    let to = (pos + data.len() as u64).min(dst_end);
-    if from >= to {
-        return;
-    }
-    let src = data.get((from - pos) as usize..(to - pos) as usize);
-    let dst = dst.get_mut((from - dst_start) as usize..(to - dst_start) as usize);
-    if let (Some(src), Some(dst)) = (src, dst) {
-        dst.copy_from_slice(src);
-    }
-}
-
-fn decode_error<E>(e: DecodeError, host: u64) -> Error<E> {
-    match e {
-        DecodeError::Corrupt(what) => Error::corrupt(what, host),
-        DecodeError::Unsupported(what) => Error::Unsupported(what),
-    }
-}
-
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
@@ -113,9 +94,9 @@ where
     /// attached (unknown contents).
     pub fn backing_sectors(&self) -> u64 {
         if self.names_backing && !self.backing_attached {
-            self.geo.sectors
+            self.engine.geo.sectors
         } else {
-            self.backing.sector_count().min(self.geo.sectors)
+            self.backing.sector_count().min(self.engine.geo.sectors)
         }
     }
 
@@ -127,7 +108,7 @@ where
         let mut sector = first;
         let end = first + count;
         while sector < end {
-            let (mapping, run) = self.map_run(sector, end - sector).await?;
+            let (mapping, run) = self.engine.map_run(sector, end - sector).await?;
             let zero = match mapping {
                 Mapping::Zero => true,
                 Mapping::Unallocated => {
@@ -155,7 +136,7 @@ where
     /// Whether guest cluster `guest` has data in the backing device (else
     /// it reads as zeros when unallocated). False without a backing.
     pub(crate) fn backing_covers(&self, guest: u64) -> bool {
-        let first = guest << (self.geo.cluster_bits - 9);
+        let first = guest << (self.engine.geo.cluster_bits - 9);
         self.backing.sector_count() > first
     }
 
@@ -170,144 +151,12 @@ where
         read_backing_into(&mut self.backing, first, buf).await
     }
 
-    /// Reads cluster sectors from `first` of the compressed cluster of
-    /// `len` bytes at host byte `host` into `out`.
-    pub(crate) async fn read_compressed(
-        &mut self,
-        host: u64,
-        len: u64,
-        first: u64,
-        out: &mut [Sector],
-    ) -> Result<(), Error<D::Error>> {
-        self.decompress(host, len, Target::Caller { first, out })
+    /// [`Engine::release`] with this image's decoder deciding whether a
+    /// compressed stream decodes (rule 9).
+    #[cfg(feature = "write")]
+    pub(crate) async fn release(&mut self, entry: L2Entry) -> Result<(), Error<D::Error>> {
+        self.engine
+            .release(entry, &mut DecodeProbe(&mut self.ws))
             .await
-    }
-
-    /// Decompresses the compressed cluster of `len` bytes at host byte
-    /// `host` into `target`, applying QEMU's rules: the stream must yield a
-    /// whole cluster; what it holds after that is ignored. Reads only the
-    /// extent's sectors, and only those inside the device.
-    pub(crate) async fn decompress(
-        &mut self,
-        host: u64,
-        len: u64,
-        mut target: Target<'_>,
-    ) -> Result<(), Error<D::Error>> {
-        let cluster = self.geo.cluster_size;
-        let first_sector = host / SECTOR as u64;
-        let dev_sectors = self.dev.sector_count();
-        if first_sector >= dev_sectors {
-            return Err(Error::corrupt(
-                "compressed cluster beyond the end of the image",
-                host,
-            ));
-        }
-        if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
-            return Err(Error::corrupt("compressed cluster overlaps metadata", host));
-        }
-        let format = Compression::from_type(self.header.compression_type)
-            .ok_or(Error::Unsupported("compression type"))?;
-        // The descriptor ends on a sector boundary.
-        let extent_end = crate::format::shr_ceil(host + len, 9);
-        let input_end = extent_end.min(dev_sectors);
-        let Parts {
-            bounce,
-            input,
-            decoder,
-        } = self.ws.parts();
-        decoder
-            .start(format, cluster as usize)
-            .map_err(|e| decode_error(e, host))?;
-        let input: &mut [Sector] = if input.is_empty() {
-            core::slice::from_mut(&mut self.scratch)
-        } else {
-            input
-        };
-        let cluster_sectors = self.geo.cluster_sectors() as usize;
-        let mut acc: Sector = [0; SECTOR];
-        let mut next = first_sector;
-        let mut skip = (host % SECTOR as u64) as usize;
-        let mut produced: u64 = 0;
-        while produced < cluster {
-            if next >= input_end {
-                let what = if input_end < extent_end {
-                    "compressed cluster beyond the end of the image"
-                } else {
-                    "compressed cluster data ends early"
-                };
-                return Err(Error::corrupt(what, host));
-            }
-            let n = (input.len() as u64).min(input_end - next) as usize;
-            let chunk = input
-                .get_mut(..n)
-                .ok_or(Error::Internal("input chunk past the buffer"))?;
-            self.dev.read(next, chunk).await.map_err(Error::Io)?;
-            next += n as u64;
-            let last = next == input_end;
-            let mut bytes = chunk.as_flattened().get(skip..).unwrap_or(&[]);
-            skip = 0;
-            while produced < cluster {
-                let step = decoder
-                    .step(bytes, last)
-                    .map_err(|e| decode_error(e, host))?;
-                let out = step.output;
-                if out.is_empty() && step.consumed == 0 {
-                    if !bytes.is_empty() && !last {
-                        // The contract: a decoder buffers partial input itself.
-                        return Err(Error::Internal("decoder stalled with input left"));
-                    }
-                    break;
-                }
-                if produced + out.len() as u64 > cluster {
-                    return Err(Error::Internal("decoder produced more than a cluster"));
-                }
-                match &mut target {
-                    Target::Caller { first, out: dst } => {
-                        copy_overlap(dst.as_flattened_mut(), *first * 512, produced, out)
-                    }
-                    Target::Bounce => {
-                        let dst = bounce
-                            .get_mut(..cluster_sectors)
-                            .ok_or(Error::Internal("bounce buffer smaller than a cluster"))?;
-                        copy_overlap(dst.as_flattened_mut(), 0, produced, out)
-                    }
-                    Target::Nowhere => {}
-                    Target::Device { host: at, skip } => {
-                        // Sector by sector through `acc`: no buffer to spare.
-                        let mut pos = produced;
-                        let mut rest = out;
-                        while !rest.is_empty() {
-                            let within = (pos % SECTOR as u64) as usize;
-                            let take = (SECTOR - within).min(rest.len());
-                            let Some((now, later)) = rest.split_at_checked(take) else {
-                                break;
-                            };
-                            if let Some(dst) = acc.get_mut(within..within + take) {
-                                dst.copy_from_slice(now);
-                            }
-                            pos += take as u64;
-                            rest = later;
-                            let sector = (pos - 1) / SECTOR as u64;
-                            let full = pos.is_multiple_of(SECTOR as u64);
-                            if full && !(skip.0..skip.1).contains(&sector) {
-                                self.dev
-                                    .data_write(*at + sector, core::slice::from_ref(&acc))
-                                    .await
-                                    .map_err(Error::Io)?;
-                            }
-                        }
-                    }
-                }
-                produced += out.len() as u64;
-                bytes = bytes.get(step.consumed..).unwrap_or(&[]);
-            }
-            if last && produced < cluster {
-                return Err(Error::corrupt("compressed cluster data ends early", host));
-            }
-        }
-        if let Target::Device { .. } = target {
-            self.cache.note_device_write();
-        }
-        Ok(())
     }
 }

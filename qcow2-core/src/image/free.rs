@@ -9,12 +9,11 @@
 //! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
 //! and switching order flushes).
 
-use crate::cache::{Kind, Order, Slot};
+use crate::cache::{Kind, Slot};
 use crate::codec::Workspace;
 use crate::format::entry::ZERO;
-use crate::format::{L1Entry, L2Entry};
+use crate::format::L2Entry;
 use crate::image::backing::Backing;
-use crate::image::fill::Target;
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
@@ -66,33 +65,33 @@ where
     }
 
     async fn discard_clusters(&mut self, first: u64, end: u64) -> Result<(), Error<D::Error>> {
-        if !self.geo.v3 && self.has_backing() {
+        if !self.engine.geo.v3 && self.has_backing() {
             // Unallocated would expose the backing, and v2 has no zero
             // flag: nothing is discarded (QEMU's qcow2_co_pdiscard).
             return Ok(());
         }
-        let bits = self.geo.cluster_bits - 9;
-        let mask = self.geo.cluster_sectors() - 1;
+        let bits = self.engine.geo.cluster_bits - 9;
+        let mask = self.engine.geo.cluster_sectors() - 1;
         let start = (first + mask) >> bits;
         // The disk's last cluster may be partial: reaching the end covers it.
-        let stop = if end == self.geo.sectors {
+        let stop = if end == self.engine.geo.sectors {
             crate::format::shr_ceil(end, bits)
         } else {
             end >> bits
         };
         let mut guest = start;
         while guest < stop {
-            if self.has_backing() && self.geo.v3 {
+            if self.has_backing() && self.engine.geo.v3 {
                 // Unallocated would show the backing: flag zero instead,
                 // even where nothing is allocated yet (as QEMU does).
                 self.zero_cluster(guest, true).await?;
                 guest += 1;
                 continue;
             }
-            let l2 = self.l2_table_for_write(guest).await?;
+            let l2 = self.engine.l2_table_for_write(guest).await?;
             if l2 == 0 {
                 // No table: every cluster it would map is unallocated.
-                guest = ((guest >> self.geo.l2_bits) + 1) << self.geo.l2_bits;
+                guest = ((guest >> self.engine.geo.l2_bits) + 1) << self.engine.geo.l2_bits;
                 continue;
             }
             self.unmap_cluster(l2, guest).await?;
@@ -107,24 +106,25 @@ where
         end: u64,
         unmap: bool,
     ) -> Result<(), Error<D::Error>> {
-        if self.header.data_file_raw() {
+        if self.engine.header.data_file_raw() {
             // The raw data file gets the zeros first, over the whole range,
             // as QEMU's qcow2_subcluster_zeroize does (guest offsets are
             // host offsets there).
-            self.dev
+            self.engine
+                .dev
                 .data_clear(first, end - first)
                 .await
                 .map_err(Error::Io)?;
-            self.cache.note_device_write();
+            self.engine.cache.note_device_write();
         }
-        let bits = self.geo.cluster_bits - 9;
-        let cluster_sectors = self.geo.cluster_sectors();
+        let bits = self.engine.geo.cluster_bits - 9;
+        let cluster_sectors = self.engine.geo.cluster_sectors();
         let mut sector = first;
         while sector < end {
             let guest = sector >> bits;
             let cluster_start = guest << bits;
             // The disk's last cluster may be partial: its end is the disk's.
-            let cluster_end = (cluster_start + cluster_sectors).min(self.geo.sectors);
+            let cluster_end = (cluster_start + cluster_sectors).min(self.engine.geo.sectors);
             let piece_end = cluster_end.min(end);
             let whole = sector == cluster_start && piece_end == cluster_end;
             if whole || self.rest_reads_as_zeros(guest, sector, piece_end).await? {
@@ -149,10 +149,10 @@ where
         from: u64,
         to: u64,
     ) -> Result<bool, Error<D::Error>> {
-        let bits = self.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_bits - 9;
         let first = guest << bits;
-        let end = (first + self.geo.cluster_sectors()).min(self.geo.sectors);
-        let (mapping, _) = self.map_run(first, 1).await?;
+        let end = (first + self.engine.geo.cluster_sectors()).min(self.engine.geo.sectors);
+        let (mapping, _) = self.engine.map_run(first, 1).await?;
         if !matches!(mapping, Mapping::Unallocated | Mapping::Zero) {
             return Ok(false);
         }
@@ -162,16 +162,17 @@ where
     /// Makes guest cluster `guest` stop using host space (if it does) and
     /// read as zeros: the zero flag on v3, unallocated on v2.
     async fn unmap_cluster(&mut self, l2: u64, guest: u64) -> Result<(), Error<D::Error>> {
-        let (entry, at) = self.l2_entry(l2, guest).await?;
+        let (entry, at) = self.engine.l2_entry(l2, guest).await?;
         let allocated = match entry {
             L2Entry::Unallocated => false,
             L2Entry::Zero { offset, .. } => offset != 0,
             L2Entry::Data { .. } | L2Entry::Compressed { .. } => true,
         };
         if allocated {
-            let new = if self.geo.v3 { ZERO } else { 0 };
-            self.cache
-                .write_u64(&mut self.dev, at, Kind::L2, new)
+            let new = if self.engine.geo.v3 { ZERO } else { 0 };
+            self.engine
+                .cache
+                .write_u64(&mut self.engine.dev, at, Kind::L2, new)
                 .await?;
             self.release(entry).await?;
         }
@@ -182,23 +183,23 @@ where
     /// `unmap`, releasing its host cluster, as QEMU's zero_in_l2_slice; a
     /// v2 image, without the flag, has the cluster discarded.
     async fn zero_cluster(&mut self, guest: u64, unmap: bool) -> Result<(), Error<D::Error>> {
-        if !self.geo.v3 && self.has_backing() {
+        if !self.engine.geo.v3 && self.has_backing() {
             // No zero flag, and unallocated would show the backing: real
             // zeros, as QEMU falls back to.
             return self.write_zero_cluster(guest).await;
         }
-        if !self.geo.v3 {
-            let l2 = self.l2_table_for_write(guest).await?;
+        if !self.engine.geo.v3 {
+            let l2 = self.engine.l2_table_for_write(guest).await?;
             return match l2 {
                 0 => Ok(()),
                 l2 => self.unmap_cluster(l2, guest).await,
             };
         }
-        let mut l2 = self.l2_table_for_write(guest).await?;
+        let mut l2 = self.engine.l2_table_for_write(guest).await?;
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }
-        let (entry, at, old) = self.l2_entry_raw(l2, guest).await?;
+        let (entry, at, old) = self.engine.l2_entry_raw(l2, guest).await?;
         let release = match entry {
             L2Entry::Compressed { .. } => true,
             L2Entry::Data { .. } => unmap,
@@ -209,8 +210,9 @@ where
         if new == old {
             return Ok(());
         }
-        self.cache
-            .write_u64(&mut self.dev, at, Kind::L2, new)
+        self.engine
+            .cache
+            .write_u64(&mut self.engine.dev, at, Kind::L2, new)
             .await?;
         if release {
             self.release(entry).await?;
@@ -225,165 +227,6 @@ where
         for sector in first..first + count {
             self.write_batched(sector, &zero).await?;
         }
-        Ok(())
-    }
-
-    /// Drops one reference to every host cluster the old mapping `entry`
-    /// used (a data cluster, a preallocated zero cluster, or each cluster a
-    /// compressed stream touches), after its L2 entry changed in the cache.
-    pub(crate) async fn release(&mut self, entry: L2Entry) -> Result<(), Error<D::Error>> {
-        let (host, len) = match entry {
-            L2Entry::Data { offset, .. } => (offset, self.geo.cluster_size),
-            L2Entry::Zero { offset, .. } if offset != 0 => (offset, self.geo.cluster_size),
-            // The stream starts inside a sector; its sectors are what it holds.
-            L2Entry::Compressed { offset, len } => (offset & !511, (offset & 511) + len),
-            L2Entry::Zero { .. } | L2Entry::Unallocated => return Ok(()),
-        };
-        if self.external_data() {
-            return self.release_external(host, entry).await;
-        }
-        if let L2Entry::Compressed { offset, len } = entry {
-            if !self.compressed_releasable(offset, len).await? {
-                warn!(
-                    "qcow2: compressed cluster at {=u64:#x} left allocated: its descriptor claims what it does not own",
-                    offset
-                );
-                return Ok(());
-            }
-        }
-        // Rule 2: the entry change reaches the disk before the decrease.
-        self.cache
-            .require(&mut self.dev, Order::MappingFirst)
-            .await?;
-        let first = self.geo.cluster_of(host);
-        let last = self.geo.cluster_of(host + len.max(1) - 1);
-        for cluster in first..=last {
-            let count = self.refcount(cluster).await?;
-            let Some(left) = count.checked_sub(1) else {
-                return Err(Error::corrupt(
-                    "freeing a cluster whose refcount is already 0",
-                    cluster << self.geo.cluster_bits,
-                ));
-            };
-            self.set_refcount(cluster, left).await?;
-            if left == 0 {
-                if self.pack_next != 0 && self.geo.cluster_of(self.pack_next) == cluster {
-                    // Never pack into a cluster someone else may get.
-                    self.pack_next = 0;
-                }
-                self.free_hint = self.free_hint.min(cluster);
-                let sectors = self.geo.cluster_sectors();
-                self.cache
-                    .queue_discard(&mut self.dev, cluster * sectors, sectors)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the host clusters of the compressed cluster of `len` bytes at
-    /// host byte `host` may lose a reference (rule 9 of `ORDERING.md`).
-    ///
-    /// A descriptor is only a claim: a hostile or damaged L2 entry may point
-    /// at the header, a refcount block, an L2 table or another cluster's
-    /// data, whose refcount counts only its real owner; released on the
-    /// descriptor's word, that cluster would be freed, discarded and
-    /// reused. So the extent must lie inside the device, clear of the
-    /// header, the L1 and refcount tables and cached metadata, and a
-    /// cluster the release would free (refcount 1) must be no L2 table of
-    /// the active L1 table and no refcount block, and its stream must
-    /// decode to a whole cluster (when the workspace has a decoder; without
-    /// one the structural checks decide). What is not released stays
-    /// allocated: a leak that `repair` reclaims once a check has
-    /// established it, as QEMU warns and goes on when a discard meets a bad
-    /// descriptor. A descriptor that duplicates another's claim on a shared
-    /// cluster is beyond these checks: only `check` counts claims, so
-    /// open untrusted images with [`crate::OpenOptions::verify`].
-    async fn compressed_releasable(
-        &mut self,
-        host: u64,
-        len: u64,
-    ) -> Result<bool, Error<D::Error>> {
-        let start = host & !511;
-        let end = host.saturating_add(len.max(1));
-        let (first, last) = (self.geo.cluster_of(start), self.geo.cluster_of(end - 1));
-        if last >= self.dev_clusters
-            || self.geo.hits_fixed_metadata(start, end - start)
-            || self.cache.holds_any(start, end - start)
-        {
-            return Ok(false);
-        }
-        let mut frees = false;
-        for cluster in first..=last {
-            match self.refcount(cluster).await? {
-                // Nothing to release: the descriptor claims a free cluster.
-                0 => return Ok(false),
-                1 if self.is_table_cluster(cluster).await? => return Ok(false),
-                1 => frees = true,
-                _ => {}
-            }
-        }
-        if !frees {
-            return Ok(true);
-        }
-        match self.decompress(host, len, Target::Nowhere).await {
-            Ok(()) | Err(Error::Unsupported(_)) => Ok(true),
-            Err(Error::Corrupt { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Whether host cluster `cluster` is an L2 table of the active L1 table
-    /// or a refcount block: a scan of both tables (the refcount table as
-    /// far as it covers the device), paid only by a release that would
-    /// free a cluster on a descriptor's word.
-    async fn is_table_cluster(&mut self, cluster: u64) -> Result<bool, Error<D::Error>> {
-        let host = cluster << self.geo.cluster_bits;
-        for i in 0..self.geo.l1_entries {
-            let at = self.geo.l1_offset + i * 8;
-            let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
-            if L1Entry(raw).l2_offset() == host {
-                return Ok(true);
-            }
-        }
-        let covering = (self.dev_clusters >> self.geo.refblock_bits) + 1;
-        for i in 0..self.geo.reftable_entries.min(covering) {
-            let at = self.geo.reftable_offset + i * 8;
-            let raw = self
-                .cache
-                .read_u64(&mut self.dev, at, Kind::RefTable)
-                .await?;
-            if raw != 0 && raw & !0x1ff == host {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// [`Self::release`] for a cluster of an external data file (`entry`
-    /// mapped it at host byte `host`): no refcount to drop (QEMU's
-    /// qcow2_free_any_cluster); the cluster is discarded on the data file
-    /// at once, as QEMU passes the discard through (it belongs to this
-    /// guest cluster alone, so a crash before the entry change is durable
-    /// shows zeros or the old data there, never another cluster's). With
-    /// `data_file_raw` zeros are written instead, so that the data file
-    /// stays a raw image of the disk whatever the device does with a
-    /// discard.
-    async fn release_external(&mut self, host: u64, entry: L2Entry) -> Result<(), Error<D::Error>> {
-        if let L2Entry::Compressed { .. } = entry {
-            return Err(Error::corrupt(
-                "compressed cluster in an image with an external data file",
-                host,
-            ));
-        }
-        let (first, count) = (host / SECTOR as u64, self.geo.cluster_sectors());
-        let done = if self.header.data_file_raw() {
-            self.dev.data_clear(first, count).await
-        } else {
-            self.dev.data_discard(first, count).await
-        };
-        done.map_err(Error::Io)?;
-        self.cache.note_device_write();
         Ok(())
     }
 }

@@ -3,9 +3,11 @@
 pub mod backing;
 #[cfg(feature = "write")]
 pub(crate) mod create;
+mod decompress;
 pub(crate) mod fill;
 #[cfg(feature = "write")]
 mod free;
+mod metadata;
 #[cfg(feature = "write")]
 mod pack;
 #[cfg(feature = "write")]
@@ -18,11 +20,14 @@ use crate::cache::{Cache, Slot};
 #[cfg(feature = "write")]
 use crate::check::Repair;
 use crate::codec::{NoWorkspace, Workspace};
-use crate::engine::data::Devices;
+use crate::engine::geometry::Geometry;
 use crate::engine::header_io;
 use crate::engine::map::Mapping;
-use crate::format::{autoclear, compatible, header::overlaps, incompatible, Header, Version};
+use crate::engine::{Engine, EngineMode};
+use crate::format::{autoclear, compatible, incompatible, Header, Version};
 use crate::image::backing::{Backing, NoBacking};
+use crate::image::decompress::decompress;
+use crate::image::fill::Target;
 use crate::outline::OutOfLine;
 use crate::{BlockDevice, Error, OpenError, Sector, SECTOR};
 
@@ -150,93 +155,6 @@ pub struct ImageInfo {
     pub compression_type: u8,
 }
 
-/// Layout numbers derived from the header, kept current as tables move.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Geometry {
-    pub cluster_bits: u32,
-    pub cluster_size: u64,
-    /// Entries per L2 table.
-    pub l2_entries: u64,
-    /// log2 of `l2_entries`.
-    pub l2_bits: u32,
-    pub l1_offset: u64,
-    pub l1_entries: u64,
-    pub refcount_order: u32,
-    /// Refcount entries per refcount block.
-    pub refblock_entries: u64,
-    /// log2 of `refblock_entries`.
-    pub refblock_bits: u32,
-    pub reftable_offset: u64,
-    /// Entries in the refcount table.
-    pub reftable_entries: u64,
-    pub v3: bool,
-    /// Virtual size in whole sectors.
-    pub sectors: u64,
-}
-
-impl Geometry {
-    pub(crate) fn new(h: &Header) -> Self {
-        let cluster_size = h.cluster_size();
-        // Validated header: 9 <= cluster_bits <= 21, refcount_order <= 6.
-        let l2_bits = h.cluster_bits - 3;
-        let refblock_bits = h.cluster_bits + 3 - h.refcount_order;
-        Geometry {
-            cluster_bits: h.cluster_bits,
-            cluster_size,
-            l2_entries: 1 << l2_bits,
-            l2_bits,
-            l1_offset: h.l1_table_offset,
-            l1_entries: u64::from(h.l1_size),
-            refcount_order: h.refcount_order,
-            refblock_entries: 1 << refblock_bits,
-            refblock_bits,
-            reftable_offset: h.refcount_table_offset,
-            reftable_entries: u64::from(h.refcount_table_clusters) << l2_bits,
-            v3: h.version == Version::V3,
-            // As QEMU: a size that is not a whole number of sectors is
-            // rounded down (the header field itself is left alone).
-            sectors: h.size / SECTOR as u64,
-        }
-    }
-
-    pub(crate) const fn reftable_bytes(&self) -> u64 {
-        self.reftable_entries * 8
-    }
-
-    /// Sectors per cluster.
-    pub(crate) const fn cluster_sectors(&self) -> u64 {
-        1 << (self.cluster_bits - 9)
-    }
-
-    /// The cluster index of host byte `offset`.
-    pub(crate) const fn cluster_of(&self, offset: u64) -> u64 {
-        offset >> self.cluster_bits
-    }
-
-    /// Byte position of `offset` inside its cluster.
-    pub(crate) const fn within_cluster(&self, offset: u64) -> u64 {
-        offset & (self.cluster_size - 1)
-    }
-
-    /// Clusters needed to hold `bytes` bytes.
-    pub(crate) const fn clusters_for(&self, bytes: u64) -> u64 {
-        crate::format::shr_ceil(bytes, self.cluster_bits)
-    }
-
-    /// Whether host range `[offset, offset+len)` touches the header cluster,
-    /// the L1 table or the refcount table.
-    pub(crate) fn hits_fixed_metadata(&self, offset: u64, len: u64) -> bool {
-        self.hits_header_or_l1(offset, len)
-            || overlaps(offset, len, self.reftable_offset, self.reftable_bytes())
-    }
-
-    /// Whether host range `[offset, offset+len)` touches the header cluster
-    /// or the L1 table.
-    pub(crate) fn hits_header_or_l1(&self, offset: u64, len: u64) -> bool {
-        offset < self.cluster_size || overlaps(offset, len, self.l1_offset, self.l1_entries * 8)
-    }
-}
-
 /// An open qcow2 image on device `D`, with metadata cache storage `S` of
 /// slices of `K` sectors.
 ///
@@ -246,38 +164,15 @@ impl Geometry {
 /// clusters and copy-on-write (none by default, see
 /// [`Qcow2::with_workspace`]).
 pub struct Qcow2<D, S, const K: usize = 1, B = NoBacking<D>, W = NoWorkspace> {
-    /// The image file, and the external data file when attached.
-    pub(crate) dev: Devices<D>,
+    /// The metadata, on the image file and its data file.
+    pub(crate) engine: Engine<D, S, K>,
     pub(crate) backing: B,
     pub(crate) ws: W,
-    pub(crate) cache: Cache<S, K>,
-    pub(crate) geo: Geometry,
-    pub(crate) header: Header,
-    pub(crate) read_only: bool,
-    /// Refcount updates may reach the disk after the L2 entries that need
-    /// them, covered by the dirty bit (lazy refcounts).
-    pub(crate) lazy: bool,
-    /// Corruption was found while writing: the image is now read-only.
-    pub(crate) corrupt_detected: bool,
-    /// Opened for repair while dirty: the refcounts may be stale until a
-    /// full repair succeeds. Guest changes are refused and the dirty bit
-    /// stays set until then (rule 5).
-    pub(crate) refcounts_stale: bool,
-    /// The persistent bitmaps extension, when consistent (read-only use).
-    pub(crate) bitmaps: Option<crate::format::Extension>,
-    /// Cluster index where the search for free clusters starts.
-    pub(crate) free_hint: u64,
-    /// Device size in whole clusters, as far as this image has grown it.
-    pub(crate) dev_clusters: u64,
-    pub(crate) scratch: Sector,
     /// The header names a backing file and the image was not opened with
     /// [`OpenOptions::no_backing`]: unallocated clusters are not zeros.
     pub(crate) names_backing: bool,
     /// A backing device was attached ([`Qcow2::with_backing`]).
     pub(crate) backing_attached: bool,
-    /// Host byte where the next compressed cluster is packed, 0 for a
-    /// fresh host cluster.
-    pub(crate) pack_next: u64,
 }
 
 impl<D, S, const K: usize> Qcow2<D, S, K>
@@ -396,8 +291,8 @@ where
                 // Not `abandon`: it would take a copy of the image.
                 return Err(OpenError {
                     error,
-                    device: image.dev.meta,
-                    cache: image.cache.into_slots(),
+                    device: image.engine.dev.meta,
+                    cache: image.engine.cache.into_slots(),
                 });
             }
             Ok(image)
@@ -418,33 +313,21 @@ where
         lazy: bool,
         free_hint: u64,
     ) -> Self {
-        let geo = Geometry::new(&header);
-        let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
-        let dev_clusters = geo.clusters_for(dev_bytes);
-        Qcow2 {
-            dev: Devices::new(dev),
-            backing: NoBacking::new(),
-            ws: NoWorkspace::default(),
-            cache,
-            geo,
-            header,
+        let mode = EngineMode {
             read_only: options.read_only,
             lazy,
-            corrupt_detected: false,
             refcounts_stale: options.for_repair
                 && header.incompatible_features & incompatible::DIRTY != 0,
-            // Valid only while the autoclear bit says so.
-            bitmaps: bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0),
-            free_hint: if free_hint == DEVICE_END {
-                dev_clusters
-            } else {
-                free_hint
-            },
-            dev_clusters,
-            scratch: [0; SECTOR],
+            free_hint: (free_hint != DEVICE_END).then_some(free_hint),
+        };
+        // Valid only while the autoclear bit says so.
+        let bitmaps = bitmaps.filter(|_| header.autoclear_features & autoclear::BITMAPS != 0);
+        Qcow2 {
+            engine: Engine::new(dev, cache, header, bitmaps, mode),
+            backing: NoBacking::new(),
+            ws: NoWorkspace::default(),
             names_backing: header.has_backing_file() && !options.no_backing,
             backing_attached: false,
-            pack_next: 0,
         }
     }
 
@@ -562,23 +445,11 @@ where
     /// The image with `backing` in place of its backing.
     fn rebuilt<B2: Backing<D::Error>>(self, backing: B2, attached: bool) -> Qcow2<D, S, K, B2, W> {
         Qcow2 {
-            dev: self.dev,
+            engine: self.engine,
             backing,
             ws: self.ws,
-            cache: self.cache,
-            geo: self.geo,
-            header: self.header,
-            read_only: self.read_only,
-            lazy: self.lazy,
-            corrupt_detected: self.corrupt_detected,
-            refcounts_stale: self.refcounts_stale,
-            bitmaps: self.bitmaps,
-            free_hint: self.free_hint,
-            dev_clusters: self.dev_clusters,
-            scratch: self.scratch,
             names_backing: self.names_backing,
             backing_attached: attached,
-            pack_next: self.pack_next,
         }
     }
 
@@ -587,23 +458,11 @@ where
     /// copy-on-write faster. Any workspace lent before is dropped.
     pub fn with_workspace<W2: Workspace>(self, workspace: W2) -> Qcow2<D, S, K, B, W2> {
         Qcow2 {
-            dev: self.dev,
+            engine: self.engine,
             backing: self.backing,
             ws: workspace,
-            cache: self.cache,
-            geo: self.geo,
-            header: self.header,
-            read_only: self.read_only,
-            lazy: self.lazy,
-            corrupt_detected: self.corrupt_detected,
-            refcounts_stale: self.refcounts_stale,
-            bitmaps: self.bitmaps,
-            free_hint: self.free_hint,
-            dev_clusters: self.dev_clusters,
-            scratch: self.scratch,
             names_backing: self.names_backing,
             backing_attached: self.backing_attached,
-            pack_next: self.pack_next,
         }
     }
 
@@ -628,13 +487,13 @@ where
         if options.read_only {
             return Ok(());
         }
-        let dirty = self.header.incompatible_features & incompatible::DIRTY != 0;
+        let dirty = self.engine.header.incompatible_features & incompatible::DIRTY != 0;
         if !options.for_repair && dirty {
             info!("qcow2: image not closed cleanly (lazy refcounts): rebuilding refcounts");
             // Refcounts may be stale: rebuild them before any allocation.
-            self.repair(rebuild_scratch, Repair::All).await?;
+            self.engine.repair(rebuild_scratch, Repair::All).await?;
         }
-        if options.verify && self.check(rebuild_scratch).await?.corruptions > 0 {
+        if options.verify && self.engine.check(rebuild_scratch).await?.corruptions > 0 {
             return Err(Error::corrupt(
                 "check found corruption; open read-only or repair first",
                 0,
@@ -655,7 +514,7 @@ where
 
     /// A summary of the image.
     pub fn info(&self) -> ImageInfo {
-        let h = &self.header;
+        let h = &self.engine.header;
         ImageInfo {
             virtual_size: self.virtual_size(),
             cluster_size: h.cluster_size(),
@@ -664,7 +523,7 @@ where
             lazy_refcounts: h.compatible_features & compatible::LAZY_REFCOUNTS != 0,
             corrupt: h.incompatible_features & incompatible::CORRUPT != 0,
             dirty: h.incompatible_features & incompatible::DIRTY != 0,
-            read_only: self.read_only,
+            read_only: self.engine.read_only,
             snapshots: h.nb_snapshots,
             compression_type: h.compression_type,
         }
@@ -672,29 +531,29 @@ where
 
     /// The decoded header as it is on disk now.
     pub fn header(&self) -> &Header {
-        &self.header
+        &self.engine.header
     }
 
     /// Virtual disk size in bytes: the header's size rounded down to a
     /// whole sector, as QEMU presents it.
     pub fn virtual_size(&self) -> u64 {
-        self.geo.sectors * SECTOR as u64
+        self.engine.geo.sectors * SECTOR as u64
     }
 
     /// The underlying device.
     pub fn device(&self) -> &D {
-        &self.dev.meta
+        &self.engine.dev.meta
     }
 
     /// The underlying device, mutably: for device-specific controls (power,
     /// statistics). Writing to it behind the image's back corrupts the image.
     pub fn device_mut(&mut self) -> &mut D {
-        &mut self.dev.meta
+        &mut self.engine.dev.meta
     }
 
     pub(crate) fn check_range(&self, first: u64, count: u64) -> Result<(), Error<D::Error>> {
         match first.checked_add(count) {
-            Some(end) if end <= self.geo.sectors => Ok(()),
+            Some(end) if end <= self.engine.geo.sectors => Ok(()),
             _ => Err(Error::OutOfRange),
         }
     }
@@ -705,11 +564,11 @@ where
     /// back on the way went out in order).
     pub async fn read(&mut self, first: u64, buf: &mut [Sector]) -> Result<(), Error<D::Error>> {
         self.check_range(first, buf.len() as u64)?;
-        self.require_data_file()?;
+        self.engine.require_data_file()?;
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
-            let (mapping, run) = self.map_run(sector, rest.len() as u64).await?;
+            let (mapping, run) = self.engine.map_run(sector, rest.len() as u64).await?;
             // `run` never exceeds the requested length.
             let (now, later) = rest
                 .split_at_mut_checked(run as usize)
@@ -718,14 +577,19 @@ where
                 Mapping::Unallocated => self.read_backing(sector, now).await?,
                 Mapping::Zero => now.fill([0; SECTOR]),
                 Mapping::Data { host } => {
-                    self.dev
+                    self.engine
+                        .dev
                         .data_read(host / SECTOR as u64, now)
                         .await
                         .map_err(Error::Io)?;
                 }
                 Mapping::Compressed { host, len } => {
-                    let within = sector & (self.geo.cluster_sectors() - 1);
-                    self.read_compressed(host, len, within, now).await?;
+                    let within = sector & (self.engine.geo.cluster_sectors() - 1);
+                    let target = Target::Caller {
+                        first: within,
+                        out: now,
+                    };
+                    decompress(&mut self.engine, &mut self.ws, host, len, target).await?;
                 }
             }
             sector += run;
@@ -757,22 +621,22 @@ where
         first: u64,
         count: u64,
     ) -> Result<(), Error<D::Error>> {
-        if self.read_only {
+        if self.engine.read_only {
             return Err(Error::ReadOnly);
         }
         self.check_range(first, count)?;
         self.require_backing()?;
-        self.require_data_file()?;
-        if self.header.incompatible_features & incompatible::CORRUPT != 0 {
+        self.engine.require_data_file()?;
+        if self.engine.header.incompatible_features & incompatible::CORRUPT != 0 {
             return Err(Error::corrupt("image marked corrupt; repair it first", 0));
         }
-        if self.refcounts_stale {
+        if self.engine.refcounts_stale {
             // Allocating from stale refcounts would overwrite live data.
             return Err(Error::NeedsRepair);
         }
-        if self.lazy && self.header.incompatible_features & incompatible::DIRTY == 0 {
+        if self.engine.lazy && self.engine.header.incompatible_features & incompatible::DIRTY == 0 {
             // Durable before the first metadata write that may skip ordering (rule 5).
-            self.set_incompatible(incompatible::DIRTY).await?;
+            self.engine.set_incompatible(incompatible::DIRTY).await?;
         }
         Ok(())
     }
@@ -788,7 +652,7 @@ where
                 "qcow2: {=str} (host offset {=u64:#x}): image marked corrupt",
                 what, offset
             );
-            self.mark_corrupt().await;
+            self.engine.mark_corrupt().await;
         }
         result
     }
@@ -800,74 +664,8 @@ where
     ///
     /// Cancelled, earlier writes are durable or not, consistently: at most
     /// leaked clusters.
-    pub async fn flush(&mut self) -> Result<(), Error<D::Error>> {
-        if self.corrupt_detected {
-            return Err(Error::corrupt(
-                "image marked corrupt; writes since the last flush were dropped",
-                0,
-            ));
-        }
-        if self.read_only {
-            return Ok(());
-        }
-        self.cache.flush(&mut self.dev).await
-    }
-
-    #[cfg(feature = "write")]
-    /// Sets incompatible feature bits in the header, durably (v3 only).
-    pub(crate) async fn set_incompatible(&mut self, bits: u64) -> Result<(), Error<D::Error>> {
-        if !self.geo.v3 || self.header.incompatible_features & bits == bits {
-            return Ok(());
-        }
-        self.header.incompatible_features |= bits;
-        header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await?;
-        self.cache.flush_device(&mut self.dev).await
-    }
-
-    /// Points the in-memory header and geometry at a refcount table of
-    /// `clusters` clusters at host `offset`: the one place where both
-    /// change, so they never disagree.
-    pub(crate) fn set_reftable(&mut self, offset: u64, clusters: u32) {
-        self.header.refcount_table_offset = offset;
-        self.header.refcount_table_clusters = clusters;
-        let fresh = Geometry::new(&self.header);
-        self.geo.reftable_offset = fresh.reftable_offset;
-        self.geo.reftable_entries = fresh.reftable_entries;
-    }
-
-    /// Switches the image to a new refcount table, already written and
-    /// flushed (rule 4): the header on disk, flushed, then in memory; on
-    /// failure memory keeps the old table, as the disk may.
-    #[cfg(feature = "write")]
-    pub(crate) async fn switch_reftable(
-        &mut self,
-        offset: u64,
-        clusters: u32,
-    ) -> Result<(), Error<D::Error>> {
-        let (old_offset, old_clusters) = (
-            self.header.refcount_table_offset,
-            self.header.refcount_table_clusters,
-        );
-        self.set_reftable(offset, clusters);
-        let written = header_io::write_header(&mut self.dev, &mut self.scratch, &self.header).await;
-        let flushed = match written {
-            Ok(()) => self.cache.flush_device(&mut self.dev).await,
-            Err(e) => Err(e),
-        };
-        if flushed.is_err() {
-            self.set_reftable(old_offset, old_clusters);
-        }
-        flushed
-    }
-
-    #[cfg(feature = "write")]
-    /// Records detected corruption: sets the corrupt bit (best effort) and
-    /// stops all further writes.
-    async fn mark_corrupt(&mut self) {
-        // Metadata in the cache may be wrong now: it is never written.
-        let _ = self.set_incompatible(incompatible::CORRUPT).await;
-        self.read_only = true;
-        self.corrupt_detected = true;
+    pub fn flush(&mut self) -> impl Future<Output = Result<(), Error<D::Error>>> + '_ {
+        self.engine.flush()
     }
 
     /// Does what [`Qcow2::close`] does (flush, then clear the dirty bit of
@@ -876,20 +674,15 @@ where
     /// unless a full repair succeeded: its refcounts may still be stale.
     ///
     /// Cancelled, as [`Qcow2::flush`]; the dirty bit may stay set.
-    pub async fn finish(&mut self) -> Result<(), Error<D::Error>> {
-        self.flush().await?;
-        #[cfg(feature = "write")]
-        if !self.read_only && !self.refcounts_stale {
-            self.clear_incompatible(incompatible::DIRTY).await?;
-        }
-        Ok(())
+    pub fn finish(&mut self) -> impl Future<Output = Result<(), Error<D::Error>>> + '_ {
+        self.engine.finish()
     }
 
     /// Gives up the image without flushing, returning the device and cache
     /// storage: unflushed metadata is lost, as in a crash. For error paths
     /// where the device failed and for crash tests.
     pub fn abandon(self) -> (D, S) {
-        (self.dev.meta, self.cache.into_slots())
+        (self.engine.dev.meta, self.engine.cache.into_slots())
     }
 
     /// Flushes and closes the image, returning the device and cache storage.
@@ -902,7 +695,7 @@ where
         let mut image = self;
         async move {
             image.finish().await?;
-            Ok((image.dev.meta, image.cache.into_slots()))
+            Ok((image.engine.dev.meta, image.engine.cache.into_slots()))
         }
     }
 }
@@ -935,7 +728,7 @@ where
     }
 
     fn sector_count(&self) -> u64 {
-        self.geo.sectors
+        self.engine.geo.sectors
     }
 
     async fn set_sector_count(&mut self, _n: u64) -> Result<(), Self::Error> {

@@ -38,23 +38,24 @@ where
         guest: u64,
         data: &[u8],
     ) -> Result<(), Error<D::Error>> {
-        let bits = self.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_bits - 9;
         let first = guest.checked_shl(bits).ok_or(Error::OutOfRange)?;
         let count = self
+            .engine
             .geo
             .cluster_sectors()
-            .min(self.geo.sectors.saturating_sub(first));
+            .min(self.engine.geo.sectors.saturating_sub(first));
         if count == 0 {
             return Err(Error::OutOfRange);
         }
-        if self.external_data() {
+        if self.engine.external_data() {
             // QEMU refuses them too (ENOTSUP): data clusters live in the
             // data file at their guest offset.
             return Err(Error::Unsupported(
                 "compressed writes to an image with an external data file",
             ));
         }
-        if data.is_empty() || data.len() as u64 >= self.geo.cluster_size {
+        if data.is_empty() || data.len() as u64 >= self.engine.geo.cluster_size {
             return Err(Error::InvalidArgument(
                 "compressed data must be shorter than a cluster",
             ));
@@ -65,15 +66,15 @@ where
     }
 
     async fn store_compressed(&mut self, guest: u64, data: &[u8]) -> Result<(), Error<D::Error>> {
-        let mut l2 = self.l2_table_for_write(guest).await?;
+        let mut l2 = self.engine.l2_table_for_write(guest).await?;
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }
-        let (old, at) = self.l2_entry(l2, guest).await?;
+        let (old, at) = self.engine.l2_entry(l2, guest).await?;
         let len = data.len() as u64;
         let host = self.alloc_bytes(len).await?;
         self.write_bytes(host, data).await?;
-        let offset_bits = 62 - (self.geo.cluster_bits - 8);
+        let offset_bits = 62 - (self.engine.geo.cluster_bits - 8);
         if host >> offset_bits != 0 {
             return Err(Error::NoSpace);
         }
@@ -81,8 +82,9 @@ where
         let extra_sectors = (host + len - 1) / SECTOR as u64 - host / SECTOR as u64;
         let entry = COMPRESSED | (extra_sectors << offset_bits) | host;
         // Durable after the data and the refcounts (rule 1).
-        self.cache
-            .write_u64(&mut self.dev, at, Kind::L2, entry)
+        self.engine
+            .cache
+            .write_u64(&mut self.engine.dev, at, Kind::L2, entry)
             .await?;
         if old != L2Entry::Unallocated {
             self.release(old).await?;
@@ -92,7 +94,7 @@ where
 
     /// The highest refcount the image's refcount width holds.
     fn max_refcount(&self) -> u64 {
-        match self.geo.refcount_order {
+        match self.engine.geo.refcount_order {
             6 => u64::MAX,
             order => (1u64 << (1u32 << order)) - 1,
         }
@@ -101,38 +103,42 @@ where
     /// Host bytes for a compressed stream of `len` bytes (less than a
     /// cluster), each host cluster they touch referenced once more.
     async fn alloc_bytes(&mut self, len: u64) -> Result<u64, Error<D::Error>> {
-        self.cache
-            .require(&mut self.dev, Order::RefcountsFirst)
+        self.engine
+            .cache
+            .require(&mut self.engine.dev, Order::RefcountsFirst)
             .await?;
-        let cluster_size = self.geo.cluster_size;
-        let mut offset = self.pack_next;
+        let cluster_size = self.engine.geo.cluster_size;
+        let mut offset = self.engine.pack_next;
         if offset != 0 {
-            let count = self.refcount(self.geo.cluster_of(offset)).await?;
+            let count = self
+                .engine
+                .refcount(self.engine.geo.cluster_of(offset))
+                .await?;
             // A cluster freed since, or referenced as often as it can be,
             // is not packed further.
             if count == 0 || count >= self.max_refcount() {
                 offset = 0;
             }
         }
-        let room = cluster_size - self.geo.within_cluster(offset);
+        let room = cluster_size - self.engine.geo.within_cluster(offset);
         if offset != 0 && room >= len {
-            let cluster = self.geo.cluster_of(offset);
-            let count = self.refcount(cluster).await?;
-            self.set_refcount(cluster, count + 1).await?;
+            let cluster = self.engine.geo.cluster_of(offset);
+            let count = self.engine.refcount(cluster).await?;
+            self.engine.set_refcount(cluster, count + 1).await?;
         } else {
             // A new cluster (refcount 1); if it directly follows the
             // partly used one, the stream runs on into it.
-            let fresh = self.alloc_cluster().await?;
+            let fresh = self.engine.alloc_cluster().await?;
             if offset != 0 && fresh == offset + room {
-                let cluster = self.geo.cluster_of(offset);
-                let count = self.refcount(cluster).await?;
-                self.set_refcount(cluster, count + 1).await?;
+                let cluster = self.engine.geo.cluster_of(offset);
+                let count = self.engine.refcount(cluster).await?;
+                self.engine.set_refcount(cluster, count + 1).await?;
             } else {
                 offset = fresh;
             }
         }
         let next = offset + len;
-        self.pack_next = if self.geo.within_cluster(next) == 0 {
+        self.engine.pack_next = if self.engine.geo.within_cluster(next) == 0 {
             0
         } else {
             next
@@ -148,18 +154,20 @@ where
         let within = (host % SECTOR as u64) as usize;
         let mut rest = data;
         if within != 0 {
-            let buf = core::slice::from_mut(&mut self.scratch);
-            self.dev.read(sector, buf).await.map_err(Error::Io)?;
+            let buf = core::slice::from_mut(&mut self.engine.scratch);
+            self.engine.dev.read(sector, buf).await.map_err(Error::Io)?;
             let take = (SECTOR - within).min(rest.len());
             let (now, later) = rest
                 .split_at_checked(take)
                 .ok_or(Error::Internal("compressed head past the data"))?;
-            self.scratch
+            self.engine
+                .scratch
                 .get_mut(within..within + take)
                 .ok_or(Error::Internal("compressed head past the sector"))?
                 .copy_from_slice(now);
-            self.dev
-                .write(sector, core::slice::from_ref(&self.scratch))
+            self.engine
+                .dev
+                .write(sector, core::slice::from_ref(&self.engine.scratch))
                 .await
                 .map_err(Error::Io)?;
             sector += 1;
@@ -175,21 +183,26 @@ where
                 .ok_or(Error::Internal("compressed data past the bounce buffer"))?;
             head.copy_from_slice(rest);
             tail.fill(0);
-            self.dev.write(sector, buf).await.map_err(Error::Io)?;
+            self.engine
+                .dev
+                .write(sector, buf)
+                .await
+                .map_err(Error::Io)?;
         } else {
             for chunk in rest.chunks(SECTOR) {
-                self.scratch.fill(0);
-                if let Some(dst) = self.scratch.get_mut(..chunk.len()) {
+                self.engine.scratch.fill(0);
+                if let Some(dst) = self.engine.scratch.get_mut(..chunk.len()) {
                     dst.copy_from_slice(chunk);
                 }
-                self.dev
-                    .write(sector, core::slice::from_ref(&self.scratch))
+                self.engine
+                    .dev
+                    .write(sector, core::slice::from_ref(&self.engine.scratch))
                     .await
                     .map_err(Error::Io)?;
                 sector += 1;
             }
         }
-        self.cache.note_device_write();
+        self.engine.cache.note_device_write();
         Ok(())
     }
 }

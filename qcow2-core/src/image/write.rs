@@ -4,6 +4,7 @@ use crate::cache::{Kind, Slot};
 use crate::codec::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::image::backing::Backing;
+use crate::image::decompress::decompress;
 use crate::image::fill::{read_backing_into, Fill, Target};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
@@ -53,8 +54,8 @@ where
         first: u64,
         buf: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let sector_bits = self.geo.cluster_bits - 9;
-        let cluster_sectors = self.geo.cluster_sectors();
+        let sector_bits = self.engine.geo.cluster_bits - 9;
+        let cluster_sectors = self.engine.geo.cluster_sectors();
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
@@ -74,8 +75,14 @@ where
             for p in plan.iter().filter(|p| p.fresh) {
                 // Durable only after the data and the refcount: the cache
                 // flushes the device before writing any L2 slice.
-                self.cache
-                    .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
+                self.engine
+                    .cache
+                    .write_u64(
+                        &mut self.engine.dev,
+                        p.entry_at,
+                        Kind::L2,
+                        L2Entry::data(p.host),
+                    )
                     .await?;
             }
             for p in plan.iter().filter(|p| p.replaces != L2Entry::Unallocated) {
@@ -92,15 +99,22 @@ where
     /// it): for v2 images over a backing, which have no zero flag.
     pub(crate) async fn write_zero_cluster(&mut self, guest: u64) -> Result<(), Error<D::Error>> {
         let p = self.place(guest).await?;
-        let sectors = self.geo.cluster_sectors();
-        self.dev
+        let sectors = self.engine.geo.cluster_sectors();
+        self.engine
+            .dev
             .data_write_zeros(p.host / SECTOR as u64, sectors)
             .await
             .map_err(Error::Io)?;
-        self.cache.note_device_write();
+        self.engine.cache.note_device_write();
         if p.fresh {
-            self.cache
-                .write_u64(&mut self.dev, p.entry_at, Kind::L2, L2Entry::data(p.host))
+            self.engine
+                .cache
+                .write_u64(
+                    &mut self.engine.dev,
+                    p.entry_at,
+                    Kind::L2,
+                    L2Entry::data(p.host),
+                )
                 .await?;
         }
         self.release(p.replaces).await
@@ -109,11 +123,11 @@ where
     /// Where guest cluster `guest` is written: its current cluster when
     /// owned, or a newly allocated (or preallocated zero) one.
     async fn place(&mut self, guest: u64) -> Result<Placement, Error<D::Error>> {
-        let mut l2 = self.l2_table_for_write(guest).await?;
+        let mut l2 = self.engine.l2_table_for_write(guest).await?;
         if l2 == 0 {
             l2 = self.new_l2_table(guest).await?;
         }
-        let (entry, entry_at) = self.l2_entry(l2, guest).await?;
+        let (entry, entry_at) = self.engine.l2_entry(l2, guest).await?;
         let mut fill = Fill::Zeros;
         let mut replaces = L2Entry::Unallocated;
         let (host, fresh) = match entry {
@@ -164,12 +178,12 @@ where
     /// the refcounts (as QEMU's `do_alloc_cluster_offset`; see
     /// [`crate::engine::data`]).
     async fn alloc_data(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
-        if self.external_data() {
+        if self.engine.external_data() {
             return guest
-                .checked_shl(self.geo.cluster_bits)
+                .checked_shl(self.engine.geo.cluster_bits)
                 .ok_or(Error::OutOfRange);
         }
-        self.alloc_cluster().await
+        self.engine.alloc_cluster().await
     }
 
     /// Writes `data` (guest sectors from `first`) to the planned clusters,
@@ -181,8 +195,8 @@ where
         first: u64,
         data: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = self.geo.cluster_sectors();
-        let sector_bits = self.geo.cluster_bits - 9;
+        let cluster_sectors = self.engine.geo.cluster_sectors();
+        let sector_bits = self.engine.geo.cluster_bits - 9;
         // Allocations for later clusters of the batch may have put a table
         // on a cluster planned for an in-place write (zeroed refcounts).
         for p in plan.iter().filter(|p| !p.fresh) {
@@ -215,7 +229,8 @@ where
                 continue;
             }
             if p.fresh && skip > 0 {
-                self.dev
+                self.engine
+                    .dev
                     .data_write_zeros(p.host / SECTOR as u64, skip)
                     .await
                     .map_err(Error::Io)?;
@@ -231,14 +246,15 @@ where
                 self.write_run(run_host, data.get(run_from..run_to)).await?;
                 run_from = run_to;
                 let end = host_sector + (to - from) as u64;
-                self.dev
+                self.engine
+                    .dev
                     .data_write_zeros(end, tail)
                     .await
                     .map_err(Error::Io)?;
             }
         }
         self.write_run(run_host, data.get(run_from..run_to)).await?;
-        self.cache.note_device_write();
+        self.engine.cache.note_device_write();
         Ok(())
     }
 
@@ -254,14 +270,14 @@ where
         data: Option<&[Sector]>,
     ) -> Result<(), Error<D::Error>> {
         let data = data.ok_or(Error::Internal("copy-on-write data past the buffer"))?;
-        let cluster_sectors = self.geo.cluster_sectors();
+        let cluster_sectors = self.engine.geo.cluster_sectors();
         let host = p.host / SECTOR as u64;
         let end = skip + data.len() as u64;
-        let guest_sector = guest << (self.geo.cluster_bits - 9);
+        let guest_sector = guest << (self.engine.geo.cluster_bits - 9);
         let whole = cluster_sectors as usize;
         if self.ws.parts().bounce.len() >= whole {
             if let Fill::Compressed { host, len } = p.fill {
-                self.decompress(host, len, Target::Bounce).await?;
+                decompress(&mut self.engine, &mut self.ws, host, len, Target::Bounce).await?;
             }
             let bounce = self.ws.parts().bounce;
             let buf = bounce
@@ -276,7 +292,11 @@ where
                 .iter_mut()
                 .zip(data)
                 .for_each(|(d, s)| *d = *s);
-            self.dev.data_write(host, buf).await.map_err(Error::Io)?;
+            self.engine
+                .dev
+                .data_write(host, buf)
+                .await
+                .map_err(Error::Io)?;
         } else {
             match p.fill {
                 Fill::Compressed { host: from, len } => {
@@ -284,25 +304,27 @@ where
                         host,
                         skip: (skip, end),
                     };
-                    self.decompress(from, len, target).await?;
+                    decompress(&mut self.engine, &mut self.ws, from, len, target).await?;
                 }
                 _ => {
                     for s in (0..skip).chain(end..cluster_sectors) {
-                        let sector = core::slice::from_mut(&mut self.scratch);
+                        let sector = core::slice::from_mut(&mut self.engine.scratch);
                         read_backing_into(&mut self.backing, guest_sector + s, sector).await?;
-                        self.dev
-                            .data_write(host + s, core::slice::from_ref(&self.scratch))
+                        self.engine
+                            .dev
+                            .data_write(host + s, core::slice::from_ref(&self.engine.scratch))
                             .await
                             .map_err(Error::Io)?;
                     }
                 }
             }
-            self.dev
+            self.engine
+                .dev
                 .data_write(host + skip, data)
                 .await
                 .map_err(Error::Io)?;
         }
-        self.cache.note_device_write();
+        self.engine.cache.note_device_write();
         Ok(())
     }
 
@@ -312,9 +334,12 @@ where
         data: Option<&[Sector]>,
     ) -> Result<(), Error<D::Error>> {
         match data {
-            Some(d) if !d.is_empty() => {
-                self.dev.data_write(host_sector, d).await.map_err(Error::Io)
-            }
+            Some(d) if !d.is_empty() => self
+                .engine
+                .dev
+                .data_write(host_sector, d)
+                .await
+                .map_err(Error::Io),
             _ => Ok(()),
         }
     }
@@ -325,12 +350,15 @@ where
     /// An external data file holds no metadata (QEMU skips its overlap
     /// check there too).
     async fn check_not_metadata(&mut self, host: u64) -> Result<(), Error<D::Error>> {
-        if self.external_data() {
+        if self.engine.external_data() {
             return Ok(());
         }
-        let cluster = host >> self.geo.cluster_bits;
-        if self.cache.holds_any(host, self.geo.cluster_size)
-            || self.refblock_of(cluster).await? == host
+        let cluster = host >> self.engine.geo.cluster_bits;
+        if self
+            .engine
+            .cache
+            .holds_any(host, self.engine.geo.cluster_size)
+            || self.engine.refblock_of(cluster).await? == host
         {
             return Err(Error::corrupt("data cluster is live metadata", host));
         }
@@ -340,18 +368,20 @@ where
     /// Allocates a zeroed L2 table for guest cluster `guest` and links it
     /// into the L1 table; returns its host offset.
     pub(crate) async fn new_l2_table(&mut self, guest: u64) -> Result<u64, Error<D::Error>> {
-        let at = self.l1_entry_offset(guest)?;
-        let table = self.alloc_cluster().await?;
-        let sectors = self.geo.cluster_sectors();
-        self.dev
+        let at = self.engine.l1_entry_offset(guest)?;
+        let table = self.engine.alloc_cluster().await?;
+        let sectors = self.engine.geo.cluster_sectors();
+        self.engine
+            .dev
             .write_zeros(table / SECTOR as u64, sectors)
             .await
             .map_err(Error::Io)?;
-        self.cache.note_device_write();
+        self.engine.cache.note_device_write();
         // Written back only after the zeroed table and its refcount are durable
         // (rules 1 and 3).
-        self.cache
-            .write_u64(&mut self.dev, at, Kind::L1, L1Entry::new(table).0)
+        self.engine
+            .cache
+            .write_u64(&mut self.engine.dev, at, Kind::L1, L1Entry::new(table).0)
             .await?;
         Ok(table)
     }
