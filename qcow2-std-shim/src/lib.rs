@@ -16,6 +16,7 @@ mod file;
 pub mod fuzzing;
 mod hole;
 pub mod lock;
+pub mod policy;
 mod ram;
 
 pub use backing::HostBacking;
@@ -29,6 +30,7 @@ pub use fault::{FaultDevice, FaultError, Survival};
 pub use file::{FileDevice, FileOptions};
 pub use hole::punch_hole;
 pub use lock::{ImageLock, LockError, LockMode, Permission, Permissions};
+pub use policy::FilePolicy;
 pub use qcow2_core;
 pub use ram::{RamDevice, RamError};
 
