@@ -30,8 +30,9 @@
 //! used for external data files.
 //!
 //! Which files an image may make the library open is the caller's
-//! decision ([`ChainOptions::allow`]): an image from an untrusted source
-//! must not make the host open arbitrary paths. [`ChainOptions::trusting`]
+//! decision ([`FilePolicy::allow`] in [`ChainOptions::policy`]): an image
+//! from an untrusted source must not make the host open arbitrary paths.
+//! [`ChainOptions::trusting`]
 //! opens whatever the chain names, as `qemu-img` does.
 
 use std::fmt;
@@ -42,39 +43,29 @@ use std::path::{Path, PathBuf};
 
 use qcow2_core::{Error, OpenOptions};
 
-use crate::{FileDevice, HostBacking, Image};
+use crate::{FileDevice, FilePolicy, HostBacking, Image};
 
 /// The deepest chain [`ChainOptions::trusting`] opens (the image itself
 /// not counted).
 pub const DEFAULT_MAX_DEPTH: usize = 64;
 
 /// How [`open_chain`] opens an image's backing files.
+#[derive(Debug, Clone, Copy)]
 pub struct ChainOptions<'a> {
-    /// Whether the backing file at this path (resolved, not canonical) may
-    /// be opened; asked before each backing file is touched.
-    pub allow: &'a dyn Fn(&Path) -> bool,
-    /// Opens a file, writable or not (backings are never writable): the
-    /// place for locking.
-    pub open_file: &'a dyn Fn(&Path, bool) -> io::Result<FileDevice>,
+    /// Which backing files may be opened (asked before each is touched),
+    /// and how; also used for the external data files of backings.
+    pub policy: FilePolicy<'a>,
     /// Backing files beyond this depth are refused.
     pub max_depth: usize,
 }
 
-fn allow_any(_: &Path) -> bool {
-    true
-}
-
-fn open_plain(path: &Path, writable: bool) -> io::Result<FileDevice> {
-    FileDevice::open(path, writable)
-}
-
 impl ChainOptions<'static> {
-    /// Opens every backing file the chain names, without locking, up to
-    /// [`DEFAULT_MAX_DEPTH`]: for images whose origin is trusted.
+    /// Opens every backing file the chain names, without locking
+    /// ([`FilePolicy::trusting`]), up to [`DEFAULT_MAX_DEPTH`]: for images
+    /// whose origin is trusted.
     pub fn trusting() -> Self {
         ChainOptions {
-            allow: &allow_any,
-            open_file: &open_plain,
+            policy: FilePolicy::trusting(),
             max_depth: DEFAULT_MAX_DEPTH,
         }
     }
@@ -97,7 +88,7 @@ pub enum ChainError {
         /// Why.
         error: Error<io::Error>,
     },
-    /// [`ChainOptions::allow`] refused a backing file.
+    /// [`FilePolicy::allow`] refused a backing file.
     Refused {
         /// The backing file.
         path: PathBuf,
@@ -887,10 +878,11 @@ pub fn open_chain(
     options: &OpenOptions,
     chain: &ChainOptions<'_>,
 ) -> Result<Image<FileDevice>, ChainError> {
-    let dev = (chain.open_file)(path, !options.read_only).map_err(|error| ChainError::Open {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    let dev =
+        (chain.policy.open_file)(path, !options.read_only).map_err(|error| ChainError::Open {
+            path: path.to_path_buf(),
+            error,
+        })?;
     let image = Image::open(dev, options).map_err(|error| ChainError::Image {
         path: path.to_path_buf(),
         error,
@@ -938,7 +930,7 @@ fn attach_backing(
             max_depth: chain.max_depth,
         });
     }
-    if !(chain.allow)(&backing_path) {
+    if !(chain.policy.allow)(&backing_path) {
         return Err(ChainError::Refused { path: backing_path });
     }
     let open_error = |error| ChainError::Open {
@@ -950,7 +942,7 @@ fn attach_backing(
         return Err(ChainError::Loop { path: backing_path });
     }
     seen.push(canonical);
-    let dev = open_checked(&backing_path, false, chain.open_file).map_err(|e| match e {
+    let dev = open_checked(&backing_path, false, chain.policy.open_file).map_err(|e| match e {
         OpenCheckedError::Open(error) => open_error(error),
         OpenCheckedError::Unusable(why) => ChainError::Unusable {
             path: backing_path.clone(),
@@ -970,8 +962,7 @@ fn attach_backing(
             })?;
         // A backing with an external data file reads through it.
         let data = crate::data_file::DataFileOptions {
-            allow: chain.allow,
-            open_file: chain.open_file,
+            policy: chain.policy,
             ..crate::data_file::DataFileOptions::trusting()
         };
         crate::data_file::attach_data_file(&mut backing_image, &backing_path, &data).map_err(

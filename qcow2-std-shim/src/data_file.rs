@@ -3,8 +3,9 @@
 //! An image with the external data file feature keeps its guest data in a
 //! second file, named in its header (see [`qcow2_core::Qcow2::attach_data_file`]).
 //! [`attach_data_file`] finds that file, asks the caller whether it may be
-//! opened ([`DataFileOptions::allow`]: an image from an untrusted source
-//! must not make the host open arbitrary paths), opens it read-only or
+//! opened ([`FilePolicy::allow`] in [`DataFileOptions::policy`]: an image
+//! from an untrusted source must not make the host open arbitrary paths),
+//! opens it read-only or
 //! writable as the image, and attaches it. Like a backing file, the data
 //! file must be a regular file or a block device whose size can be found
 //! ([`crate::chain::open_checked`]).
@@ -23,16 +24,15 @@ use std::path::{Path, PathBuf};
 use qcow2_core::Error;
 
 use crate::chain::{open_checked, OpenCheckedError, UnusableFile};
-use crate::{FileDevice, Image};
+use crate::{FileDevice, FilePolicy, Image};
 
 /// How [`attach_data_file`] opens an image's data file.
+#[derive(Debug, Clone, Copy)]
 pub struct DataFileOptions<'a> {
-    /// Whether the data file at this path (resolved, not canonical) may be
-    /// opened; asked before the file is touched. Not asked for
-    /// [`DataFileOptions::data_file`], which the caller chose.
-    pub allow: &'a dyn Fn(&Path) -> bool,
-    /// Opens a file, writable or not: the place for locking.
-    pub open_file: &'a dyn Fn(&Path, bool) -> io::Result<FileDevice>,
+    /// Whether the data file the image names may be opened (asked before
+    /// the file is touched; not asked for [`DataFileOptions::data_file`],
+    /// which the caller chose), and how it is opened.
+    pub policy: FilePolicy<'a>,
     /// The data file to use instead of the name in the header (QEMU's
     /// `data-file` option); required for an image that names none.
     pub data_file: Option<&'a Path>,
@@ -46,21 +46,13 @@ pub struct DataFileOptions<'a> {
     pub writable: Option<bool>,
 }
 
-fn allow_any(_: &Path) -> bool {
-    true
-}
-
-fn open_plain(path: &Path, writable: bool) -> io::Result<FileDevice> {
-    FileDevice::open(path, writable)
-}
-
 impl DataFileOptions<'static> {
-    /// Opens the data file the image names, without locking, relative to
-    /// the image's directory: for images whose origin is trusted.
+    /// Opens the data file the image names, without locking
+    /// ([`FilePolicy::trusting`]), relative to the image's directory: for
+    /// images whose origin is trusted.
     pub fn trusting() -> Self {
         DataFileOptions {
-            allow: &allow_any,
-            open_file: &open_plain,
+            policy: FilePolicy::trusting(),
             data_file: None,
             relative_to_cwd: false,
             writable: None,
@@ -77,7 +69,7 @@ pub enum DataFileError {
     /// A [`DataFileOptions::data_file`] was given for an image without an
     /// external data file.
     NotExternal,
-    /// [`DataFileOptions::allow`] refused the data file.
+    /// [`FilePolicy::allow`] refused the data file.
     Refused {
         /// The data file.
         path: PathBuf,
@@ -152,8 +144,9 @@ pub fn data_file_name(image: &mut Image<FileDevice>) -> Result<Option<String>, E
 
 /// Opens and attaches the external data file of `image` (opened from
 /// `path`) as `options` allow, read-only or writable as the image was
-/// opened (or as [`DataFileOptions::writable`] says). Returns the data file's path, or `None` for an image without
-/// an external data file (nothing to do).
+/// opened (or as [`DataFileOptions::writable`] says). Returns the data
+/// file's path, or `None` for an image without an external data file
+/// (nothing to do).
 pub fn attach_data_file(
     image: &mut Image<FileDevice>,
     path: &Path,
@@ -172,23 +165,24 @@ pub fn attach_data_file(
             } else {
                 resolve_data_file(path, &name)
             };
-            if !(options.allow)(&resolved) {
+            if !(options.policy.allow)(&resolved) {
                 return Err(DataFileError::Refused { path: resolved });
             }
             resolved
         }
     };
     let writable = options.writable.unwrap_or(!image.info().read_only);
-    let dev = open_checked(&data_path, writable, options.open_file).map_err(|e| match e {
-        OpenCheckedError::Open(error) => DataFileError::Open {
-            path: data_path.clone(),
-            error,
-        },
-        OpenCheckedError::Unusable(why) => DataFileError::Unusable {
-            path: data_path.clone(),
-            why,
-        },
-    })?;
+    let dev =
+        open_checked(&data_path, writable, options.policy.open_file).map_err(|e| match e {
+            OpenCheckedError::Open(error) => DataFileError::Open {
+                path: data_path.clone(),
+                error,
+            },
+            OpenCheckedError::Unusable(why) => DataFileError::Unusable {
+                path: data_path.clone(),
+                why,
+            },
+        })?;
     crate::block_on(image.inner_mut().attach_data_file(dev))
         .map_err(|(error, _)| DataFileError::Image { error })?;
     Ok(Some(data_path))

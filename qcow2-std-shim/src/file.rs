@@ -1,15 +1,53 @@
-//! A [`BlockDevice`] over a host file, with positional I/O and QEMU's image
-//! locks.
+//! A [`BlockDevice`] over a host file, with positional I/O, QEMU's image
+//! locks and optional direct I/O (`O_DIRECT`).
 
+use crate::direct::{is_aligned, is_direct, o_direct, AlignedBuf};
 use crate::lock::{ImageLock, LockMode};
 use qcow2_core::{BlockDevice, Sector, SECTOR};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Zeros for [`BlockDevice::write_zeros`] inside the file.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+/// Zeros for [`BlockDevice::write_zeros`] inside the file, aligned (to
+/// [`DIRECT_ALIGN`](crate::direct::DIRECT_ALIGN)) so that direct I/O
+/// writes them without a bounce.
+#[repr(C, align(4096))]
+struct Zeros([u8; 64 * 1024]);
+
+/// See [`Zeros`].
+static ZEROS: Zeros = Zeros([0; 64 * 1024]);
+
+/// Size of a direct device's bounce buffer, through which requests whose
+/// memory is not aligned for `O_DIRECT` (the core's metadata slices and
+/// sector scratch) go, in pieces of at most this size.
+const BOUNCE_BYTES: usize = 64 << 10;
+
+/// How [`FileDevice::open_with`] opens an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOptions {
+    /// Open for writing as well as reading.
+    pub writable: bool,
+    /// The locks to take on the file ([`LockMode::NONE`]: none); see
+    /// [`FileDevice::open_locked`].
+    pub lock: LockMode,
+    /// Bypass the host page cache: open with `O_DIRECT` (QEMU's
+    /// `cache.direct=on`, the cache modes `none` and `directsync`). See
+    /// "Direct I/O" on [`FileDevice`].
+    pub direct: bool,
+}
+
+impl FileOptions {
+    /// Read-only or read-write, no locks, through the page cache: what
+    /// [`FileDevice::open`] does.
+    pub const fn new(writable: bool) -> Self {
+        FileOptions {
+            writable,
+            lock: LockMode::NONE,
+            direct: false,
+        }
+    }
+}
 
 /// A file used as a block device. Writes grow the file; `flush` is
 /// `fdatasync`. A file whose length is not a multiple of 512 reads as if
@@ -54,6 +92,21 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// just closed can look locked for a moment, so a program that opens the
 /// same image again and again while other threads spawn processes (a test
 /// suite running `qemu-img`) is better off without locks.
+///
+/// # Direct I/O
+///
+/// Opened with [`FileOptions::direct`] (or wrapping a file opened with
+/// `O_DIRECT`), reads and writes bypass the host page cache, which asks
+/// for aligned memory, offsets and lengths. The device aligns the memory
+/// itself: a request whose buffer does not start on a
+/// [`DIRECT_ALIGN`](crate::direct::DIRECT_ALIGN) boundary goes through a
+/// bounce buffer of its own, in 64 KiB pieces (an
+/// [`AlignedBuf`](crate::direct::AlignedBuf) avoids the copy). Offsets
+/// and lengths are whole 512-byte sectors, which is enough for files and
+/// devices with 512-byte logical blocks; one with larger logical blocks
+/// (4 KiB) refuses requests that are not aligned to them with `EINVAL`.
+/// The file's last, partial sector (a length not a multiple of 512) reads
+/// as if zero-padded, as without direct I/O. Locking works as without.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
@@ -66,6 +119,8 @@ pub struct FileDevice {
     fixed: bool,
     /// The QEMU-compatible locks held on `file`.
     lock: ImageLock,
+    /// With direct I/O: where requests whose memory is not aligned go.
+    bounce: Option<AlignedBuf>,
 }
 
 /// The error for growing a fixed-size device (or writing past its end).
@@ -76,8 +131,7 @@ fn no_space() -> io::Error {
 impl FileDevice {
     /// Opens an existing file, read-only or read-write, taking no locks.
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Self::from_file(file, writable)
+        Self::open_with(path, &FileOptions::new(writable))
     }
 
     /// Opens an existing file, read-only or read-write, and takes the locks
@@ -87,8 +141,25 @@ impl FileDevice {
     /// [`LockError`](crate::LockError) inside the [`io::Error`] when
     /// another open conflicts.
     pub fn open_locked(path: impl AsRef<Path>, writable: bool, mode: LockMode) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        Self::from_file_locked(file, writable, mode)
+        let options = FileOptions {
+            lock: mode,
+            ..FileOptions::new(writable)
+        };
+        Self::open_with(path, &options)
+    }
+
+    /// Opens an existing file as `options` say: read-only or read-write,
+    /// with the locks of [`FileOptions::lock`] (as
+    /// [`FileDevice::open_locked`]), with or without direct I/O. Direct
+    /// I/O fails with [`io::ErrorKind::Unsupported`] on a platform without
+    /// `O_DIRECT`, and with `EINVAL` on a file system without it (tmpfs).
+    pub fn open_with(path: impl AsRef<Path>, options: &FileOptions) -> io::Result<Self> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(options.writable);
+        if options.direct {
+            open.custom_flags(o_direct()?);
+        }
+        Self::from_file_locked(open.open(path)?, options.writable, options.lock)
     }
 
     /// Creates (or truncates) a file for a new image, taking no locks.
@@ -125,10 +196,16 @@ impl FileDevice {
         Ok(device)
     }
 
-    /// Wraps an open file, taking no locks (any the file holds stay).
+    /// Wraps an open file, taking no locks (any the file holds stay). A
+    /// file opened with `O_DIRECT` is used with direct I/O.
     pub fn from_file(file: File, writable: bool) -> io::Result<Self> {
         let fixed = file.metadata()?.file_type().is_block_device();
         let len = Self::length_of(&file)?;
+        let bounce = if is_direct(&file)? {
+            Some(AlignedBuf::new(BOUNCE_BYTES, 0)?)
+        } else {
+            None
+        };
         Ok(FileDevice {
             file,
             len,
@@ -136,6 +213,7 @@ impl FileDevice {
             writable,
             fixed,
             lock: ImageLock::new(),
+            bounce,
         })
     }
 
@@ -194,6 +272,62 @@ impl FileDevice {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Whether the file is read and written with direct I/O (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.bounce.is_some()
+    }
+
+    /// Reads `bytes` at `at`, bouncing them when direct I/O needs it;
+    /// returns the bytes read, fewer only at the end of the file.
+    fn read_bytes(&mut self, at: u64, bytes: &mut [u8]) -> io::Result<usize> {
+        let Some(bounce) = self.bounce.as_mut().filter(|_| !is_aligned(bytes)) else {
+            return read_full(&self.file, at, bytes, self.bounce.is_some());
+        };
+        let mut done = 0;
+        while done < bytes.len() {
+            let n = (bytes.len() - done).min(BOUNCE_BYTES);
+            let got = read_full(&self.file, at + done as u64, &mut bounce[..n], true)?;
+            bytes[done..done + got].copy_from_slice(&bounce[..got]);
+            done += got;
+            if got < n {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes `bytes` at `at`, bouncing them when direct I/O needs it.
+    fn write_bytes(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
+        let Some(bounce) = self.bounce.as_mut().filter(|_| !is_aligned(bytes)) else {
+            return self.file.write_all_at(bytes, at);
+        };
+        for (i, chunk) in bytes.chunks(BOUNCE_BYTES).enumerate() {
+            let piece = &mut bounce[..chunk.len()];
+            piece.copy_from_slice(chunk);
+            self.file
+                .write_all_at(piece, at + (i * BOUNCE_BYTES) as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `bytes` at `at` from `file`; returns the bytes read, fewer only at
+/// the end of the file. A `direct` read that comes back short of a whole
+/// sector has met the end of the file: reading on from there, at an
+/// offset no longer aligned, would fail.
+fn read_full(file: &File, at: u64, bytes: &mut [u8], direct: bool) -> io::Result<usize> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match file.read_at(&mut bytes[done..], at + done as u64) {
+            Ok(0) => break,
+            Ok(n) if direct && n % SECTOR != 0 => return Ok(done + n),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 impl BlockDevice for FileDevice {
@@ -202,15 +336,7 @@ impl BlockDevice for FileDevice {
     async fn read(&mut self, first: u64, buf: &mut [Sector]) -> io::Result<()> {
         let bytes = buf.as_flattened_mut();
         let at = first * SECTOR as u64;
-        let mut done = 0;
-        while done < bytes.len() {
-            match self.file.read_at(&mut bytes[done..], at + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let done = self.read_bytes(at, bytes)?;
         if done < bytes.len() && at + (done as u64) < self.physical {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
         }
@@ -226,26 +352,32 @@ impl BlockDevice for FileDevice {
         if self.fixed && end > self.len {
             return Err(no_space());
         }
-        self.file.write_all_at(bytes, at)?;
+        self.write_bytes(at, bytes)?;
         self.physical = self.physical.max(end);
         self.len = self.len.max(end);
         Ok(())
     }
 
-    /// Past the physical end of the file nothing is written: the range is
-    /// a hole, which reads as zeros (and stays so across a crash). A block
-    /// device is never extended: zeros past its end fail with `ENOSPC`.
+    /// Past the physical end of the file (rounded up to a whole sector,
+    /// as direct I/O writes whole sectors) nothing is written: the range
+    /// is a hole, which reads as zeros (and stays so across a crash). A
+    /// block device is never extended: zeros past its end fail with
+    /// `ENOSPC`.
     async fn write_zeros(&mut self, first: u64, count: u64) -> io::Result<()> {
         let start = first * SECTOR as u64;
         let end = start + count * SECTOR as u64;
         if self.fixed && end > self.len {
             return Err(no_space());
         }
+        let stop = end.min(self.physical.next_multiple_of(SECTOR as u64));
         let mut at = start;
-        while at < end.min(self.physical) {
-            let n = ((end.min(self.physical) - at) as usize).min(ZEROS.len());
-            self.file.write_all_at(&ZEROS[..n], at)?;
+        while at < stop {
+            let n = ((stop - at) as usize).min(ZEROS.0.len());
+            self.file.write_all_at(&ZEROS.0[..n], at)?;
             at += n as u64;
+        }
+        if at > start {
+            self.physical = self.physical.max(at);
         }
         self.len = self.len.max(end);
         Ok(())

@@ -13,7 +13,7 @@ use qcow2_std_shim::chain::{
     OpenCheckedError, UnusableFile,
 };
 use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
-use qcow2_std_shim::{open_chain, FileDevice, Image};
+use qcow2_std_shim::{open_chain, FileDevice, FilePolicy, Image};
 use test_support::raw::{header, poke, poke64};
 use test_support::{qemu, Scratch};
 
@@ -328,7 +328,10 @@ fn json_backings_open_through_the_allow_hook() {
         false
     };
     let refusing = ChainOptions {
-        allow: &deny,
+        policy: FilePolicy {
+            allow: &deny,
+            ..FilePolicy::trusting()
+        },
         ..ChainOptions::trusting()
     };
     match open_chain(&top, &OpenOptions::read_only(), &refusing) {
@@ -344,7 +347,10 @@ fn json_backings_open_through_the_allow_hook() {
         true
     };
     let allowing = ChainOptions {
-        allow: &record,
+        policy: FilePolicy {
+            allow: &record,
+            ..FilePolicy::trusting()
+        },
         ..ChainOptions::trusting()
     };
     let mut image = open_chain(&top, &OpenOptions::read_only(), &allowing).unwrap();

@@ -9,7 +9,9 @@ use qcow2_core::{
     BlockDevice, CheckReport, CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, SECTOR,
 };
 use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
-use qcow2_std_shim::{block_on, FaultDevice, FaultError, FileDevice, Image, RamDevice, Survival};
+use qcow2_std_shim::{
+    block_on, FaultDevice, FaultError, FileDevice, FilePolicy, Image, RamDevice, Survival,
+};
 use std::cell::Cell;
 use std::path::Path;
 use std::process::Command;
@@ -360,7 +362,10 @@ fn hostile_headers_give_precise_errors() {
     qemu::create(&plain, "", 1 << 20);
     let deny = |_: &Path| false;
     let deny_all = DataFileOptions {
-        allow: &deny,
+        policy: FilePolicy {
+            allow: &deny,
+            ..FilePolicy::trusting()
+        },
         ..DataFileOptions::trusting()
     };
 
@@ -385,7 +390,10 @@ fn hostile_headers_give_precise_errors() {
     let given = dir.join("given.raw");
     std::fs::write(&given, vec![0x77u8; 4096]).unwrap();
     let with_given = DataFileOptions {
-        allow: &deny,
+        policy: FilePolicy {
+            allow: &deny,
+            ..FilePolicy::trusting()
+        },
         data_file: Some(&given),
         ..DataFileOptions::trusting()
     };

@@ -25,53 +25,13 @@
 use crate::disk::{probe, round_to_sector, Access, Disk, Format, OpenError};
 use crate::error::{core_error, core_message, errno_text, CliResult, CoreError};
 use crate::size::{parse_c_unsigned, parse_size, SizeError};
-use qcow2_core::{BlockDevice, Error, OpenOptions, Sector, SECTOR};
-use qcow2_std_shim::{block_on, Image, ImageLock, LockMode};
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use qcow2_core::{BlockDevice, Error, OpenOptions, SECTOR};
+use qcow2_std_shim::{block_on, AlignedBuf, FileDevice, FileOptions, Image};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// `INT_MAX`, qemu-img's bound for counts and sizes.
 const INT_MAX: u64 = i32::MAX as u64;
-/// Memory, offset and length alignment used for `O_DIRECT`: 4 KiB covers
-/// every common logical block size.
-const DIRECT_ALIGN: usize = 4096;
-/// Bounce buffer for `O_DIRECT` requests whose memory is not aligned (the
-/// core's metadata slices and sector scratch).
-const BOUNCE_BYTES: usize = 64 << 10;
-
-/// `O_DIRECT` on Linux, whose value depends on the architecture.
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "riscv64",
-        target_arch = "s390x",
-        target_arch = "loongarch64"
-    )
-))]
-const O_DIRECT: Option<i32> = Some(0o40000);
-/// `O_DIRECT` on Linux, whose value depends on the architecture.
-#[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
-const O_DIRECT: Option<i32> = Some(0o200000);
-/// `O_DIRECT` is not known for this platform: direct cache modes fail.
-#[cfg(not(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "riscv64",
-        target_arch = "s390x",
-        target_arch = "loongarch64",
-        target_arch = "aarch64",
-        target_arch = "arm"
-    )
-)))]
-const O_DIRECT: Option<i32> = None;
-
 /// Arguments of `bench`. As with getopt, a repeated option takes the last
 /// value.
 #[derive(Debug, clap::Args)]
@@ -362,199 +322,9 @@ fn next_offset(offset: u64, step: u64, size: u64) -> u64 {
     (offset + step).checked_rem(size).unwrap_or(0)
 }
 
-/// A byte buffer starting on a [`DIRECT_ALIGN`] boundary, so it can be
-/// used with `O_DIRECT`.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// `len` bytes of `fill`; `ENOMEM` if the memory is not available.
-    fn new(len: usize, fill: u8) -> io::Result<AlignedBuf> {
-        let total = len
-            .checked_add(DIRECT_ALIGN)
-            .ok_or_else(|| io::Error::from_raw_os_error(12))?;
-        let mut storage = Vec::new();
-        storage
-            .try_reserve_exact(total)
-            .map_err(|_| io::Error::from_raw_os_error(12))?;
-        storage.resize(total, fill);
-        let misalignment = storage.as_ptr().addr() % DIRECT_ALIGN;
-        let start = (DIRECT_ALIGN - misalignment) % DIRECT_ALIGN;
-        Ok(AlignedBuf {
-            storage,
-            start,
-            len,
-        })
-    }
-
-    /// The aligned bytes.
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
-/// Whether `bytes` starts on a [`DIRECT_ALIGN`] boundary.
-fn is_aligned(bytes: &[u8]) -> bool {
-    bytes.as_ptr().addr().is_multiple_of(DIRECT_ALIGN)
-}
-
-/// A [`BlockDevice`] over a file opened with `O_DIRECT`: requests whose
-/// memory is aligned go straight to the file, the others through a bounce
-/// buffer. Growth is lazy, as in `FileDevice`.
-struct DirectDevice {
-    file: File,
-    /// Logical length in bytes.
-    len: u64,
-    /// Physical length as far as this device knows.
-    physical: u64,
-    writable: bool,
-    bounce: AlignedBuf,
-    /// The QEMU-compatible locks on `file`, held until it is closed.
-    _lock: ImageLock,
-}
-
-impl DirectDevice {
-    /// Opens `path` with `O_DIRECT` and takes the locks of `lock`.
-    fn open(path: &Path, writable: bool, lock: LockMode) -> io::Result<DirectDevice> {
-        let flag = O_DIRECT.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::Unsupported,
-                "O_DIRECT is not known on this platform",
-            )
-        })?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(flag)
-            .open(path)?;
-        let len = file.metadata()?.len();
-        let lock = ImageLock::acquire(&file, lock)?;
-        Ok(DirectDevice {
-            file,
-            len,
-            physical: len,
-            writable,
-            bounce: AlignedBuf::new(BOUNCE_BYTES, 0)?,
-            _lock: lock,
-        })
-    }
-
-    /// Reads into aligned `bytes` at `at`; returns the bytes read, fewer
-    /// only at the end of the file.
-    fn read_aligned(file: &File, at: u64, bytes: &mut [u8]) -> io::Result<usize> {
-        let mut done = 0;
-        while done < bytes.len() {
-            match file.read_at(&mut bytes[done..], at + done as u64) {
-                Ok(0) => break,
-                // A short direct read ends at the end of the file; the next
-                // offset would not be aligned.
-                Ok(n) if n % SECTOR != 0 => return Ok(done + n),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
-    }
-
-    /// Reads `bytes` at `at`, bouncing when the memory is not aligned;
-    /// returns the bytes read.
-    fn read_bytes(&mut self, at: u64, bytes: &mut [u8]) -> io::Result<usize> {
-        if is_aligned(bytes) {
-            return Self::read_aligned(&self.file, at, bytes);
-        }
-        let mut done = 0;
-        while done < bytes.len() {
-            let n = (bytes.len() - done).min(BOUNCE_BYTES);
-            let bounce = &mut self.bounce.as_mut_slice()[..n];
-            let got = Self::read_aligned(&self.file, at + done as u64, bounce)?;
-            bytes[done..done + got].copy_from_slice(&bounce[..got]);
-            done += got;
-            if got < n {
-                break;
-            }
-        }
-        Ok(done)
-    }
-
-    /// Writes `bytes` at `at`, bouncing when the memory is not aligned.
-    fn write_bytes(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
-        if is_aligned(bytes) {
-            return self.file.write_all_at(bytes, at);
-        }
-        for (i, chunk) in bytes.chunks(BOUNCE_BYTES).enumerate() {
-            let bounce = &mut self.bounce.as_mut_slice()[..chunk.len()];
-            bounce.copy_from_slice(chunk);
-            self.file
-                .write_all_at(bounce, at + (i * BOUNCE_BYTES) as u64)?;
-        }
-        Ok(())
-    }
-}
-
-impl BlockDevice for DirectDevice {
-    type Error = io::Error;
-
-    async fn read(&mut self, first: u64, buf: &mut [Sector]) -> io::Result<()> {
-        let bytes = buf.as_flattened_mut();
-        let at = first * SECTOR as u64;
-        let done = self.read_bytes(at, bytes)?;
-        if done < bytes.len() && at + (done as u64) < self.physical {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read"));
-        }
-        // Past the end of the file reads as zeros.
-        bytes[done..].fill(0);
-        Ok(())
-    }
-
-    async fn write(&mut self, first: u64, buf: &[Sector]) -> io::Result<()> {
-        let at = first * SECTOR as u64;
-        let bytes = buf.as_flattened();
-        self.write_bytes(at, bytes)?;
-        let end = at + bytes.len() as u64;
-        self.physical = self.physical.max(end);
-        self.len = self.len.max(end);
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> io::Result<()> {
-        if self.writable {
-            if self.physical < self.len {
-                self.file.set_len(self.len)?;
-                self.physical = self.len;
-            }
-            self.file.sync_data()?;
-        }
-        Ok(())
-    }
-
-    fn sector_count(&self) -> u64 {
-        self.len.div_ceil(SECTOR as u64)
-    }
-
-    async fn set_sector_count(&mut self, n: u64) -> io::Result<()> {
-        if !self.writable {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "read-only file",
-            ));
-        }
-        let len = n * SECTOR as u64;
-        if len < self.physical {
-            self.file.set_len(len)?;
-            self.physical = len;
-        }
-        self.len = len;
-        Ok(())
-    }
-}
-
 /// A raw image read and written with `O_DIRECT`, in whole sectors.
 struct DirectRaw {
-    dev: DirectDevice,
+    dev: FileDevice,
     size: u64,
 }
 
@@ -601,7 +371,7 @@ impl Target for Disk {
     }
 }
 
-impl Target for Image<DirectDevice> {
+impl Target for Image<FileDevice> {
     fn size(&self) -> u64 {
         self.virtual_size()
     }
@@ -661,11 +431,16 @@ fn open(
             Disk::open(path, Some(format), access, force_share).map_err(|e| e.img(&shown))?;
         return Ok(Box::new(disk));
     }
-    let dev = DirectDevice::open(path, writable, access.lock_mode(format, force_share))
+    let options = FileOptions {
+        writable,
+        lock: access.lock_mode(format, force_share),
+        direct: true,
+    };
+    let dev = FileDevice::open_with(path, &options)
         .map_err(|e| OpenError::from_io(&shown, &e).img(&shown))?;
     match format {
         Format::Raw => {
-            let size = round_to_sector(dev.len);
+            let size = round_to_sector(dev.len());
             Ok(Box::new(DirectRaw { dev, size }))
         }
         Format::Qcow2 => {
@@ -748,7 +523,7 @@ fn bench(mut target: Box<dyn Target>, settings: &Settings) -> CliResult<()> {
     outln!("{}", settings.header());
     let result = AlignedBuf::new(settings.bufsize, settings.pattern)
         .map_err(Error::Io)
-        .and_then(|mut buf| send_requests(&mut *target, settings, buf.as_mut_slice()));
+        .and_then(|mut buf| send_requests(&mut *target, settings, &mut buf));
     let result = result.and_then(|elapsed| {
         outln!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
         if settings.cache != Cache::Unsafe && settings.flush_after(settings.count) {
@@ -859,16 +634,5 @@ mod tests {
         };
         let after: Vec<u64> = (1..=10).filter(|&d| settings.flush_after(d)).collect();
         assert_eq!(after, [2, 6, 10]);
-    }
-
-    #[test]
-    fn aligned_buffers() {
-        for len in [1, 512, 4096, 5000] {
-            let mut buf = AlignedBuf::new(len, 7).expect("memory");
-            let bytes = buf.as_mut_slice();
-            assert!(is_aligned(bytes));
-            assert_eq!(bytes.len(), len);
-            assert!(bytes.iter().all(|&b| b == 7));
-        }
     }
 }

@@ -10,7 +10,7 @@ use qcow2_std_shim::chain::{
     OpenCheckedError, UnusableFile, DEFAULT_MAX_DEPTH,
 };
 use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
-use qcow2_std_shim::{FileDevice, Image, ImageLock, LockError, LockMode, Permissions};
+use qcow2_std_shim::{FileDevice, FilePolicy, Image, ImageLock, LockError, LockMode, Permissions};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -291,8 +291,10 @@ fn attach_children(
         FileDevice::open_locked(path, false, mode)
     };
     let chain = ChainOptions {
-        allow: &|_| true,
-        open_file: &open_backing,
+        policy: FilePolicy {
+            open_file: &open_backing,
+            ..FilePolicy::trusting()
+        },
         max_depth: DEFAULT_MAX_DEPTH,
     };
     let mut image = if with_chain {
@@ -305,7 +307,10 @@ fn attach_children(
         FileDevice::open_locked(path, writable, access.lock_mode(Format::Raw, force_share))
     };
     let data = DataFileOptions {
-        open_file: &open_data,
+        policy: FilePolicy {
+            open_file: &open_data,
+            ..FilePolicy::trusting()
+        },
         writable: Some(access.writable()),
         ..DataFileOptions::trusting()
     };

@@ -21,10 +21,17 @@ pub struct Scratch {
 impl Scratch {
     /// A new, empty directory named after `name`.
     pub fn new(name: &str) -> Self {
+        Scratch::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// A new, empty directory named after `name` inside `parent` rather
+    /// than the system temp dir: for tests that need a particular file
+    /// system (direct I/O, which tmpfs refuses, wants a disk's: a test
+    /// binary's `CARGO_TARGET_TMPDIR` is usually on one).
+    pub fn new_in(parent: &Path, name: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("qcow2-test-{}-{n}-{name}", std::process::id()));
+        let dir = parent.join(format!("qcow2-test-{}-{n}-{name}", std::process::id()));
         // A directory left by an earlier process with the same id.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch directory");
