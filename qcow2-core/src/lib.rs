@@ -45,7 +45,7 @@ pub use device::{blockutil, bytes, io, seek};
 pub use image::backing;
 
 pub use backing::NoBacking;
-pub use cache::Slot;
+pub use cache::{Slot, SlotStorage};
 #[cfg(feature = "check")]
 pub use check::{CheckReport, Finding, Repair};
 pub use codec::{Compression, NoWorkspace, Workspace};

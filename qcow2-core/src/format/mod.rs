@@ -2,7 +2,9 @@
 //!
 //! Nothing here does I/O or holds state. All multi-byte fields are big-endian.
 
+mod area;
 pub mod entry;
+mod extension;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;

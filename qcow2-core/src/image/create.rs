@@ -2,7 +2,7 @@
 
 use core::future::Future;
 
-use crate::cache::Slot;
+use crate::cache::SlotStorage;
 use crate::format::entry::COPIED;
 use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
 use crate::format::{
@@ -155,7 +155,7 @@ impl Layout {
 impl<D, S, const K: usize> Qcow2<D, S, K>
 where
     D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    S: SlotStorage<K>,
 {
     /// Formats `dev` as a new empty image and opens it read-write.
     ///
@@ -381,6 +381,7 @@ async fn preallocate<D: BlockDevice>(
 mod tests {
     use super::*;
     use crate::testing::ram;
+    use crate::Slot;
     use embassy_futures::block_on;
 
     fn small(compression: Compression, version: Version) -> CreateOptions {

@@ -3,7 +3,7 @@
 //! does copy-on-write, which fills the parts of a newly allocated cluster
 //! a write does not cover from where the cluster's data was before.
 
-use crate::cache::Slot;
+use crate::cache::SlotStorage;
 use crate::codec::Workspace;
 #[cfg(feature = "write")]
 use crate::format::L2Entry;
@@ -65,7 +65,7 @@ pub(crate) async fn read_backing_into<E, B: Backing<E>>(
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    S: SlotStorage<K>,
     B: Backing<D::Error>,
     W: Workspace,
 {

@@ -9,7 +9,8 @@
 //! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
 //! and switching order flushes).
 
-use crate::cache::{Kind, Slot};
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
 use crate::codec::Workspace;
 use crate::format::entry::ZERO;
 use crate::format::L2Entry;
@@ -19,7 +20,7 @@ use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    S: SlotStorage<K>,
     B: Backing<D::Error>,
     W: Workspace,
 {

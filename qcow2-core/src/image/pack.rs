@@ -9,7 +9,8 @@
 //! as many; a cluster whose refcount is at the maximum (always, with 1-bit
 //! refcounts) is not packed further.
 
-use crate::cache::{Kind, Order, Slot};
+use crate::cache::SlotStorage;
+use crate::cache::{Kind, Order};
 use crate::codec::Workspace;
 use crate::format::entry::COMPRESSED;
 use crate::format::L2Entry;
@@ -19,7 +20,7 @@ use crate::{BlockDevice, Error, Qcow2, SECTOR};
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    S: SlotStorage<K>,
     B: Backing<D::Error>,
     W: Workspace,
 {

@@ -1,6 +1,7 @@
 //! The write path: in-place overwrites and allocating writes.
 
-use crate::cache::{Kind, Slot};
+use crate::cache::Kind;
+use crate::cache::SlotStorage;
 use crate::codec::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::image::backing::Backing;
@@ -41,7 +42,7 @@ impl Placement {
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
     D: BlockDevice,
-    S: AsMut<[Slot<K>]> + AsRef<[Slot<K>]>,
+    S: SlotStorage<K>,
     B: Backing<D::Error>,
     W: Workspace,
 {
