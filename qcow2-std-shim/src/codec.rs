@@ -1,7 +1,8 @@
 //! Compressed clusters on a host: [`HostWorkspace`] (the image's working
 //! memory: a cluster-sized bounce buffer, an input buffer for a whole
-//! compressed extent, and [`HostDecoder`]), and QEMU's compressors
-//! ([`compress_cluster`], [`HostCompressor`]).
+//! compressed extent, and [`HostDecoder`]), QEMU's compressors
+//! ([`compress_cluster`], [`HostCompressor`]), and [`CoreDecoders`] (the
+//! core's no-heap decoders with memory from the heap, to compare with).
 //!
 //! Both formats follow QEMU 10.0 (`block/qcow2-threads.c`) exactly:
 //! - zlib reads: one inflate into a cluster-sized buffer (zlib-rs through
@@ -24,7 +25,9 @@
 //! [`compress_cluster`], which make theirs.
 
 use flate2::{Decompress, FlushDecompress, Status};
-use qcow2_core::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
+use qcow2_core::codec::inflate::{Inflate, InflateState, MIN_WINDOW};
+use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables};
+use qcow2_core::codec::{BothDecoder, Compression, DecodeError, Decoder, Parts, Step, Workspace};
 use qcow2_core::{Sector, SECTOR};
 use zlib_rs::{DeflateConfig, DeflateFlush, Method, Strategy};
 use zstd::zstd_safe::{self, CCtx, DCtx, InBuffer, OutBuffer, ResetDirective};
@@ -60,6 +63,45 @@ impl Workspace for HostWorkspace {
             input: &mut self.input,
             decoder: &mut self.decoder,
         }
+    }
+}
+
+/// Memory for the core's no-heap decoders as the tests and fuzz harnesses
+/// read images with them: inflate with QEMU's 4 KiB window
+/// ([`MIN_WINDOW`]), zstd-zero with a cluster of history.
+pub struct CoreDecoders {
+    state: Box<InflateState>,
+    window: Vec<u8>,
+    tables: Box<ZstdTables>,
+    history: Vec<u8>,
+    block: Vec<u8>,
+    literals: Vec<u8>,
+}
+
+impl CoreDecoders {
+    /// The memory for images of `cluster_size` bytes.
+    pub fn new(cluster_size: usize) -> Self {
+        CoreDecoders {
+            state: Box::default(),
+            window: vec![0; MIN_WINDOW],
+            tables: Box::default(),
+            history: vec![0; cluster_size],
+            block: vec![0; scratch_bytes(cluster_size)],
+            literals: vec![0; scratch_bytes(cluster_size)],
+        }
+    }
+
+    /// Both decoders as one, for images of either format (lend it with
+    /// [`qcow2_core::codec::DecoderWorkspace`]).
+    pub fn decoder(&mut self) -> BothDecoder<'_> {
+        let zlib = Inflate::new(&mut self.state, &mut self.window);
+        let zstd = Zstd::new(
+            &mut self.tables,
+            &mut self.history,
+            &mut self.block,
+            &mut self.literals,
+        );
+        BothDecoder::new(zlib, zstd)
     }
 }
 
@@ -392,33 +434,52 @@ fn fuzz_repeat(bytes: &[u8], cluster: &mut [u8]) {
     }
 }
 
-/// The core's no-heap inflate with QEMU's 4 KiB window over `stream`, fed
-/// a sector at a time as an image read feeds it: the cluster, or `None`.
-fn fuzz_core_inflate(
-    state: &mut qcow2_core::codec::inflate::InflateState,
+/// Decodes one cluster from `stream` through `dec` as an image read feeds
+/// it, `chunk` bytes a step (the last piece marked `last`), checking the
+/// [`Decoder`] contract at each step (panics when it breaks: more consumed
+/// than given, more than a cluster out, a stall with input left): the
+/// cluster, or the decoder's error (`Corrupt("short")` when the stream
+/// ends first).
+pub fn decode_in_chunks(
+    dec: &mut impl Decoder,
+    format: Compression,
     stream: &[u8],
     cluster: usize,
-) -> Option<Vec<u8>> {
-    let mut window = [0u8; 4096];
-    let mut dec = qcow2_core::codec::inflate::Inflate::new(state, &mut window);
-    dec.start(Compression::Zlib, cluster).ok()?;
+    chunk: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    dec.start(format, cluster)?;
     let mut out = Vec::with_capacity(cluster);
-    let pieces: Vec<&[u8]> = stream.chunks(SECTOR).collect();
+    let pieces: Vec<&[u8]> = if stream.is_empty() {
+        vec![&[]]
+    } else {
+        stream.chunks(chunk.max(1)).collect()
+    };
     for (i, mut bytes) in pieces.iter().copied().enumerate() {
         let last = i + 1 == pieces.len();
         while out.len() < cluster {
-            let step = dec.step(bytes, last).ok()?;
+            let step = dec.step(bytes, last)?;
+            assert!(step.consumed <= bytes.len(), "consumed more than given");
             out.extend_from_slice(step.output);
+            assert!(out.len() <= cluster, "more than a cluster");
             if step.consumed == 0 && step.output.is_empty() {
+                assert!(bytes.is_empty() || last, "stalled with input left");
                 break;
             }
             bytes = &bytes[step.consumed..];
         }
-        if out.len() >= cluster {
-            break;
+        if out.len() == cluster {
+            return Ok(out);
         }
     }
-    (out.len() == cluster).then_some(out)
+    Err(DecodeError::Corrupt("short"))
+}
+
+/// The core's no-heap inflate with QEMU's 4 KiB window over `stream`, fed
+/// a sector at a time as an image read feeds it: the cluster, or `None`.
+fn fuzz_core_inflate(state: &mut InflateState, stream: &[u8], cluster: usize) -> Option<Vec<u8>> {
+    let mut window = [0u8; MIN_WINDOW];
+    let mut dec = Inflate::new(state, &mut window);
+    decode_in_chunks(&mut dec, Compression::Zlib, stream, cluster, SECTOR).ok()
 }
 
 /// The harness of the `codec` fuzz target (whose saved corpus `cargo test`
@@ -457,7 +518,7 @@ pub fn fuzz_compressors(input: &[u8]) {
     let mut stream = Vec::new();
     let mut fresh = Vec::new();
     let mut decoded = vec![0u8; cluster];
-    let mut inflate = Box::new(qcow2_core::codec::inflate::InflateState::new());
+    let mut inflate = Box::new(InflateState::new());
     let mut made = 0usize;
     let mut seed = 0u64;
     // Whether the clusters just before did not compress.

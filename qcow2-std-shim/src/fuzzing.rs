@@ -5,8 +5,9 @@
 //! breaks a promise (a wrong read, an unclean image after repair); errors
 //! the library reports for bad input are expected and ignored.
 
-use crate::codec::{compress_cluster, HostWorkspace};
+use crate::codec::{compress_cluster, CoreDecoders, HostWorkspace};
 use crate::{block_on, FaultDevice, RamDevice, Survival};
+use qcow2_core::codec::DecoderWorkspace;
 use qcow2_core::format::{incompatible, Header};
 use qcow2_core::{
     Compression, CreateOptions, OpenOptions, Qcow2, Repair, Sector, Slot, Version, SECTOR,
@@ -32,11 +33,11 @@ pub fn header(data: &[u8]) {
 
 /// Opening arbitrary bytes read-only, mapping and reading the whole disk
 /// (bounded), and checking: no panic, no hang. Compressed clusters are
-/// read through both decoders, the host's and the core's no-heap one (for
-/// zlib images inflate with a 4 KiB ring, for zstd images zstd-zero with a
-/// cluster of history), which must agree whenever both succeed.
+/// read through both decoders, the host's and the core's no-heap one
+/// ([`crate::codec::CoreDecoders`]: inflate with a 4 KiB ring for zlib
+/// images, zstd-zero with a cluster of history for zstd images), which must
+/// agree whenever both succeed.
 pub fn open_read(data: &[u8]) {
-    use qcow2_core::codec::{inflate, zstd};
     let dev = RamDevice::from_bytes(data);
     let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
@@ -47,20 +48,10 @@ pub fn open_read(data: &[u8]) {
     let Ok(img) = block_on(Small::open(dev, cache(), OpenOptions::read_only())) else {
         return;
     };
+    let mut decoders = CoreDecoders::new(cluster as usize);
     let mut input = [[0u8; SECTOR]; 1];
-    let core = if img.compression() == Some(qcow2_core::Compression::Zstd) {
-        let mut tables = Box::new(zstd::ZstdTables::new());
-        let mut history = vec![0u8; cluster as usize];
-        let mut block = vec![0u8; zstd::scratch_bytes(cluster as usize)];
-        let mut literals = vec![0u8; zstd::scratch_bytes(cluster as usize)];
-        let decoder = zstd::Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
-        read_all(img.with_workspace(zstd::ZstdWorkspace::new(decoder, &mut [], &mut input)))
-    } else {
-        let mut state = Box::new(inflate::InflateState::new());
-        let mut window = vec![0u8; 4096];
-        let decoder = inflate::Inflate::new(&mut state, &mut window);
-        read_all(img.with_workspace(inflate::InflateWorkspace::new(decoder, &mut [], &mut input)))
-    };
+    let workspace = DecoderWorkspace::new(decoders.decoder(), &mut [], &mut input);
+    let core = read_all(img.with_workspace(workspace));
     for (h, c) in host.iter().zip(&core) {
         if let (Some(h), Some(c)) = (h, c) {
             assert_eq!(h, c, "the two decoders read different data");

@@ -6,9 +6,10 @@
 use std::path::Path;
 
 use qcow2_core::codec::inflate::{Inflate, InflateState};
-use qcow2_core::codec::{Compression, DecodeError, Decoder};
+use qcow2_core::codec::{Compression, DecodeError};
 use qcow2_std_shim::codec::{
-    compress_cluster, decompress_cluster, HostCompressor, HostDecoder, CLUSTER_SIZES,
+    compress_cluster, decode_in_chunks, decompress_cluster, HostCompressor, HostDecoder,
+    CLUSTER_SIZES,
 };
 use test_support::raw::{header, peek32, peek64};
 use test_support::{noise, Rng, Scratch};
@@ -54,41 +55,7 @@ fn core_inflate(
     let mut state = Box::new(InflateState::new());
     let mut buf = vec![0u8; window];
     let mut dec = Inflate::new(&mut state, &mut buf);
-    drive(&mut dec, Compression::Zlib, stream, cluster, chunk)
-}
-
-/// Any decoder through the trait, `chunk` input bytes a step.
-fn drive(
-    dec: &mut impl Decoder,
-    format: Compression,
-    stream: &[u8],
-    cluster: usize,
-    chunk: usize,
-) -> Result<Vec<u8>, DecodeError> {
-    dec.start(format, cluster)?;
-    let mut out = Vec::new();
-    let pieces: Vec<&[u8]> = if stream.is_empty() {
-        vec![&[]]
-    } else {
-        stream.chunks(chunk).collect()
-    };
-    for (i, mut bytes) in pieces.iter().copied().enumerate() {
-        let last = i + 1 == pieces.len();
-        while out.len() < cluster {
-            let step = dec.step(bytes, last)?;
-            out.extend_from_slice(step.output);
-            assert!(out.len() <= cluster);
-            if step.consumed == 0 && step.output.is_empty() {
-                assert!(bytes.is_empty() || last, "stalled with input left");
-                break;
-            }
-            bytes = &bytes[step.consumed..];
-        }
-        if out.len() == cluster {
-            return Ok(out);
-        }
-    }
-    Err(DecodeError::Corrupt("short"))
+    decode_in_chunks(&mut dec, Compression::Zlib, stream, cluster, chunk)
 }
 
 fn host(format: Compression, stream: &[u8], cluster: usize) -> Result<Vec<u8>, DecodeError> {
@@ -118,7 +85,7 @@ fn compress_and_decode_every_cluster_size() {
             decoder.decompress(format, &stream, &mut out).expect("host");
             assert!(out == data, "{format:?} {cluster}");
             assert_eq!(
-                drive(&mut decoder, format, &stream, cluster, 512).as_deref(),
+                decode_in_chunks(&mut decoder, format, &stream, cluster, 512).as_deref(),
                 Ok(&data[..])
             );
             if format == Compression::Zlib {
@@ -208,10 +175,10 @@ fn zstd_frames_as_qemu_reads_them() {
     let mut dec = HostDecoder::new();
     for chunk in [1, 100, 512, two.len()] {
         assert_eq!(
-            drive(&mut dec, Compression::Zstd, &two, cluster, chunk).as_deref(),
+            decode_in_chunks(&mut dec, Compression::Zstd, &two, cluster, chunk).as_deref(),
             Ok(&data[..])
         );
-        assert!(drive(&mut dec, Compression::Zstd, &long, cluster, chunk).is_err());
+        assert!(decode_in_chunks(&mut dec, Compression::Zstd, &long, cluster, chunk).is_err());
     }
 }
 

@@ -5,9 +5,9 @@
 //! core's no-heap decoders alike (inflate for zlib images, zstd-zero for
 //! zstd images); the rest of the image still reads.
 
-use qcow2_core::codec::inflate::{Inflate, InflateState, InflateWorkspace};
-use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
+use qcow2_core::codec::DecoderWorkspace;
 use qcow2_core::{Compression, Error, OpenOptions, Qcow2, Slot, SECTOR};
+use qcow2_std_shim::codec::CoreDecoders;
 use qcow2_std_shim::{block_on, FileDevice, Image};
 use test_support::qemu;
 use test_support::raw::{peek64, poke, poke64};
@@ -42,12 +42,8 @@ fn data(len: usize) -> Vec<u8> {
 }
 
 /// Reads guest cluster `cluster` through the host workspace and through
-/// the core's decoder for `format`; returns both results.
-fn read_both(
-    path: &str,
-    cluster: u64,
-    format: Compression,
-) -> [Result<Vec<u8>, Error<std::io::Error>>; 2] {
+/// the core's decoders ([`CoreDecoders`]); returns both results.
+fn read_both(path: &str, cluster: u64) -> [Result<Vec<u8>, Error<std::io::Error>>; 2] {
     let mut host = Image::open(
         FileDevice::open(path, false).unwrap(),
         &OpenOptions::read_only(),
@@ -58,27 +54,15 @@ fn read_both(
     let dev = FileDevice::open(path, false).unwrap();
     let cache = vec![Slot::<1>::EMPTY; 8];
     let img = block_on(Qcow2::open(dev, cache, OpenOptions::read_only())).unwrap();
+    let mut decoders = CoreDecoders::new(4096);
     let mut input = [[0u8; SECTOR]; 2];
+    let mut img = img.with_workspace(DecoderWorkspace::new(
+        decoders.decoder(),
+        &mut [],
+        &mut input,
+    ));
     let mut sectors = vec![[0u8; SECTOR]; 8];
-    let b = match format {
-        Compression::Zlib => {
-            let mut state = Box::new(InflateState::new());
-            let mut window = vec![0u8; 4096];
-            let decoder = Inflate::new(&mut state, &mut window);
-            let mut img = img.with_workspace(InflateWorkspace::new(decoder, &mut [], &mut input));
-            block_on(img.read(cluster * 8, &mut sectors))
-        }
-        Compression::Zstd => {
-            let mut tables = Box::new(ZstdTables::new());
-            let mut history = vec![0u8; 4096];
-            let mut block = vec![0u8; scratch_bytes(4096)];
-            let mut literals = vec![0u8; scratch_bytes(4096)];
-            let decoder = Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
-            let mut img = img.with_workspace(ZstdWorkspace::new(decoder, &mut [], &mut input));
-            block_on(img.read(cluster * 8, &mut sectors))
-        }
-    };
-    let b = b.map(|()| sectors.as_flattened().to_vec());
+    let b = block_on(img.read(cluster * 8, &mut sectors)).map(|()| sectors.as_flattened().to_vec());
     [a, b]
 }
 
@@ -104,7 +88,7 @@ fn hostile_descriptors(format: Compression) {
     let s = Scratch::new(&format!("compressed-hostile-{}", format.name()));
     let (good, entry) = compressed_image(&s, "good.qcow2", format);
     let guest = data(8192);
-    for (i, r) in read_both(&good, 0, format).into_iter().enumerate() {
+    for (i, r) in read_both(&good, 0).into_iter().enumerate() {
         let r = r.unwrap();
         let first = r.iter().zip(&guest).position(|(a, b)| a != b);
         assert!(
@@ -137,14 +121,14 @@ fn hostile_descriptors(format: Compression) {
         let path = s.path(&format!("{name}.qcow2"));
         std::fs::copy(&good, &path).unwrap();
         poke64(&path, entry, entry_value);
-        for r in read_both(&path, 0, format) {
+        for r in read_both(&path, 0) {
             let what = corrupt_what(&r);
             if !wanted.is_empty() {
                 assert_eq!(what, wanted, "{name}");
             }
         }
         // The other compressed cluster still reads.
-        for r in read_both(&path, 1, format) {
+        for r in read_both(&path, 1) {
             assert!(r.unwrap() == guest[4096..], "{name}");
         }
     }
@@ -153,7 +137,7 @@ fn hostile_descriptors(format: Compression) {
     std::fs::copy(&good, &path).unwrap();
     let host = raw & ((1u64 << offset_bits) - 1);
     poke(&path, host, &[0xff; 64]);
-    for r in read_both(&path, 0, format) {
+    for r in read_both(&path, 0) {
         corrupt_what(&r);
     }
 }

@@ -6,10 +6,9 @@
 //! Compressed clusters read through the host's decoders, and the core's
 //! no-heap decoders must give the same outcome.
 
-use qcow2_core::codec::inflate::{Inflate, InflateState, InflateWorkspace};
-use qcow2_core::codec::zstd::{scratch_bytes, Zstd, ZstdTables, ZstdWorkspace};
-use qcow2_core::{Compression, NoBacking, OpenOptions, Qcow2, Sector, Slot, Workspace, SECTOR};
-use qcow2_std_shim::codec::HostWorkspace;
+use qcow2_core::codec::DecoderWorkspace;
+use qcow2_core::{NoBacking, OpenOptions, Qcow2, Sector, Slot, Workspace, SECTOR};
+use qcow2_std_shim::codec::{CoreDecoders, HostWorkspace};
 use qcow2_std_shim::{block_on, RamDevice};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -56,25 +55,14 @@ fn kind_and_place(e: &str) -> (String, &str) {
     (kind, e.rfind(" (at ").map_or("", |i| &e[i..]))
 }
 
-/// Reads the whole guest of `img` through the core's no-heap decoder for
-/// its compression type (inflate with a 4 KiB window, zstd-zero with a
-/// cluster of history).
+/// Reads the whole guest of `img` through the core's no-heap decoders
+/// ([`CoreDecoders`]: inflate with a 4 KiB window, zstd-zero with a cluster
+/// of history), a sector of compressed input at a time.
 fn read_guest_core(img: Image) -> Result<Vec<Sector>, String> {
-    let cluster = img.info().cluster_size as usize;
+    let mut decoders = CoreDecoders::new(img.info().cluster_size as usize);
     let mut input = [[0u8; SECTOR]; 1];
-    if img.compression() == Some(Compression::Zstd) {
-        let mut tables = Box::new(ZstdTables::new());
-        let mut history = vec![0u8; cluster];
-        let mut block = vec![0u8; scratch_bytes(cluster)];
-        let mut literals = vec![0u8; scratch_bytes(cluster)];
-        let decoder = Zstd::new(&mut tables, &mut history, &mut block, &mut literals);
-        read_guest(&mut img.with_workspace(ZstdWorkspace::new(decoder, &mut [], &mut input)))
-    } else {
-        let mut state = Box::new(InflateState::new());
-        let mut window = vec![0u8; 4096];
-        let decoder = Inflate::new(&mut state, &mut window);
-        read_guest(&mut img.with_workspace(InflateWorkspace::new(decoder, &mut [], &mut input)))
-    }
+    let workspace = DecoderWorkspace::new(decoders.decoder(), &mut [], &mut input);
+    read_guest(&mut img.with_workspace(workspace))
 }
 
 /// What happens to an image: the first error of open, read, write, or ok.

@@ -1,7 +1,6 @@
 //! The zlib compression type (raw deflate, RFC 1951) without a heap:
-//! [`Inflate`], a [`Decoder`] on miniz_oxide's inflate core, and
-//! [`InflateWorkspace`], the [`Workspace`] that lends it to an image.
-//! Cargo feature `zlib`.
+//! [`Inflate`], a [`Decoder`] on miniz_oxide's inflate core, lent to an
+//! image in a [`crate::codec::DecoderWorkspace`]. Cargo feature `zlib`.
 //!
 //! All memory is the caller's: the decompressor state ([`InflateState`],
 //! [`STATE_BYTES`]) and an output window, both borrowed, so both can be
@@ -39,8 +38,7 @@ use miniz_oxide::inflate::core::inflate_flags::{
 };
 use miniz_oxide::inflate::TINFLStatus;
 
-use crate::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
-use crate::Sector;
+use crate::codec::{Compression, DecodeError, Decoder, Phase, Step};
 
 /// The decompressor state (miniz_oxide's `DecompressorOxide`): Huffman
 /// tables and bit buffer, [`STATE_BYTES`] bytes. Make one with
@@ -69,23 +67,6 @@ fn pow2_floor(n: usize) -> usize {
     1 << (usize::BITS - 1 - (n | 1).leading_zeros())
 }
 
-/// Where the decoder is in the current cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// No cluster started.
-    Idle,
-    /// Decoding; fewer than `cluster` bytes out.
-    Running,
-    /// The cluster's bytes are decoded, the last one held back until the
-    /// stream shows (with what input remains) that it is not invalid right
-    /// after it, as zlib would.
-    Held,
-    /// The whole cluster is out; further input is ignored.
-    Done,
-    /// Failed; every further step repeats the error.
-    Failed(DecodeError),
-}
-
 /// A raw-deflate [`Decoder`] on borrowed state and window; see the
 /// module documentation.
 pub struct Inflate<'a> {
@@ -99,7 +80,9 @@ pub struct Inflate<'a> {
     ring: usize,
     /// Where the next byte goes in the window.
     pos: usize,
-    /// The cluster's last byte while held back (phase `Held`).
+    /// The cluster's last byte while held back (phase `Held`: until the
+    /// stream shows, with what input remains, that it is not invalid right
+    /// after it, as zlib would).
     held: u8,
     phase: Phase,
 }
@@ -190,92 +173,23 @@ impl Decoder for Inflate<'_> {
     }
 
     fn step(&mut self, input: &[u8], last: bool) -> Result<Step<'_>, DecodeError> {
-        match self.phase {
-            Phase::Idle => {
-                return Err(DecodeError::Unsupported("inflate: step before start"));
-            }
-            Phase::Failed(e) => return Err(e),
-            Phase::Done => {
-                return Ok(Step {
-                    consumed: input.len(),
-                    output: &[],
-                })
-            }
-            Phase::Running | Phase::Held => {}
+        if let Some(quiet) = self.phase.quiet_step(input, "inflate: step before start") {
+            return quiet;
         }
         let held = self.phase == Phase::Held;
-        let span = if self.ring == 0 {
-            self.cluster
-        } else {
-            self.ring
-        };
+        let start = self.pos;
         // Nothing is written past the cluster: no room when held.
         let room = if held {
             0
         } else {
-            (self.cluster - self.total).min(span - self.pos)
+            (self.cluster - self.total).min(self.span() - start)
         };
-        let flags = self.flags();
-        let Some(out) = self.window.get_mut(..span) else {
-            return Err(self.fail(DecodeError::Unsupported("inflate: window not usable")));
-        };
-        let start = self.pos;
-        let (status, consumed, produced) =
-            decompress_with_limit(self.state, input, out, start, room, flags);
-        let consumed = consumed.min(input.len());
-        let produced = produced.min(room);
-
+        let (status, consumed, produced) = self.inflate(input, room)?;
         if held {
-            // Looking past the cluster's end with no room to write: zlib
-            // decodes on until it has a byte to write or the input ends.
-            // miniz_oxide says HasMoreOutput for both once the output is
-            // full; all input used up without `last` means it wants more.
-            return match status {
-                TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput
-                    if !last && consumed == input.len() =>
-                {
-                    Ok(Step {
-                        consumed,
-                        output: &[],
-                    })
-                }
-                TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput | TINFLStatus::Done => {
-                    self.phase = Phase::Done;
-                    Ok(Step {
-                        consumed,
-                        output: core::slice::from_ref(&self.held),
-                    })
-                }
-                other => Err(self.invalid(other)),
-            };
+            return self.past_the_end(status, consumed == input.len(), last, consumed);
         }
-
-        self.total += produced;
-        self.pos += produced;
-        if self.ring != 0 && self.pos == self.ring {
-            self.pos = 0;
-        }
-        let mut shown = produced;
-        match status {
-            TINFLStatus::Done if self.total < self.cluster => {
-                return Err(self.fail(DecodeError::Corrupt(
-                    "deflate stream ends before a whole cluster",
-                )));
-            }
-            TINFLStatus::Done => self.phase = Phase::Done,
-            TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput => {
-                if self.total == self.cluster {
-                    if produced == 0 {
-                        // Cannot be: the cluster was incomplete before.
-                        return Err(self.fail(DecodeError::Corrupt("invalid deflate stream")));
-                    }
-                    shown = produced - 1;
-                    self.phase = Phase::Held;
-                    self.held = self.window.get(start + shown).copied().unwrap_or(0);
-                }
-            }
-            other => return Err(self.invalid(other)),
-        }
+        self.advance(produced);
+        let shown = self.settle(status, produced, start)?;
         Ok(Step {
             consumed,
             output: self.window.get(start..start + shown).unwrap_or(&[]),
@@ -283,35 +197,114 @@ impl Decoder for Inflate<'_> {
     }
 }
 
-/// A [`Workspace`] with an [`Inflate`] decoder and borrowed bounce and
-/// input buffers (either may be empty: see [`crate::codec`]).
-pub struct InflateWorkspace<'a> {
-    bounce: &'a mut [Sector],
-    input: &'a mut [Sector],
-    decoder: Inflate<'a>,
-}
-
-impl<'a> InflateWorkspace<'a> {
-    /// Lends `decoder` with `bounce` (a cluster or more lets partial writes
-    /// into compressed clusters go out in one device write) and `input`
-    /// (compressed bytes are read that many sectors at a time).
-    pub fn new(decoder: Inflate<'a>, bounce: &'a mut [Sector], input: &'a mut [Sector]) -> Self {
-        InflateWorkspace {
-            bounce,
-            input,
-            decoder,
+// The parts of `step`, inlined into it: the code and stack of one
+// function, one call of miniz_oxide (see `cargo xtask size --codecs`).
+impl Inflate<'_> {
+    /// The part of the window in use: the cluster, or the ring.
+    #[inline(always)]
+    fn span(&self) -> usize {
+        if self.ring == 0 {
+            self.cluster
+        } else {
+            self.ring
         }
     }
-}
 
-impl<'a> Workspace for InflateWorkspace<'a> {
-    type Decoder = Inflate<'a>;
+    /// Decodes `input` into the window at `self.pos`, at most `room` bytes:
+    /// miniz_oxide's status, the bytes consumed and those produced.
+    #[inline(always)]
+    fn inflate(
+        &mut self,
+        input: &[u8],
+        room: usize,
+    ) -> Result<(TINFLStatus, usize, usize), DecodeError> {
+        let span = self.span();
+        let flags = self.flags();
+        let Some(out) = self.window.get_mut(..span) else {
+            return Err(self.fail(DecodeError::Unsupported("inflate: window not usable")));
+        };
+        let (status, consumed, produced) =
+            decompress_with_limit(self.state, input, out, self.pos, room, flags);
+        Ok((status, consumed.min(input.len()), produced.min(room)))
+    }
 
-    fn parts(&mut self) -> Parts<'_, Inflate<'a>> {
-        Parts {
-            bounce: self.bounce,
-            input: self.input,
-            decoder: &mut self.decoder,
+    /// Counts `produced` bytes written at `self.pos` (phase `Running`).
+    #[inline(always)]
+    fn advance(&mut self, produced: usize) {
+        self.total += produced;
+        self.pos += produced;
+        if self.ring != 0 && self.pos == self.ring {
+            self.pos = 0;
+        }
+    }
+
+    /// What `status` means after `produced` bytes at `start`: the next
+    /// phase, and how many of those bytes to hand out now.
+    #[inline(always)]
+    fn settle(
+        &mut self,
+        status: TINFLStatus,
+        produced: usize,
+        start: usize,
+    ) -> Result<usize, DecodeError> {
+        match status {
+            TINFLStatus::Done if self.total < self.cluster => Err(self.fail(DecodeError::Corrupt(
+                "deflate stream ends before a whole cluster",
+            ))),
+            TINFLStatus::Done => {
+                self.phase = Phase::Done;
+                Ok(produced)
+            }
+            TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput
+                if self.total == self.cluster =>
+            {
+                self.hold_last(produced, start)
+            }
+            TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput => Ok(produced),
+            other => Err(self.invalid(other)),
+        }
+    }
+
+    /// The cluster is full but the stream goes on: holds its last byte
+    /// back (phase `Held`) and hands out the `produced - 1` before it.
+    #[inline(always)]
+    fn hold_last(&mut self, produced: usize, start: usize) -> Result<usize, DecodeError> {
+        if produced == 0 {
+            // Cannot be: the cluster was incomplete before.
+            return Err(self.fail(DecodeError::Corrupt("invalid deflate stream")));
+        }
+        let shown = produced - 1;
+        self.phase = Phase::Held;
+        self.held = self.window.get(start + shown).copied().unwrap_or(0);
+        Ok(shown)
+    }
+
+    /// Phase `Held`: what `status` means after looking past the cluster's
+    /// end with no room to write, having used `all` the input or not.
+    /// zlib decodes on until it has a byte to write or the input ends;
+    /// miniz_oxide says HasMoreOutput for both once the output is full; all
+    /// input used up without `last` means it wants more.
+    #[inline(always)]
+    fn past_the_end(
+        &mut self,
+        status: TINFLStatus,
+        all: bool,
+        last: bool,
+        consumed: usize,
+    ) -> Result<Step<'_>, DecodeError> {
+        match status {
+            TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput if !last && all => Ok(Step {
+                consumed,
+                output: &[],
+            }),
+            TINFLStatus::NeedsMoreInput | TINFLStatus::HasMoreOutput | TINFLStatus::Done => {
+                self.phase = Phase::Done;
+                Ok(Step {
+                    consumed,
+                    output: core::slice::from_ref(&self.held),
+                })
+            }
+            other => Err(self.invalid(other)),
         }
     }
 }

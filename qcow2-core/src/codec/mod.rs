@@ -14,17 +14,33 @@
 //! - a [`Decoder`], which owns its output window.
 //!
 //! The default, [`NoWorkspace`], is zero-sized: compressed clusters then
-//! read as [`crate::Error::Unsupported`].
+//! read as [`crate::Error::Unsupported`]. [`Buffers`] lends buffers without
+//! a decoder; [`DecoderWorkspace`] lends a decoder (the no-heap
+//! `inflate::Inflate` with feature `zlib`, `zstd::Zstd` with `zstd`, or
+//! `BothDecoder` for images of either format with both) with borrowed
+//! buffers.
 //!
 //! QEMU's rules for a compressed cluster (qcow2 spec, "Compressed
 //! Clusters Descriptor"), which the core applies: the stream must produce at
 //! least a whole cluster; zlib output past the cluster is ignored (so is
 //! input after it); decoders enforce their own format's further rules.
 
+#[cfg(all(feature = "zlib", feature = "zstd"))]
+mod both;
 #[cfg(feature = "zlib")]
 pub mod inflate;
+#[cfg(any(feature = "zlib", feature = "zstd"))]
+mod phase;
+#[cfg(test)]
+#[cfg(any(feature = "zlib", feature = "zstd"))]
+mod test_harness;
 #[cfg(feature = "zstd")]
 pub mod zstd;
+
+#[cfg(all(feature = "zlib", feature = "zstd"))]
+pub use both::BothDecoder;
+#[cfg(any(feature = "zlib", feature = "zstd"))]
+use phase::Phase;
 
 use crate::Sector;
 
@@ -180,6 +196,39 @@ impl<T: AsMut<[Sector]>> Workspace for Buffers<T> {
             bounce: self.0.as_mut(),
             input: &mut [],
             decoder: &mut self.1,
+        }
+    }
+}
+
+/// A [`Workspace`] lending `decoder` with borrowed bounce and input buffers
+/// (either may be empty: see the module documentation).
+pub struct DecoderWorkspace<'a, Z> {
+    bounce: &'a mut [Sector],
+    input: &'a mut [Sector],
+    decoder: Z,
+}
+
+impl<'a, Z: Decoder> DecoderWorkspace<'a, Z> {
+    /// Lends `decoder` with `bounce` (a cluster or more lets partial writes
+    /// into compressed clusters go out in one device write) and `input`
+    /// (compressed bytes are read that many sectors at a time).
+    pub fn new(decoder: Z, bounce: &'a mut [Sector], input: &'a mut [Sector]) -> Self {
+        DecoderWorkspace {
+            bounce,
+            input,
+            decoder,
+        }
+    }
+}
+
+impl<Z: Decoder> Workspace for DecoderWorkspace<'_, Z> {
+    type Decoder = Z;
+
+    fn parts(&mut self) -> Parts<'_, Z> {
+        Parts {
+            bounce: self.bounce,
+            input: self.input,
+            decoder: &mut self.decoder,
         }
     }
 }

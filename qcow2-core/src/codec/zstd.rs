@@ -1,6 +1,6 @@
 //! The zstd compression type (RFC 8878 frames) without a heap: [`Zstd`], a
-//! [`Decoder`] on the `zstd-zero` crate, and [`ZstdWorkspace`], the
-//! [`Workspace`] that lends it to an image. Cargo feature `zstd`.
+//! [`Decoder`] on the `zstd-zero` crate, lent to an image in a
+//! [`crate::codec::DecoderWorkspace`]. Cargo feature `zstd`.
 //!
 //! All memory is the caller's, borrowed (so `static`s work):
 //! - [`ZstdTables`], the entropy tables ([`TABLES_BYTES`]);
@@ -24,8 +24,7 @@
 
 use zstd_zero::{DecodeStep, DecoderBuffers, FSE_ENTRIES, FSE_SCRATCH_LEN, HUFFMAN_ENTRIES};
 
-use crate::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
-use crate::Sector;
+use crate::codec::{Compression, DecodeError, Decoder, Phase, Step};
 
 pub use zstd_zero::{FseEntry, HuffmanEntry, MAX_BLOCK_SIZE};
 
@@ -74,21 +73,17 @@ pub const fn scratch_bytes(cluster_size: usize) -> usize {
 /// progress.
 const EMPTY_FRAME: [u8; 9] = [0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x00, 0x01, 0x00, 0x00];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Running,
-    /// The cluster is decoded, its last byte held back until its frame
-    /// ends (more output, or input ending first, is an error).
-    Held,
-    Done,
-    Failed(DecodeError),
-}
-
 /// A zstd [`Decoder`] on borrowed tables and buffers; see the module
 /// documentation.
 pub struct Zstd<'a> {
     dec: Option<zstd_zero::Decoder<'a>>,
+    /// Where the current cluster is (apart from `dec`, so that output
+    /// borrowed from `dec` can be handed out while it changes).
+    at: Progress,
+}
+
+/// The current cluster's progress through a [`Zstd`] decoder.
+struct Progress {
     /// Address one past the history buffer: an output piece ending there
     /// may be followed by the rest of its block (the ring wrapped).
     ring_end: usize,
@@ -99,6 +94,8 @@ pub struct Zstd<'a> {
     /// Whether the decoder may hold state from a cluster that did not end
     /// cleanly.
     dirty: bool,
+    /// The cluster's last byte while held back (phase `Held`: until its
+    /// frame ends; more output, or input ending first, is an error).
     held: u8,
     phase: Phase,
 }
@@ -142,214 +139,189 @@ impl<'a> Zstd<'a> {
         .ok();
         Zstd {
             dec,
-            ring_end,
-            cluster: 0,
-            total: 0,
-            at_ring_end: false,
-            dirty: true,
-            held: 0,
-            phase: Phase::Idle,
+            at: Progress {
+                ring_end,
+                cluster: 0,
+                total: 0,
+                at_ring_end: false,
+                dirty: true,
+                held: 0,
+                phase: Phase::Idle,
+            },
         }
-    }
-
-    fn fail(&mut self, e: DecodeError) -> DecodeError {
-        self.phase = Phase::Failed(e);
-        self.dirty = true;
-        e
     }
 }
 
 impl Decoder for Zstd<'_> {
     fn start(&mut self, format: Compression, cluster_size: usize) -> Result<(), DecodeError> {
         if format != Compression::Zstd {
-            return Err(self.fail(DecodeError::Unsupported(
+            return Err(self.at.fail(DecodeError::Unsupported(
                 "zlib compressed clusters (the decoder reads zstd only)",
             )));
         }
         let Some(dec) = self.dec.as_mut() else {
-            return Err(self.fail(DecodeError::Unsupported("zstd decoder tables not usable")));
+            return Err(self
+                .at
+                .fail(DecodeError::Unsupported("zstd decoder tables not usable")));
         };
-        if self.dirty || dec.finish().is_err() {
-            dec.reset();
-            let mut input: &[u8] = &EMPTY_FRAME;
-            let mut finished = false;
-            for _ in 0..8 {
-                match dec.decode(input) {
-                    Ok(DecodeStep::FrameFinished { .. }) => {
-                        finished = true;
-                        break;
-                    }
-                    Ok(step) => input = input.get(step.consumed()..).unwrap_or(&[]),
-                    Err(_) => break,
-                }
-            }
-            if !finished || dec.finish().is_err() {
-                return Err(self.fail(DecodeError::Unsupported("zstd decoder cannot be reset")));
-            }
+        if (self.at.dirty || dec.finish().is_err()) && !reset(dec) {
+            return Err(self
+                .at
+                .fail(DecodeError::Unsupported("zstd decoder cannot be reset")));
         }
-        self.dirty = true;
-        self.cluster = cluster_size;
-        self.total = 0;
-        self.at_ring_end = false;
-        self.phase = Phase::Running;
+        let at = &mut self.at;
+        at.dirty = true;
+        at.cluster = cluster_size;
+        at.total = 0;
+        at.at_ring_end = false;
+        at.phase = Phase::Running;
         Ok(())
     }
 
     fn step(&mut self, input: &[u8], last: bool) -> Result<Step<'_>, DecodeError> {
-        match self.phase {
-            Phase::Idle => return Err(DecodeError::Unsupported("zstd: step before start")),
-            Phase::Failed(e) => return Err(e),
-            Phase::Done => {
-                return Ok(Step {
-                    consumed: input.len(),
-                    output: &[],
-                })
-            }
-            Phase::Running | Phase::Held => {}
+        if let Some(quiet) = self.at.phase.quiet_step(input, "zstd: step before start") {
+            return quiet;
         }
-        let Zstd {
-            dec,
-            ring_end,
-            cluster,
-            total,
-            at_ring_end,
-            dirty,
-            held,
-            phase,
-        } = self;
-        let Some(dec) = dec.as_mut() else {
+        let Some(dec) = self.dec.as_mut() else {
             return Err(DecodeError::Unsupported("zstd decoder tables not usable"));
         };
-        let fail = |phase: &mut Phase, e: DecodeError| {
-            *phase = Phase::Failed(e);
-            e
-        };
-
-        // Transitions that need no input (a frame's end right after its
-        // last block) are taken first, unless the rest of a block that
-        // wrapped around the ring may be waiting: zstd-zero hands that out
-        // on the next call, and only one call's output can be returned.
-        // (Having finished a frame since its reset, zstd-zero's `finish`
-        // is Ok exactly when nothing is pending and no frame is open.)
-        if !*at_ring_end || dec.finish().is_ok() {
-            for _ in 0..4 {
-                match dec.decode(&[]) {
-                    Ok(DecodeStep::FrameFinished { .. }) => {
-                        if *phase == Phase::Held {
-                            *phase = Phase::Done;
-                            *dirty = false;
-                            return Ok(Step {
-                                consumed: 0,
-                                output: core::slice::from_ref(held),
-                            });
-                        }
-                    }
-                    Ok(DecodeStep::NeedInput { .. }) => break,
-                    Ok(DecodeStep::FrameStarted { .. }) => {}
-                    Ok(DecodeStep::Output { .. }) => {
-                        // Only a block longer than its frame's content size.
-                        return Err(fail(
-                            phase,
-                            DecodeError::Corrupt("zstd content size mismatch"),
-                        ));
-                    }
-                    Err(e) => return Err(fail(phase, map_error(e))),
-                }
-            }
+        let at = &mut self.at;
+        if at.settle(dec)? {
+            return Ok(at.release(0));
         }
-        *at_ring_end = false;
-
+        at.at_ring_end = false;
         match dec.decode(input) {
-            Err(e) => Err(fail(phase, map_error(e))),
-            Ok(DecodeStep::NeedInput { consumed }) => {
-                if *phase == Phase::Held && last && consumed >= input.len() {
-                    return Err(fail(
-                        phase,
-                        DecodeError::Corrupt("zstd frame does not end with the cluster"),
-                    ));
-                }
-                Ok(Step {
-                    consumed,
-                    output: &[],
-                })
+            Err(e) => Err(at.fail(map_error(e))),
+            Ok(step) => at.took(step, input.len(), last),
+        }
+    }
+}
+
+/// Resets `dec` and decodes [`EMPTY_FRAME`], so that it has finished a
+/// frame: whether that worked.
+#[inline(always)]
+fn reset(dec: &mut zstd_zero::Decoder<'_>) -> bool {
+    dec.reset();
+    let mut input: &[u8] = &EMPTY_FRAME;
+    let mut finished = false;
+    for _ in 0..8 {
+        match dec.decode(input) {
+            Ok(DecodeStep::FrameFinished { .. }) => {
+                finished = true;
+                break;
             }
-            Ok(DecodeStep::FrameStarted { consumed, .. }) => Ok(Step {
+            Ok(step) => input = input.get(step.consumed()..).unwrap_or(&[]),
+            Err(_) => break,
+        }
+    }
+    finished && dec.finish().is_ok()
+}
+
+// The phases of `Zstd::step`, one helper each, inlined into it: the code
+// and stack of one function (see `cargo xtask size --codecs`).
+impl Progress {
+    fn fail(&mut self, e: DecodeError) -> DecodeError {
+        self.phase = Phase::Failed(e);
+        self.dirty = true;
+        e
+    }
+
+    /// The held byte's frame has ended: the cluster is done, handed out
+    /// with the held byte, `consumed` input bytes taking it there.
+    #[inline(always)]
+    fn release(&mut self, consumed: usize) -> Step<'_> {
+        self.phase = Phase::Done;
+        self.dirty = false;
+        Step {
+            consumed,
+            output: core::slice::from_ref(&self.held),
+        }
+    }
+
+    /// Takes the transitions that need no input (a frame's end right after
+    /// its last block) first, unless the rest of a block that wrapped
+    /// around the ring may be waiting: zstd-zero hands that out on the next
+    /// call, and only one call's output can be returned. (Having finished a
+    /// frame since its reset, zstd-zero's `finish` is Ok exactly when
+    /// nothing is pending and no frame is open.) True when the held byte's
+    /// frame ended (see [`Progress::release`]).
+    #[inline(always)]
+    fn settle(&mut self, dec: &mut zstd_zero::Decoder<'_>) -> Result<bool, DecodeError> {
+        if self.at_ring_end && dec.finish().is_err() {
+            return Ok(false);
+        }
+        for _ in 0..4 {
+            match dec.decode(&[]) {
+                Ok(DecodeStep::FrameFinished { .. }) if self.phase == Phase::Held => {
+                    return Ok(true)
+                }
+                Ok(DecodeStep::FrameFinished { .. } | DecodeStep::FrameStarted { .. }) => {}
+                Ok(DecodeStep::NeedInput { .. }) => break,
+                Ok(DecodeStep::Output { .. }) => {
+                    // Only a block longer than its frame's content size.
+                    return Err(self.fail(DecodeError::Corrupt("zstd content size mismatch")));
+                }
+                Err(e) => return Err(self.fail(map_error(e))),
+            }
+        }
+        Ok(false)
+    }
+
+    /// What zstd-zero's `step` on `len` bytes of input (the last if `last`)
+    /// means for the cluster.
+    #[inline(always)]
+    fn took<'s>(
+        &'s mut self,
+        step: DecodeStep<'s>,
+        len: usize,
+        last: bool,
+    ) -> Result<Step<'s>, DecodeError> {
+        let empty = |consumed| Step {
+            consumed,
+            output: &[],
+        };
+        match step {
+            DecodeStep::NeedInput { consumed } => {
+                if self.phase == Phase::Held && last && consumed >= len {
+                    return Err(self.fail(DecodeError::Corrupt(
+                        "zstd frame does not end with the cluster",
+                    )));
+                }
+                Ok(empty(consumed))
+            }
+            DecodeStep::FrameStarted { consumed, .. } => Ok(empty(consumed)),
+            DecodeStep::FrameFinished { consumed, .. } if self.phase == Phase::Held => {
+                Ok(self.release(consumed))
+            }
+            DecodeStep::FrameFinished { consumed, .. } => Ok(empty(consumed)),
+            DecodeStep::Output { consumed, bytes } => self.output(consumed, bytes),
+        }
+    }
+
+    /// Output from the cluster's frames: handed out, but for the cluster's
+    /// last byte, held back until its frame ends (more output is an error).
+    #[inline(always)]
+    fn output<'s>(&'s mut self, consumed: usize, bytes: &'s [u8]) -> Result<Step<'s>, DecodeError> {
+        if self.phase == Phase::Held || bytes.len() > self.cluster - self.total {
+            return Err(self.fail(DecodeError::Corrupt("zstd frame longer than the cluster")));
+        }
+        self.total += bytes.len();
+        self.at_ring_end = bytes.as_ptr() as usize + bytes.len() == self.ring_end;
+        if self.total < self.cluster {
+            return Ok(Step {
                 consumed,
-                output: &[],
-            }),
-            Ok(DecodeStep::FrameFinished { consumed, .. }) => {
-                if *phase == Phase::Held {
-                    *phase = Phase::Done;
-                    *dirty = false;
-                    return Ok(Step {
-                        consumed,
-                        output: core::slice::from_ref(held),
-                    });
-                }
-                Ok(Step {
-                    consumed,
-                    output: &[],
-                })
-            }
-            Ok(DecodeStep::Output { consumed, bytes }) => {
-                if *phase == Phase::Held || bytes.len() > *cluster - *total {
-                    return Err(fail(
-                        phase,
-                        DecodeError::Corrupt("zstd frame longer than the cluster"),
-                    ));
-                }
-                *total += bytes.len();
-                *at_ring_end = bytes.as_ptr() as usize + bytes.len() == *ring_end;
-                if *total < *cluster {
-                    return Ok(Step {
-                        consumed,
-                        output: bytes,
-                    });
-                }
-                let Some((&last_byte, rest)) = bytes.split_last() else {
-                    return Err(fail(phase, DecodeError::Corrupt("invalid zstd stream")));
-                };
-                *held = last_byte;
-                *phase = Phase::Held;
-                Ok(Step {
-                    consumed,
-                    output: rest,
-                })
-            }
+                output: bytes,
+            });
         }
-    }
-}
-
-/// A [`Workspace`] with a [`Zstd`] decoder and borrowed bounce and input
-/// buffers (either may be empty: see [`crate::codec`]).
-pub struct ZstdWorkspace<'a> {
-    bounce: &'a mut [Sector],
-    input: &'a mut [Sector],
-    decoder: Zstd<'a>,
-}
-
-impl<'a> ZstdWorkspace<'a> {
-    /// Lends `decoder` with `bounce` (a cluster or more lets partial writes
-    /// into compressed clusters go out in one device write) and `input`
-    /// (compressed bytes are read that many sectors at a time).
-    pub fn new(decoder: Zstd<'a>, bounce: &'a mut [Sector], input: &'a mut [Sector]) -> Self {
-        ZstdWorkspace {
-            bounce,
-            input,
-            decoder,
-        }
-    }
-}
-
-impl<'a> Workspace for ZstdWorkspace<'a> {
-    type Decoder = Zstd<'a>;
-
-    fn parts(&mut self) -> Parts<'_, Zstd<'a>> {
-        Parts {
-            bounce: self.bounce,
-            input: self.input,
-            decoder: &mut self.decoder,
-        }
+        let Some((&last_byte, rest)) = bytes.split_last() else {
+            return Err(self.fail(DecodeError::Corrupt("invalid zstd stream")));
+        };
+        self.held = last_byte;
+        self.phase = Phase::Held;
+        Ok(Step {
+            consumed,
+            output: rest,
+        })
     }
 }
 

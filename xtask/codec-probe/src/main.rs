@@ -1,6 +1,7 @@
 //! The core's decoders of compressed clusters as firmware would hold them
 //! (state, window, tables and buffers in `static`s), each started and
-//! stepped once on input the compiler cannot see: `cargo xtask size`
+//! stepped once on input the compiler cannot see (with both features, as
+//! one `codec::BothDecoder`, once per format): `cargo xtask size`
 //! builds it with features `zlib` and `zstd` (and without, the baseline)
 //! for `thumbv7em-none-eabihf` and reports the decoders' `.text`, their
 //! panic call sites, and the sizes below. It is never run.
@@ -59,14 +60,10 @@ mod zlib {
     static STATE: StaticCell<InflateState> = StaticCell::new();
     static WINDOW: ConstStaticCell<[u8; MIN_WINDOW]> = ConstStaticCell::new([0; MIN_WINDOW]);
 
-    pub fn run() {
-        let (Some(state), Some(window)) =
-            (STATE.try_init_with(InflateState::new), WINDOW.try_take())
-        else {
-            return;
-        };
-        let mut decoder = Inflate::new(state, window);
-        super::drive(&mut decoder, super::Compression::Zlib);
+    /// The decoder on its statics (once).
+    pub fn decoder() -> Option<Inflate<'static>> {
+        let state = STATE.try_init_with(InflateState::new)?;
+        Some(Inflate::new(state, WINDOW.try_take()?))
     }
 }
 
@@ -92,26 +89,35 @@ mod zstd {
     static BLOCK: ConstStaticCell<[u8; SCRATCH]> = ConstStaticCell::new([0; SCRATCH]);
     static LITERALS: ConstStaticCell<[u8; SCRATCH]> = ConstStaticCell::new([0; SCRATCH]);
 
-    pub fn run() {
-        let (Some(tables), Some(history), Some(block), Some(literals)) = (
-            TABLES.try_take(),
-            HISTORY.try_take(),
-            BLOCK.try_take(),
-            LITERALS.try_take(),
-        ) else {
-            return;
-        };
-        let mut decoder = Zstd::new(tables, history, block, literals);
-        super::drive(&mut decoder, super::Compression::Zstd);
+    /// The decoder on its statics (once).
+    pub fn decoder() -> Option<Zstd<'static>> {
+        Some(Zstd::new(
+            TABLES.try_take()?,
+            HISTORY.try_take()?,
+            BLOCK.try_take()?,
+            LITERALS.try_take()?,
+        ))
     }
+}
+
+/// Each decoder of the build, driven.
+fn run() -> Option<()> {
+    #[cfg(all(feature = "zlib", feature = "zstd"))]
+    {
+        let mut both = qcow2_core::codec::BothDecoder::new(zlib::decoder()?, zstd::decoder()?);
+        drive(&mut both, Compression::Zlib);
+        drive(&mut both, Compression::Zstd);
+    }
+    #[cfg(all(feature = "zlib", not(feature = "zstd")))]
+    drive(&mut zlib::decoder()?, Compression::Zlib);
+    #[cfg(all(feature = "zstd", not(feature = "zlib")))]
+    drive(&mut zstd::decoder()?, Compression::Zstd);
+    Some(())
 }
 
 #[entry]
 fn main() -> ! {
-    #[cfg(feature = "zlib")]
-    zlib::run();
-    #[cfg(feature = "zstd")]
-    zstd::run();
+    run();
     black_box(&INPUT);
     loop {
         cortex_m::asm::wfi();

@@ -8,42 +8,11 @@ extern crate std;
 use std::vec;
 use std::vec::Vec;
 
-use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress};
 
 use super::*;
-
-/// Raw deflate of `data` with a `bits`-bit window at `level`.
-fn deflate(data: &[u8], bits: u8, level: u32) -> Vec<u8> {
-    let mut c = Compress::new_with_window_bits(flate2::Compression::new(level), false, bits);
-    let mut out = vec![0u8; data.len() + data.len() / 8 + 1024];
-    let status = c
-        .compress(data, &mut out, FlushCompress::Finish)
-        .expect("deflate");
-    assert_eq!(status, Status::StreamEnd);
-    out.truncate(c.total_out() as usize);
-    out
-}
-
-/// QEMU's read of a zlib compressed cluster: one inflate(Z_FINISH) into a
-/// cluster buffer; the cluster iff the buffer was filled.
-fn reference(stream: &[u8], cluster: usize) -> Option<Vec<u8>> {
-    reference_why(stream, cluster).ok()
-}
-
-/// [`reference`], with zlib's message when it fails.
-fn reference_why(stream: &[u8], cluster: usize) -> Result<Vec<u8>, std::string::String> {
-    let mut d = Decompress::new_with_window_bits(false, 15);
-    let mut out = vec![0u8; cluster];
-    match d.decompress(stream, &mut out, FlushDecompress::Finish) {
-        Ok(Status::StreamEnd | Status::BufError | Status::Ok)
-            if d.total_out() as usize == cluster =>
-        {
-            Ok(out)
-        }
-        Ok(_) => Err("short".into()),
-        Err(e) => Err(std::format!("{e}")),
-    }
-}
+use crate::codec::test_harness::zlib::{deflate, reference, reference_why, Mem};
+use crate::codec::test_harness::{clusters, damage, sample, Rng};
 
 /// zlib refuses a dynamic block whose code has no end-of-block symbol
 /// before decoding it; miniz_oxide decodes it (the block can never end,
@@ -64,127 +33,22 @@ fn too_far_right_after(stream: &[u8], cluster: usize) -> bool {
         && d.total_out() as usize == cluster
 }
 
-/// Drives `dec` as the core does: `chunk` bytes at a time, checking the
-/// decoder's contract; the cluster, or the error (a short stream is
-/// `Corrupt("short")`).
-fn run(
-    dec: &mut Inflate<'_>,
-    stream: &[u8],
-    cluster: usize,
-    chunk: usize,
-) -> Result<Vec<u8>, DecodeError> {
-    dec.start(Compression::Zlib, cluster)?;
-    let mut out = Vec::new();
-    let mut chunks = stream.chunks(chunk.max(1)).peekable();
-    if stream.is_empty() {
-        let step = dec.step(&[], true)?;
-        assert_eq!((step.consumed, step.output.len()), (0, 0));
-        return Err(DecodeError::Corrupt("short"));
-    }
-    while let Some(mut bytes) = chunks.next() {
-        let last = chunks.peek().is_none();
-        while out.len() < cluster {
-            let step = dec.step(bytes, last)?;
-            assert!(step.consumed <= bytes.len());
-            out.extend_from_slice(step.output);
-            assert!(out.len() <= cluster, "more than a cluster");
-            if step.consumed == 0 && step.output.is_empty() {
-                assert!(bytes.is_empty() || last, "stalled with input left");
-                break;
-            }
-            bytes = &bytes[step.consumed..];
-        }
-        if out.len() == cluster {
-            return Ok(out);
-        }
-        if last {
-            return Err(DecodeError::Corrupt("short"));
-        }
-    }
-    unreachable!()
-}
-
+/// The cluster from `stream` with a `window`-byte window, fed `chunk`
+/// bytes at a time (see [`crate::codec::test_harness::run`]).
 fn decode(
     window: usize,
     stream: &[u8],
     cluster: usize,
     chunk: usize,
 ) -> Result<Vec<u8>, DecodeError> {
-    let mut state = InflateState::new();
-    let mut buf = vec![0u8; window];
-    let mut dec = Inflate::new(&mut state, &mut buf);
-    run(&mut dec, stream, cluster, chunk)
+    let mut mem = Mem::new(window);
+    let mut dec = mem.decoder();
+    crate::codec::test_harness::run(&mut dec, Compression::Zlib, stream, cluster, chunk)
 }
-
-/// xorshift64
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// Compressible data with back-references of every reach: runs, text-like
-/// bytes from a small alphabet and copies from up to `reach` bytes back.
-fn sample(len: usize, reach: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        match rng.below(4) {
-            0 => {
-                let b = rng.next() as u8;
-                let n = 1 + rng.below(40);
-                v.extend(core::iter::repeat_n(b, n));
-            }
-            1 => {
-                for _ in 0..1 + rng.below(30) {
-                    v.push(b"etaoin shrdlu"[rng.below(13)]);
-                }
-            }
-            2 if v.len() > 8 => {
-                let back = 1 + rng.below(reach.min(v.len()));
-                let n = 3 + rng.below(60);
-                let from = v.len() - back;
-                for i in 0..n {
-                    v.push(v[from + i]);
-                }
-            }
-            _ => {
-                for _ in 0..1 + rng.below(8) {
-                    v.push(rng.next() as u8);
-                }
-            }
-        }
-    }
-    v.truncate(len);
-    v
-}
-
-const CLUSTERS: [usize; 13] = [
-    512,
-    1 << 10,
-    2 << 10,
-    4 << 10,
-    8 << 10,
-    16 << 10,
-    32 << 10,
-    64 << 10,
-    128 << 10,
-    256 << 10,
-    512 << 10,
-    1 << 20,
-    2 << 20,
-];
 
 #[test]
 fn every_cluster_size_flat_and_ring() {
-    for (i, &cluster) in CLUSTERS.iter().enumerate() {
+    for (i, cluster) in clusters() {
         let data = sample(cluster, 30_000, i as u64 + 7);
         for bits in [12u8, 15] {
             let stream = deflate(&data, bits, 6);
@@ -333,6 +197,17 @@ impl Bits {
             _ => self.code(0xc0 + sym - 280, 8),
         }
     }
+    /// A final fixed-Huffman block, begun with `literals` literals
+    /// `0, 1, ..` modulo `modulo`.
+    fn fixed_block(literals: usize, modulo: usize) -> Self {
+        let mut b = Bits::new();
+        b.put(1, 1); // BFINAL
+        b.put(1, 2); // fixed Huffman
+        for i in 0..literals {
+            b.fixed((i % modulo) as u32);
+        }
+        b
+    }
     fn finish(mut self) -> Vec<u8> {
         if self.n > 0 {
             self.out.push(self.acc as u8);
@@ -345,12 +220,7 @@ impl Bits {
 /// length 258 at distance `dist` (code and extra bits), repeated `matches`
 /// times, then end of block.
 fn with_match(literals: usize, dist: u32, matches: usize) -> Vec<u8> {
-    let mut b = Bits::new();
-    b.put(1, 1); // BFINAL
-    b.put(1, 2); // fixed Huffman
-    for i in 0..literals {
-        b.fixed((i % 251) as u32);
-    }
+    let mut b = Bits::fixed_block(literals, 251);
     // Distance code for `dist`.
     let (code, base, extra) = (0u32..30)
         .map(|c| {
@@ -422,12 +292,7 @@ fn invalid_code_right_after_the_cluster() {
     // The cluster ends on a literal; then an invalid distance code (30)
     // follows a length: zlib decodes it and fails, so must we.
     let cluster = 4096;
-    let mut b = Bits::new();
-    b.put(1, 1);
-    b.put(1, 2);
-    for i in 0..cluster {
-        b.fixed((i % 7) as u32);
-    }
+    let mut b = Bits::fixed_block(cluster, 7);
     b.fixed(257);
     b.code(30, 5);
     b.fixed(256);
@@ -440,12 +305,7 @@ fn invalid_code_right_after_the_cluster() {
         }
     }
     // An end of block there instead is fine.
-    let mut b = Bits::new();
-    b.put(1, 1);
-    b.put(1, 2);
-    for i in 0..cluster {
-        b.fixed((i % 7) as u32);
-    }
+    let mut b = Bits::fixed_block(cluster, 7);
     b.fixed(256);
     let good = b.finish();
     let want = reference(&good, cluster).expect("reference");
@@ -460,19 +320,14 @@ fn invalid_code_right_after_the_cluster() {
 #[test]
 fn mutated_streams_match_zlib() {
     let mut rng = Rng(0x5eed);
-    let mut differ = std::vec::Vec::new();
+    let mut differ = Vec::new();
     let rounds = std::env::var("INFLATE_ROUNDS").map_or(3000, |r| r.parse().unwrap_or(3000));
     for round in 0..rounds {
         let cluster = [512usize, 4096, 65536][round % 3];
         let data = sample(cluster + rng.below(2) * 100, 5000, round as u64);
         let mut stream = deflate(&data, if round % 2 == 0 { 12 } else { 15 }, 6);
-        for _ in 0..1 + rng.below(4) {
-            let i = rng.below(stream.len());
-            stream[i] ^= 1 << rng.below(8);
-        }
-        if rng.below(4) == 0 {
-            stream.truncate(rng.below(stream.len() + 1));
-        }
+        let flips = 1 + rng.below(4);
+        damage(&mut rng, &mut stream, flips);
         let why = reference_why(&stream, cluster);
         let tolerated = matches!(&why, Err(m) if m.contains(MISSING_EOB))
             || why.is_ok() && too_far_right_after(&stream, cluster);

@@ -4,181 +4,31 @@
 
 extern crate std;
 
-use std::vec;
 use std::vec::Vec;
 
-use ::zstd::zstd_safe::{self, CCtx, CParameter, DCtx, InBuffer, OutBuffer};
-
 use super::*;
+use crate::codec::test_harness::zstd::{frame, reference, Mem};
+use crate::codec::test_harness::{clusters, damage, Rng};
 
-/// A frame as QEMU writes it: one `ZSTD_compressStream2(e_end)` (content
-/// size in the header, single segment), at `level`, with or without a
-/// checksum.
-fn frame(data: &[u8], level: i32, checksum: bool) -> Vec<u8> {
-    let mut cctx = CCtx::create();
-    cctx.set_parameter(CParameter::CompressionLevel(level))
-        .expect("level");
-    cctx.set_parameter(CParameter::ChecksumFlag(checksum))
-        .expect("checksum");
-    let mut out = vec![0u8; data.len() + data.len() / 8 + 1024];
-    let mut output = OutBuffer::around(&mut out[..]);
-    let mut input = InBuffer::around(data);
-    let left = cctx
-        .compress_stream2(
-            &mut output,
-            &mut input,
-            zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
-        )
-        .expect("compress");
-    assert_eq!(left, 0);
-    let n = output.pos();
-    out.truncate(n);
-    out
-}
-
-/// QEMU's read (`qcow2_zstd_decompress`) with libzstd.
-fn reference(stream: &[u8], cluster: usize) -> Option<Vec<u8>> {
-    let mut dctx = DCtx::create();
-    let mut out = vec![0u8; cluster];
-    let mut output = OutBuffer::around(&mut out[..]);
-    let mut input = InBuffer::around(stream);
-    let mut ret = 0;
-    while output.pos() < cluster {
-        let (i, o) = (input.pos(), output.pos());
-        ret = dctx.decompress_stream(&mut output, &mut input).ok()?;
-        if input.pos() <= i && output.pos() <= o {
-            return None;
-        }
-    }
-    (ret == 0).then_some(out)
-}
-
-/// Memory for one decoder.
-struct Mem {
-    tables: std::boxed::Box<ZstdTables>,
-    history: Vec<u8>,
-    block: Vec<u8>,
-    literals: Vec<u8>,
-}
-
-impl Mem {
-    fn new(history: usize, scratch: usize) -> Self {
-        Mem {
-            tables: std::boxed::Box::new(ZstdTables::new()),
-            history: vec![0; history],
-            block: vec![0; scratch],
-            literals: vec![0; scratch],
-        }
-    }
-    fn decoder(&mut self) -> Zstd<'_> {
-        Zstd::new(
-            &mut self.tables,
-            &mut self.history,
-            &mut self.block,
-            &mut self.literals,
-        )
-    }
-}
-
-/// Drives `dec` as the core does, `chunk` bytes a step.
+/// The cluster from `stream` through `dec`, fed `chunk` bytes at a time
+/// (see [`crate::codec::test_harness::run`]).
 fn run(
     dec: &mut Zstd<'_>,
     stream: &[u8],
     cluster: usize,
     chunk: usize,
 ) -> Result<Vec<u8>, DecodeError> {
-    dec.start(Compression::Zstd, cluster)?;
-    let mut out = Vec::new();
-    let pieces: Vec<&[u8]> = if stream.is_empty() {
-        vec![&[]]
-    } else {
-        stream.chunks(chunk).collect()
-    };
-    for (i, mut bytes) in pieces.iter().copied().enumerate() {
-        let last = i + 1 == pieces.len();
-        while out.len() < cluster {
-            let step = dec.step(bytes, last)?;
-            assert!(step.consumed <= bytes.len());
-            out.extend_from_slice(step.output);
-            assert!(out.len() <= cluster, "more than a cluster");
-            if step.consumed == 0 && step.output.is_empty() {
-                assert!(bytes.is_empty() || last, "stalled with input left");
-                break;
-            }
-            bytes = &bytes[step.consumed..];
-        }
-        if out.len() == cluster {
-            return Ok(out);
-        }
-    }
-    Err(DecodeError::Corrupt("short"))
+    crate::codec::test_harness::run(dec, Compression::Zstd, stream, cluster, chunk)
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
+/// Data to compress, with copies from up to 100,000 bytes back.
 fn sample(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        match rng.below(4) {
-            0 => {
-                let b = rng.next() as u8;
-                let n = 1 + rng.below(40);
-                v.extend(core::iter::repeat_n(b, n));
-            }
-            1 => {
-                for _ in 0..1 + rng.below(30) {
-                    v.push(b"etaoin shrdlu"[rng.below(13)]);
-                }
-            }
-            2 if v.len() > 8 => {
-                let back = 1 + rng.below(v.len().min(100_000));
-                let from = v.len() - back;
-                for i in 0..3 + rng.below(60) {
-                    v.push(v[from + i]);
-                }
-            }
-            _ => {
-                for _ in 0..1 + rng.below(8) {
-                    v.push(rng.next() as u8);
-                }
-            }
-        }
-    }
-    v.truncate(len);
-    v
+    crate::codec::test_harness::sample(len, 100_000, seed)
 }
-
-const CLUSTERS: [usize; 13] = [
-    512,
-    1 << 10,
-    2 << 10,
-    4 << 10,
-    8 << 10,
-    16 << 10,
-    32 << 10,
-    64 << 10,
-    128 << 10,
-    256 << 10,
-    512 << 10,
-    1 << 20,
-    2 << 20,
-];
 
 #[test]
 fn every_cluster_size_with_one_cluster_of_history() {
-    for (i, &cluster) in CLUSTERS.iter().enumerate() {
+    for (i, cluster) in clusters() {
         let mut mem = Mem::new(cluster, scratch_bytes(cluster));
         let mut dec = mem.decoder();
         // Several clusters through one decoder, with and without checksums.
@@ -312,13 +162,8 @@ fn damaged_frames_never_decode_differently() {
         let cluster = [512usize, 4096, 65536][round % 3];
         let data = sample(cluster, round as u64 + 5);
         let mut stream = frame(&data, [1, 3, 9, 19][rng.below(4)], rng.below(2) == 0);
-        for _ in 0..rng.below(5) {
-            let i = rng.below(stream.len());
-            stream[i] ^= 1 << rng.below(8);
-        }
-        if rng.below(4) == 0 {
-            stream.truncate(rng.below(stream.len() + 1));
-        }
+        let flips = rng.below(5);
+        damage(&mut rng, &mut stream, flips);
         if rng.below(4) == 0 {
             stream.extend_from_slice(&[0; 300]);
         }
