@@ -613,21 +613,22 @@ fn w5_reftable_growth() {
     // 0x400. The cache is warm (the writes before left the L1 and L2
     // slices of the measured guest cluster in it).
     let write = Counts {
-        // The old table (1 sector) copied; the new table's sector that
-        // gets the new block's entry, read back after being zeroed; the
-        // header sector (read-modify-write); the new table's slice and
-        // refcount block 0 to free the old table (rule 4).
-        reads: 5,
-        sectors_read: 5,
+        // The old table (1 sector) copied; the header sector
+        // (read-modify-write); the new table's slice and refcount block 0
+        // to free the old table (rule 4). The new block's entry is written
+        // whole (engine/tables.rs), not zeroed, read back and patched.
+        reads: 4,
+        sectors_read: 4,
         // New refcount block 0x800000 (covering itself and the new
         // table), the old table's copy 0x800200, the new entry 0x800400,
         // the header, and the guest data, which lands in the old table's
         // cluster 0x200, free again.
         writes: 5,
         sectors_written: 5,
-        // The new block before it is filled in, the new table's tail.
-        write_zeros: 2,
-        sectors_zeroed: 2,
+        // The new block before it is filled in (the new table has no
+        // tail past the copy and the new entry's sector).
+        write_zeros: 1,
+        sectors_zeroed: 1,
         // Rule 4: after the new block and table; after the header.
         flushes: 2,
         // Host clusters 16384..16387 at once.

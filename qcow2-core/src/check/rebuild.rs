@@ -20,7 +20,8 @@ use super::Walk;
 use crate::cache::SlotStorage;
 use crate::engine::geometry::Geometry;
 use crate::engine::header_io;
-use crate::engine::Engine;
+use crate::engine::relocate::Structure;
+use crate::engine::{tables, Engine};
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
 use crate::{BlockDevice, Error, SECTOR};
 
@@ -320,20 +321,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             return Ok(());
         };
         self.zero_clusters(start, p.end - start).await?;
-        let mut j = 0;
-        while j < p.blocks {
-            self.scratch = [0; SECTOR];
-            let base = j;
-            while j < p.blocks
-                && (j >> TABLE_ENTRIES_PER_SECTOR_BITS) == (base >> TABLE_ENTRIES_PER_SECTOR_BITS)
-            {
-                self.set_table_entry(j, start + j)?;
-                j += 1;
-            }
-            self.store_scratch(table_sector + (base >> TABLE_ENTRIES_PER_SECTOR_BITS))
-                .await?;
-        }
-        Ok(())
+        let bits = self.geo.cluster_bits;
+        let (dev, buf) = (&mut self.dev, &mut self.scratch);
+        tables::write_entries(dev, buf, table_sector, p.blocks, |j| (start + j) << bits).await
     }
 
     /// Sets refcount table entry `j` (in the scratch sector holding it) to
@@ -404,8 +394,13 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
         self.cache.flush_device(&mut self.dev).await?;
         self.cache.forget_refcounts()?;
-        self.switch_reftable(self.geo.reftable_offset, table_clusters)
-            .await
+        // Provisional geometry: restored from the header for the switch.
+        let table = self.geo.reftable_offset;
+        self.geo = Geometry::new(&self.header);
+        let structure = Structure::RefcountTable {
+            clusters: table_clusters,
+        };
+        self.relocate(structure, table, false).await
     }
 
     /// Writes the counted refcounts of clusters `[first, stop)` into the new

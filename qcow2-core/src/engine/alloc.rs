@@ -3,7 +3,8 @@
 
 use crate::cache::SlotStorage;
 use crate::cache::{Kind, Order};
-use crate::engine::Engine;
+use crate::engine::relocate::Structure;
+use crate::engine::{tables, Engine};
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::{BlockDevice, Error, SECTOR};
 
@@ -121,36 +122,17 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         used_from: u64,
         used_to: u64,
     ) -> Result<(), Error<D::Error>> {
-        let order = self.geo.refcount_order;
-        // 4096 bits per sector: 2^(12 - order) entries.
-        let per_sector_bits = 12 - order;
-        let per_sector = 1u64 << per_sector_bits;
-        let sectors = self.geo.cluster_sectors();
         let first = host / SECTOR as u64;
         self.dev
-            .write_zeros(first, sectors)
+            .write_zeros(first, self.geo.cluster_sectors())
             .await
             .map_err(Error::Io)?;
         self.cache.note_device_write();
         let from = used_from.max(covers);
         let to = used_to.min(covers + self.geo.refblock_entries);
-        let mut cluster = from;
-        while cluster < to {
-            let sector = (cluster - covers) >> per_sector_bits;
-            let sector_start = covers + (sector << per_sector_bits);
-            self.scratch = [0; SECTOR];
-            let end = to.min(sector_start + per_sector);
-            for c in cluster..end {
-                refcount::set(&mut self.scratch, order, (c - sector_start) as usize, 1)
-                    .ok_or(Error::Internal("refcount block layout"))?;
-            }
-            self.dev
-                .write(first + sector, core::slice::from_ref(&self.scratch))
-                .await
-                .map_err(Error::Io)?;
-            cluster = end;
-        }
-        Ok(())
+        let order = self.geo.refcount_order;
+        let (dev, buf) = (&mut self.dev, &mut self.scratch);
+        tables::write_ones(dev, buf, first, order, from - covers, to - covers).await
     }
 
     /// Moves the refcount table to a larger one placed, with the refcount
@@ -203,48 +185,26 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
                 .await
                 .map_err(Error::Io)?;
         }
+        // Entries for the new blocks, then zeros to the table's end.
+        let (dev, buf) = (&mut self.dev, &mut self.scratch);
+        let first_new = new_first + old_sectors;
+        tables::write_entries(dev, buf, first_new, blocks, |j| (start + j) * cs).await?;
+        let written = old_sectors + tables::entry_sectors(blocks);
         let total_sectors = table_clusters * self.geo.cluster_sectors();
-        self.dev
-            .write_zeros(new_first + old_sectors, total_sectors - old_sectors)
-            .await
-            .map_err(Error::Io)?;
-        for j in 0..blocks {
-            let at = (old_entries + j) * 8;
-            let sector = new_first + at / SECTOR as u64;
-            let buf = core::slice::from_mut(&mut self.scratch);
-            self.dev.read(sector, buf).await.map_err(Error::Io)?;
-            let i = (at % SECTOR as u64) as usize;
-            let bytes = (start + j) * cs;
-            self.scratch
-                .get_mut(i..i + 8)
-                .ok_or(Error::Internal("refcount table layout"))?
-                .copy_from_slice(&bytes.to_be_bytes());
+        if total_sectors > written {
             self.dev
-                .write(sector, core::slice::from_ref(&self.scratch))
+                .write_zeros(new_first + written, total_sectors - written)
                 .await
                 .map_err(Error::Io)?;
         }
-        self.cache.flush_device(&mut self.dev).await?;
-
-        let old_table = self.geo.reftable_offset;
-        self.switch_reftable(table, table_clusters as u32).await?;
+        let structure = Structure::RefcountTable {
+            clusters: table_clusters as u32,
+        };
+        self.relocate(structure, table, true).await?;
         info!(
             "qcow2: refcount table moved to {=u64:#x}, {=u64} clusters",
             table, table_clusters
         );
-        self.cache.forget_range(old_table, old_clusters * cs)?;
-
-        // Nothing points at the old table any more: free its clusters (rule 4).
-        let first_old = self.geo.cluster_of(old_table);
-        for c in first_old..first_old + old_clusters {
-            let count = self.refcount(c).await?;
-            let dropped = count.checked_sub(1).ok_or(Error::corrupt(
-                "refcount table cluster with refcount 0",
-                c * cs,
-            ))?;
-            self.set_refcount(c, dropped).await?;
-        }
-        self.free_hint = self.free_hint.min(first_old);
         Ok(())
     }
 }

@@ -19,6 +19,10 @@ mod names;
 pub(crate) mod refcount;
 #[cfg(feature = "write")]
 pub(crate) mod release;
+#[cfg(feature = "write")]
+pub(crate) mod relocate;
+#[cfg(feature = "write")]
+pub(crate) mod tables;
 
 use crate::cache::{Cache, SlotStorage};
 #[cfg(feature = "write")]
@@ -178,22 +182,6 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         self.flush().await?;
         self.update_header(&|h| h.incompatible_features &= !bits)
             .await
-    }
-
-    /// Switches the image to a new refcount table, already written and
-    /// flushed (rule 4): the header on disk, flushed, then in memory; on
-    /// failure memory keeps the old table, as the disk may.
-    #[cfg(feature = "write")]
-    pub(crate) async fn switch_reftable(
-        &mut self,
-        offset: u64,
-        clusters: u32,
-    ) -> Result<(), Error<D::Error>> {
-        self.update_header(&|h| {
-            h.refcount_table_offset = offset;
-            h.refcount_table_clusters = clusters;
-        })
-        .await
     }
 
     #[cfg(feature = "write")]

@@ -3,6 +3,7 @@
 use core::future::Future;
 
 use crate::cache::SlotStorage;
+use crate::engine::tables;
 use crate::format::entry::COPIED;
 use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
 use crate::format::{
@@ -275,48 +276,26 @@ async fn format<D: BlockDevice>(
             .map_err(Error::Io)?;
     }
 
-    // Refcount table entries, a sector at a time.
-    let per_sector = (SECTOR / 8) as u64;
-    let mut j = 0;
-    while j < layout.refblock_count {
-        sector = [0; SECTOR];
-        let first = j;
-        while j < layout.refblock_count && j - first < per_sector {
-            let at = ((j - first) * 8) as usize;
-            let host = (layout.refblocks + j) * cs;
-            sector
-                .get_mut(at..at + 8)
-                .ok_or(Error::Internal("refcount table layout"))?
-                .copy_from_slice(&host.to_be_bytes());
-            j += 1;
-        }
-        // 64 entries per sector.
-        let at = layout.reftable * cluster_sectors + (first >> 6);
-        dev.write(at, core::slice::from_ref(&sector))
-            .await
-            .map_err(Error::Io)?;
-    }
-
-    // Refcount 1 for every cluster the metadata occupies.
-    let order = options.refcount_order;
-    // 4096 bits per sector: 2^(12 - order) entries.
-    let per_sector_bits = 12 - order;
-    let per_sector = 1u64 << per_sector_bits;
-    let mut cluster = 0;
-    while cluster < layout.total {
-        sector = [0; SECTOR];
-        let first = cluster;
-        while cluster < layout.total && cluster - first < per_sector {
-            refcount::set(&mut sector, order, (cluster - first) as usize, 1)
-                .ok_or(Error::Internal("refcount block layout"))?;
-            cluster += 1;
-        }
-        // Blocks are contiguous, so entry n lives at sector n / per_sector.
-        let at = layout.refblocks * cluster_sectors + (first >> per_sector_bits);
-        dev.write(at, core::slice::from_ref(&sector))
-            .await
-            .map_err(Error::Io)?;
-    }
+    // Refcount table entries, then refcount 1 for every cluster the
+    // metadata occupies (the blocks are contiguous).
+    let refblocks = layout.refblocks;
+    tables::write_entries(
+        dev,
+        &mut sector,
+        layout.reftable * cluster_sectors,
+        layout.refblock_count,
+        |j| (refblocks + j) * cs,
+    )
+    .await?;
+    tables::write_ones(
+        dev,
+        &mut sector,
+        layout.refblocks * cluster_sectors,
+        options.refcount_order,
+        0,
+        layout.total,
+    )
+    .await?;
     if layout.l2_tables > 0 {
         preallocate(dev, &layout, options).await?;
     }
@@ -334,34 +313,10 @@ async fn preallocate<D: BlockDevice>(
     let cs = 1u64 << options.cluster_bits;
     let cluster_sectors = cs / SECTOR as u64;
     let guest_clusters = shr_ceil(options.size, options.cluster_bits);
-    // Writes `count` table entries, `entry(n)` for each, from sector
-    // `first` on, a sector at a time.
-    async fn entries<D: BlockDevice>(
-        dev: &mut D,
-        first: u64,
-        count: u64,
-        entry: impl Fn(u64) -> u64,
-    ) -> Result<(), Error<D::Error>> {
-        let per_sector = (SECTOR / 8) as u64;
-        let mut sector: Sector = [0; SECTOR];
-        let mut n = 0;
-        while n < count {
-            sector.fill(0);
-            for (i, slot) in sector.chunks_exact_mut(8).enumerate() {
-                let at = n + i as u64;
-                if at < count {
-                    slot.copy_from_slice(&entry(at).to_be_bytes());
-                }
-            }
-            dev.write(first + (n >> 6), core::slice::from_ref(&sector))
-                .await
-                .map_err(Error::Io)?;
-            n += per_sector;
-        }
-        Ok(())
-    }
+    let mut sector: Sector = [0; SECTOR];
     let l2 = layout.l2;
-    entries(dev, layout.l1 * cluster_sectors, layout.l2_tables, |j| {
+    let l1 = layout.l1 * cluster_sectors;
+    tables::write_entries(dev, &mut sector, l1, layout.l2_tables, |j| {
         COPIED | ((l2 + j) * cs)
     })
     .await?;
@@ -369,7 +324,8 @@ async fn preallocate<D: BlockDevice>(
     for j in 0..layout.l2_tables {
         let first = j * l2_entries;
         let count = guest_clusters.saturating_sub(first).min(l2_entries);
-        entries(dev, (l2 + j) * cluster_sectors, count, |i| {
+        let table = (l2 + j) * cluster_sectors;
+        tables::write_entries(dev, &mut sector, table, count, |i| {
             COPIED | ((first + i) * cs)
         })
         .await?;
