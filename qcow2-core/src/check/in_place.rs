@@ -125,7 +125,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
 
     /// The device's whole clusters: a partial last cluster holds no block.
     fn whole_clusters(&self) -> u64 {
-        self.dev.sector_count() >> (self.geo.cluster_bits - 9)
+        self.dev.sector_count() >> (self.geo.cluster_sector_bits())
     }
 
     /// Makes table entry `i` point at a zeroed refcount block that nothing
@@ -157,7 +157,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
 
     /// Sets refcount table entry `i` through the cache.
     async fn set_reftable_entry(&mut self, i: u64, value: u64) -> Result<(), Error<D::Error>> {
-        let at = self.geo.reftable_offset + i * 8;
+        let at = self.geo.reftable_entry_at(i);
         self.cache
             .write_u64(&mut self.dev, at, Kind::RefTable, value)
             .await

@@ -19,6 +19,7 @@
 use super::Walk;
 use crate::cache::SlotStorage;
 use crate::engine::geometry::Geometry;
+use crate::engine::geometry::ENTRY_BYTES;
 use crate::engine::header_io;
 use crate::engine::relocate::Structure;
 use crate::engine::{tables, Engine};
@@ -300,7 +301,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         w: &mut Walk<'_>,
         p: &Placement,
     ) -> Result<(), Error<D::Error>> {
-        let table_sector = p.table << (self.geo.cluster_bits - 9);
+        let table_sector = self.geo.cluster_sector(p.table);
         let Some(start) = p.run else {
             self.zero_clusters(p.table, p.table_clusters).await?;
             let (mut walked, mut from) = (false, 1);
@@ -361,7 +362,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             return Ok(start + j);
         }
         let mut raw = [0u8; 8];
-        let at = (p.table << self.geo.cluster_bits) + j * 8;
+        let at = (p.table << self.geo.cluster_bits) + j * ENTRY_BYTES;
         header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut raw).await?;
         Ok(self.geo.cluster_of(u64::from_be_bytes(raw)))
     }
@@ -414,7 +415,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     ) -> Result<(), Error<D::Error>> {
         let order = self.geo.refcount_order;
         let block_bits = self.geo.refblock_bits;
-        let sector_bits = self.geo.cluster_bits - 9;
+        let sector_bits = self.geo.cluster_sector_bits();
         let per_sector_bits = refcount::entries_in(SECTOR as u64, order).trailing_zeros();
         let mut loaded = u64::MAX;
         // Index and cluster of the block in use.

@@ -5,6 +5,7 @@ use super::{Finding, Fix, Walk};
 use crate::cache::Kind;
 use crate::cache::SlotStorage;
 use crate::check::CheckReport;
+use crate::engine::geometry::ENTRY_BYTES;
 use crate::engine::Engine;
 use crate::format::{incompatible, L1Entry, L2Entry};
 use crate::{BlockDevice, Error};
@@ -134,7 +135,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let cs = self.geo.cluster_size;
         let mut fixed = 0;
         for i in 0..self.geo.l1_entries {
-            let at = self.geo.l1_offset + i * 8;
+            let at = self.geo.l1_entry_at(i);
             let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
             let l2 = L1Entry(raw).l2_offset();
             if l2 == 0 || !self.valid_clusters(l2, cs) {
@@ -154,7 +155,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
                 continue;
             }
             for j in 0..self.geo.l2_entries {
-                let at = l2 + j * 8;
+                let at = l2 + j * ENTRY_BYTES;
                 let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
                 let host = match self.decode_l2(raw) {
                     L2Entry::Data { offset, .. } => offset,

@@ -4,6 +4,7 @@
 use super::{Finding, Walk};
 use crate::cache::Kind;
 use crate::cache::SlotStorage;
+use crate::engine::geometry::ENTRY_BYTES;
 use crate::engine::header_io;
 use crate::engine::Engine;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
@@ -102,7 +103,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Counts every reference in the image once.
     pub(super) async fn walk(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
         w.count(0);
-        self.count_range(w, self.geo.l1_offset, self.geo.l1_entries * 8);
+        self.count_range(w, self.geo.l1_offset, self.geo.l1_bytes());
         if !w.skip_refcount_structures {
             let (table, bytes) = (self.geo.reftable_offset, self.geo.reftable_bytes());
             if !self.count_range(w, table, bytes) && w.audit {
@@ -174,16 +175,16 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             let name_len = u64::from(be32(&entry, 16) & 0xffff);
             let extra = u64::from(be32(&entry, 20));
             if table_size > 0 {
-                if !self.valid_clusters(table, table_size * 8) {
+                if !self.valid_clusters(table, table_size * ENTRY_BYTES) {
                     w.entry_error();
                 } else {
-                    self.count_range(w, table, table_size * 8);
+                    self.count_range(w, table, table_size * ENTRY_BYTES);
                     for i in 0..table_size {
                         let mut raw = [0u8; 8];
                         header_io::read_bytes(
                             &mut self.dev,
                             &mut self.scratch,
-                            table + i * 8,
+                            table + i * ENTRY_BYTES,
                             &mut raw,
                         )
                         .await?;
@@ -208,7 +209,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             if entry.extra_len > MAX_SNAPSHOT_EXTRA {
                 return Err(Error::corrupt("snapshot extra data too large", at));
             }
-            let l1_bytes = u64::from(entry.l1_size) * 8;
+            let l1_bytes = u64::from(entry.l1_size) * ENTRY_BYTES;
             if !self.valid_clusters(entry.l1_table_offset, l1_bytes.max(1)) {
                 w.entry_error();
             } else {
@@ -235,7 +236,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     ) -> Result<(), Error<D::Error>> {
         let cs = self.geo.cluster_size;
         for i in 0..entries {
-            let at = l1 + i * 8;
+            let at = l1 + i * ENTRY_BYTES;
             let Some(raw) = self.walk_read(at, Kind::L1).await? else {
                 // A snapshot's L1 table that is also another table.
                 w.entry_error();
@@ -321,7 +322,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         // As QEMU, contiguity is judged within one L2 table.
         let mut next_contiguous = 0;
         for j in 0..self.geo.l2_entries {
-            let at = l2 + j * 8;
+            let at = l2 + j * ENTRY_BYTES;
             let Some(mut raw) = self.walk_read(at, Kind::L2).await? else {
                 return Ok(false);
             };
@@ -466,7 +467,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Raw refcount table entry `i`; entries past the end of the device
     /// read as zeros.
     pub(super) async fn reftable_raw(&mut self, i: u64) -> Result<u64, Error<D::Error>> {
-        let at = self.geo.reftable_offset + i * 8;
+        let at = self.geo.reftable_entry_at(i);
         if at >= self.dev_clusters << self.geo.cluster_bits {
             return Ok(0);
         }

@@ -107,7 +107,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             .await?;
         // The block must be durable before the table points at it (rule 3).
         self.cache.flush_device(&mut self.dev).await?;
-        let at = self.geo.reftable_offset + index * 8;
+        let at = self.geo.reftable_entry_at(index);
         self.cache
             .write_u64(&mut self.dev, at, Kind::RefTable, host)
             .await
@@ -130,6 +130,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         self.cache.note_device_write();
         let from = used_from.max(covers);
         let to = used_to.min(covers + self.geo.refblock_entries);
+        if to <= from {
+            // The used clusters lie outside this block's range.
+            return Ok(());
+        }
         let order = self.geo.refcount_order;
         let (dev, buf) = (&mut self.dev, &mut self.scratch);
         tables::write_ones(dev, buf, first, order, from - covers, to - covers).await

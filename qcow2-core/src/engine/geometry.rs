@@ -4,6 +4,10 @@
 use crate::format::{header::overlaps, Header, Version};
 use crate::SECTOR;
 
+/// Bytes of an L1, L2 or refcount table entry (extended L2 entries, 16
+/// bytes, are not supported yet).
+pub(crate) const ENTRY_BYTES: u64 = 8;
+
 /// Layout numbers derived from the header, kept current as tables move.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geometry {
@@ -68,12 +72,69 @@ impl Geometry {
     }
 
     pub(crate) const fn reftable_bytes(&self) -> u64 {
-        self.reftable_entries * 8
+        self.reftable_entries * ENTRY_BYTES
+    }
+
+    /// Bytes of the L1 table.
+    pub(crate) const fn l1_bytes(&self) -> u64 {
+        self.l1_entries * ENTRY_BYTES
+    }
+
+    /// Host byte of L1 entry `index`.
+    pub(crate) const fn l1_entry_at(&self, index: u64) -> u64 {
+        self.l1_offset + index * ENTRY_BYTES
+    }
+
+    /// Host byte of refcount table entry `index`.
+    pub(crate) const fn reftable_entry_at(&self, index: u64) -> u64 {
+        self.reftable_offset + index * ENTRY_BYTES
+    }
+
+    /// Host byte of guest cluster `guest`'s entry in the L2 table at `l2`.
+    pub(crate) const fn l2_entry_at(&self, l2: u64, guest: u64) -> u64 {
+        l2 + (guest & (self.l2_entries - 1)) * ENTRY_BYTES
+    }
+
+    /// log2 of the sectors in a cluster.
+    pub(crate) const fn cluster_sector_bits(&self) -> u32 {
+        self.cluster_bits - 9
     }
 
     /// Sectors per cluster.
     pub(crate) const fn cluster_sectors(&self) -> u64 {
-        1 << (self.cluster_bits - 9)
+        1 << self.cluster_sector_bits()
+    }
+
+    /// The first sector of cluster `cluster` (guest or host).
+    pub(crate) const fn cluster_sector(&self, cluster: u64) -> u64 {
+        cluster << self.cluster_sector_bits()
+    }
+
+    /// The cluster holding sector `sector` (guest or host).
+    pub(crate) const fn sector_cluster(&self, sector: u64) -> u64 {
+        sector >> self.cluster_sector_bits()
+    }
+
+    /// log2 of the subclusters in a cluster: 0 for standard L2 entries
+    /// (a cluster is its one subcluster); extended L2 entries will have 32.
+    pub(crate) const fn subcluster_bits(&self) -> u32 {
+        0
+    }
+
+    /// The subclusters that cluster sectors `[skip, end)` touch, as a bit
+    /// mask (bit `i`: subcluster `i`); 0 for an empty range.
+    pub(crate) const fn subcluster_mask(&self, skip: u64, end: u64) -> u32 {
+        if end <= skip {
+            return 0;
+        }
+        let shift = self.cluster_sector_bits() - self.subcluster_bits();
+        let (first, last) = (skip >> shift, (end - 1) >> shift);
+        let upto = if last >= 31 {
+            u32::MAX
+        } else {
+            (2 << last) - 1
+        };
+        upto & !((1u32 << first) - 1)
     }
 
     /// The cluster index of host byte `offset`.
@@ -101,6 +162,6 @@ impl Geometry {
     /// Whether host range `[offset, offset+len)` touches the header cluster
     /// or the L1 table.
     pub(crate) fn hits_header_or_l1(&self, offset: u64, len: u64) -> bool {
-        offset < self.cluster_size || overlaps(offset, len, self.l1_offset, self.l1_entries * 8)
+        offset < self.cluster_size || overlaps(offset, len, self.l1_offset, self.l1_bytes())
     }
 }

@@ -59,7 +59,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         if index >= self.geo.l1_entries {
             return Err(Error::OutOfRange);
         }
-        Ok(self.geo.l1_offset + index * 8)
+        Ok(self.geo.l1_entry_at(index))
     }
 
     /// Host offset of the L2 table covering guest cluster `guest`, 0 if none.
@@ -130,7 +130,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         l2: u64,
         guest: u64,
     ) -> Result<(L2Entry, u64, u64), Error<D::Error>> {
-        let at = l2 + (guest & (self.geo.l2_entries - 1)) * 8;
+        let at = self.geo.l2_entry_at(l2, guest);
         let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
         if !self.geo.v3 && raw & ZERO != 0 && raw & COMPRESSED == 0 {
             // QEMU refuses the zero flag in a v2 image the same way.

@@ -33,7 +33,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         if index >= self.geo.reftable_entries {
             return Ok(0);
         }
-        let at = self.geo.reftable_offset + index * 8;
+        let at = self.geo.reftable_entry_at(index);
         if at >= self.dev_clusters << self.geo.cluster_bits {
             // A refcount table past the end of the device (only a read-only
             // or repair open gets here) reads as zeros, as it would in QEMU.

@@ -142,7 +142,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     async fn is_table_cluster(&mut self, cluster: u64) -> Result<bool, Error<D::Error>> {
         let host = cluster << self.geo.cluster_bits;
         for i in 0..self.geo.l1_entries {
-            let at = self.geo.l1_offset + i * 8;
+            let at = self.geo.l1_entry_at(i);
             let raw = self.cache.read_u64(&mut self.dev, at, Kind::L1).await?;
             if L1Entry(raw).l2_offset() == host {
                 return Ok(true);
@@ -150,7 +150,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
         let covering = (self.dev_clusters >> self.geo.refblock_bits) + 1;
         for i in 0..self.geo.reftable_entries.min(covering) {
-            let at = self.geo.reftable_offset + i * 8;
+            let at = self.geo.reftable_entry_at(i);
             let raw = self
                 .cache
                 .read_u64(&mut self.dev, at, Kind::RefTable)

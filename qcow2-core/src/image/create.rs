@@ -3,6 +3,7 @@
 use core::future::Future;
 
 use crate::cache::SlotStorage;
+use crate::engine::geometry::ENTRY_BYTES;
 use crate::engine::tables;
 use crate::format::entry::COPIED;
 use crate::format::header::{ExternalFiles, HeaderArea, V2_LENGTH, V3_LENGTH};
@@ -125,12 +126,12 @@ impl Layout {
         let cs = 1u64 << o.cluster_bits;
         // One L1 entry maps cs / 8 clusters of cs bytes.
         let l1_entries = shr_ceil(o.size, 2 * o.cluster_bits - 3);
-        if l1_entries * 8 > MAX_L1_BYTES || l1_entries > u64::from(u32::MAX) {
+        if l1_entries * ENTRY_BYTES > MAX_L1_BYTES || l1_entries > u64::from(u32::MAX) {
             return Err(Error::InvalidArgument(
                 "size too large for this cluster size",
             ));
         }
-        let l1_clusters = shr_ceil(l1_entries * 8, o.cluster_bits);
+        let l1_clusters = shr_ceil(l1_entries * ENTRY_BYTES, o.cluster_bits);
         let l2_tables = if preallocated { l1_entries } else { 0 };
         let per_block = refcount::entries_in(cs, o.refcount_order);
         // The refcount structures start after the header and must cover the

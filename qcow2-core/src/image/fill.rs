@@ -12,22 +12,6 @@ use crate::image::backing::Backing;
 use crate::image::decompress::DecodeProbe;
 use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
 
-/// Where the old contents of a cluster being (re)allocated come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fill {
-    /// Zeros (an unallocated cluster without backing data, a zero cluster).
-    Zeros,
-    /// The backing device, at the cluster's guest offset.
-    Backing,
-    /// A compressed cluster: `len` bytes at host byte `host`.
-    Compressed {
-        /// Host byte offset of the stream.
-        host: u64,
-        /// Upper bound of its length.
-        len: u64,
-    },
-}
-
 /// Where decompressed output goes.
 pub(crate) enum Target<'a> {
     /// Into `out`, which holds the cluster's sectors from sector `first`.
@@ -136,7 +120,7 @@ where
     /// Whether guest cluster `guest` has data in the backing device (else
     /// it reads as zeros when unallocated). False without a backing.
     pub(crate) fn backing_covers(&self, guest: u64) -> bool {
-        let first = guest << (self.engine.geo.cluster_bits - 9);
+        let first = self.engine.geo.cluster_sector(guest);
         self.backing.sector_count() > first
     }
 

@@ -71,7 +71,7 @@ where
             // flag: nothing is discarded (QEMU's qcow2_co_pdiscard).
             return Ok(());
         }
-        let bits = self.engine.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_sector_bits();
         let mask = self.engine.geo.cluster_sectors() - 1;
         let start = (first + mask) >> bits;
         // The disk's last cluster may be partial: reaching the end covers it.
@@ -118,7 +118,7 @@ where
                 .map_err(Error::Io)?;
             self.engine.cache.note_device_write();
         }
-        let bits = self.engine.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_sector_bits();
         let cluster_sectors = self.engine.geo.cluster_sectors();
         let mut sector = first;
         while sector < end {
@@ -150,7 +150,7 @@ where
         from: u64,
         to: u64,
     ) -> Result<bool, Error<D::Error>> {
-        let bits = self.engine.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_sector_bits();
         let first = guest << bits;
         let end = (first + self.engine.geo.cluster_sectors()).min(self.engine.geo.sectors);
         let (mapping, _) = self.engine.map_run(first, 1).await?;

@@ -17,6 +17,8 @@ pub(crate) use open::Prepare;
 #[cfg(feature = "write")]
 mod pack;
 #[cfg(feature = "write")]
+mod plan;
+#[cfg(feature = "write")]
 mod write;
 
 use core::future::Future;

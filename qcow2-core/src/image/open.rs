@@ -301,7 +301,7 @@ where
 
         let geo = Geometry::new(&header);
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
-        if geo.l1_entries > 0 && geo.l1_offset + geo.l1_entries * 8 > dev_bytes {
+        if geo.l1_entries > 0 && geo.l1_offset + geo.l1_bytes() > dev_bytes {
             return Err(Error::corrupt(
                 "L1 table beyond the end of the image",
                 geo.l1_offset,

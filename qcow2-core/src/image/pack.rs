@@ -39,7 +39,7 @@ where
         guest: u64,
         data: &[u8],
     ) -> Result<(), Error<D::Error>> {
-        let bits = self.engine.geo.cluster_bits - 9;
+        let bits = self.engine.geo.cluster_sector_bits();
         let first = guest.checked_shl(bits).ok_or(Error::OutOfRange)?;
         let count = self
             .engine

@@ -1,4 +1,7 @@
-//! The write path: in-place overwrites and allocating writes.
+//! The write path, as plan, execute, commit (see [`crate::image::plan`]):
+//! prepare maps each cluster of a batch and allocates what the plan asks
+//! for; execution writes guest data only; commit links new clusters into
+//! their L2 tables and releases what they replaced.
 
 use crate::cache::Kind;
 use crate::cache::SlotStorage;
@@ -6,38 +9,13 @@ use crate::codec::Workspace;
 use crate::format::{shr_ceil, L1Entry, L2Entry};
 use crate::image::backing::Backing;
 use crate::image::decompress::decompress;
-use crate::image::fill::{read_backing_into, Fill, Target};
+use crate::image::fill::{read_backing_into, Target};
+use crate::image::plan::{self, Placement, Schedule, Source, Step};
 use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
 
-/// Clusters resolved before their data is written.
+/// Clusters planned together: their data goes out in one device write
+/// per physically contiguous run.
 const BATCH: usize = 16;
-
-/// Where one guest cluster of a write goes.
-#[derive(Clone, Copy)]
-struct Placement {
-    /// Host byte offset of the cluster.
-    host: u64,
-    /// Host byte offset of its L2 entry.
-    entry_at: u64,
-    /// Newly allocated (or a preallocated zero cluster): needs filling
-    /// around the data and an L2 entry once the data is written.
-    fresh: bool,
-    /// What fills a fresh cluster around the data (copy-on-write).
-    fill: Fill,
-    /// The mapping the new entry replaces, to release once it is written
-    /// (a compressed cluster), or `Unallocated`.
-    replaces: L2Entry,
-}
-
-impl Placement {
-    const EMPTY: Self = Placement {
-        host: 0,
-        entry_at: 0,
-        fresh: false,
-        fill: Fill::Zeros,
-        replaces: L2Entry::Unallocated,
-    };
-}
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
@@ -46,50 +24,33 @@ where
     B: Backing<D::Error>,
     W: Workspace,
 {
-    /// Writes `buf` at guest sector `first` in batches of clusters: first
-    /// every cluster of the batch gets its host location (allocating where
-    /// needed), then the data goes out in one device write per physically
-    /// contiguous run, and only then do new L2 entries point at it.
+    /// Writes `buf` at guest sector `first`, a batch of clusters at a time:
+    /// prepared (every cluster placed, new clusters allocated), executed
+    /// (the data written), committed (new L2 entries, then releases).
     pub(crate) async fn write_batched(
         &mut self,
         first: u64,
         buf: &[Sector],
     ) -> Result<(), Error<D::Error>> {
-        let sector_bits = self.engine.geo.cluster_bits - 9;
         let cluster_sectors = self.engine.geo.cluster_sectors();
         let mut sector = first;
         let mut rest = buf;
         while !rest.is_empty() {
             let within = sector & (cluster_sectors - 1);
-            let span = (shr_ceil(within + rest.len() as u64, sector_bits) as usize).min(BATCH);
-            let n = ((span as u64) * cluster_sectors - within).min(rest.len() as u64);
+            let room = BATCH as u64 * cluster_sectors - within;
+            let n = room.min(rest.len() as u64);
             let (now, later) = rest
                 .split_at_checked(n as usize)
                 .ok_or(Error::Internal("write batch longer than the buffer"))?;
             let mut plan = [Placement::EMPTY; BATCH];
-            let guest = sector >> sector_bits;
-            for (i, p) in plan.iter_mut().enumerate().take(span) {
-                *p = self.place(guest + i as u64).await?;
-            }
-            let plan = plan.get(..span).unwrap_or(&[]);
-            self.write_planned(plan, sector, now).await?;
-            for p in plan.iter().filter(|p| p.fresh) {
-                // Durable only after the data and the refcount: the cache
-                // flushes the device before writing any L2 slice.
-                self.engine
-                    .cache
-                    .write_u64(
-                        &mut self.engine.dev,
-                        p.entry_at,
-                        Kind::L2,
-                        L2Entry::data(p.host),
-                    )
-                    .await?;
-            }
-            for p in plan.iter().filter(|p| p.replaces != L2Entry::Unallocated) {
-                // Rule 2: after the new entries (release() orders it).
-                self.release(p.replaces).await?;
-            }
+            // A shift, not a division: no panic site for a zero divisor.
+            let span = shr_ceil(within + n, self.engine.geo.cluster_sector_bits()) as usize;
+            let plan = plan
+                .get_mut(..span)
+                .ok_or(Error::Internal("write batch past its plan"))?;
+            self.prepare(plan, sector, n).await?;
+            self.execute(plan, sector, now).await?;
+            self.commit(plan).await?;
             sector += n;
             rest = later;
         }
@@ -99,15 +60,108 @@ where
     /// Writes zeros over the whole of guest cluster `guest` (allocating
     /// it): for v2 images over a backing, which have no zero flag.
     pub(crate) async fn write_zero_cluster(&mut self, guest: u64) -> Result<(), Error<D::Error>> {
-        let p = self.place(guest).await?;
         let sectors = self.engine.geo.cluster_sectors();
+        let mut plan = [Placement::EMPTY];
+        let first = self.engine.geo.cluster_sector(guest);
+        self.prepare(&mut plan, first, sectors).await?;
+        let [p] = plan;
         self.engine
             .dev
             .data_write_zeros(p.host / SECTOR as u64, sectors)
             .await
             .map_err(Error::Io)?;
         self.engine.cache.note_device_write();
-        if p.fresh {
+        self.commit(&plan).await
+    }
+
+    /// Prepares a batch: places each cluster of the `len` sectors from
+    /// guest sector `first` (making L2 tables where missing), then
+    /// allocates the clusters the plan needs, once for the batch, and only
+    /// then settles the in-place clusters: an allocation (a new refcount
+    /// block on zeroed refcounts) may have put metadata on one.
+    async fn prepare(
+        &mut self,
+        plan: &mut [Placement],
+        first: u64,
+        len: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let geo = &self.engine.geo;
+        let cluster_sectors = geo.cluster_sectors();
+        let (guest, within) = (geo.sector_cluster(first), first & (cluster_sectors - 1));
+        for (i, p) in plan.iter_mut().enumerate() {
+            let start = (i as u64 * cluster_sectors).saturating_sub(within);
+            let skip = if i == 0 { within } else { 0 };
+            let end = cluster_sectors.min(skip + len - start);
+            let mask = self.engine.geo.subcluster_mask(skip, end);
+            let guest = guest + i as u64;
+            let mut l2 = self.engine.l2_table_for_write(guest).await?;
+            if l2 == 0 {
+                l2 = self.new_l2_table(guest).await?;
+            }
+            let (entry, entry_at) = self.engine.l2_entry(l2, guest).await?;
+            *p = plan::place(entry, entry_at, self.backing_covers(guest), mask);
+            if let Source::Shared { .. } = p.source {
+                // Copy-on-write of shared clusters comes with internal
+                // snapshots; without them, a clear COPIED flag is damage.
+                return Err(Error::corrupt("L2 entry without COPIED flag", entry_at));
+            }
+        }
+        for (i, p) in plan.iter_mut().enumerate() {
+            if p.alloc {
+                p.host = self.alloc_data(guest + i as u64).await?;
+            }
+        }
+        for p in plan.iter().filter(|p| !p.alloc) {
+            self.check_not_metadata(p.host).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (guest sectors from `first`) where `plan` places it,
+    /// with fresh clusters filled around it, as the [`Schedule`] orders.
+    async fn execute(
+        &mut self,
+        plan: &[Placement],
+        first: u64,
+        data: &[Sector],
+    ) -> Result<(), Error<D::Error>> {
+        let cluster_sectors = self.engine.geo.cluster_sectors();
+        let within = first & (cluster_sectors - 1);
+        let mut schedule = Schedule::new(within, data.len(), cluster_sectors);
+        while let Some(step) = schedule.next(plan) {
+            match step {
+                Step::Data { host, from, to } => self.write_run(host, data.get(from..to)).await?,
+                Step::Zeros { host, count } => self
+                    .engine
+                    .dev
+                    .data_write_zeros(host, count)
+                    .await
+                    .map_err(Error::Io)?,
+                Step::Copy {
+                    index,
+                    skip,
+                    from,
+                    to,
+                } => {
+                    let p = plan
+                        .get(index)
+                        .ok_or(Error::Internal("schedule past the plan"))?;
+                    let guest = self.engine.geo.sector_cluster(first) + index as u64;
+                    self.copy_on_write(p, guest, skip, data.get(from..to))
+                        .await?;
+                }
+            }
+        }
+        self.engine.cache.note_device_write();
+        Ok(())
+    }
+
+    /// Links the fresh clusters of `plan` into their L2 tables, then
+    /// releases what they replaced (rule 2: after the new entries).
+    async fn commit(&mut self, plan: &[Placement]) -> Result<(), Error<D::Error>> {
+        for p in plan.iter().filter(|p| p.fresh) {
+            // Durable only after the data and the refcount: the cache
+            // flushes the device before writing any L2 slice.
             self.engine
                 .cache
                 .write_u64(
@@ -118,60 +172,13 @@ where
                 )
                 .await?;
         }
-        self.release(p.replaces).await
-    }
-
-    /// Where guest cluster `guest` is written: its current cluster when
-    /// owned, or a newly allocated (or preallocated zero) one.
-    async fn place(&mut self, guest: u64) -> Result<Placement, Error<D::Error>> {
-        let mut l2 = self.engine.l2_table_for_write(guest).await?;
-        if l2 == 0 {
-            l2 = self.new_l2_table(guest).await?;
+        for p in plan {
+            let old = p.replaces();
+            if old != L2Entry::Unallocated {
+                self.release(old).await?;
+            }
         }
-        let (entry, entry_at) = self.engine.l2_entry(l2, guest).await?;
-        let mut fill = Fill::Zeros;
-        let mut replaces = L2Entry::Unallocated;
-        let (host, fresh) = match entry {
-            L2Entry::Data {
-                offset,
-                copied: true,
-            } => {
-                self.check_not_metadata(offset).await?;
-                (offset, false)
-            }
-            L2Entry::Data { copied: false, .. } => {
-                return Err(Error::corrupt("L2 entry without COPIED flag", entry_at))
-            }
-            L2Entry::Compressed { offset, len } => {
-                // Copy-on-write: decompress into a new cluster, then drop
-                // the compressed one's references.
-                fill = Fill::Compressed { host: offset, len };
-                replaces = entry;
-                (self.alloc_data(guest).await?, true)
-            }
-            // A preallocated zero cluster we own is reused in place.
-            L2Entry::Zero {
-                offset,
-                copied: true,
-            } if offset != 0 => {
-                self.check_not_metadata(offset).await?;
-                (offset, true)
-            }
-            L2Entry::Zero { .. } => (self.alloc_data(guest).await?, true),
-            L2Entry::Unallocated => {
-                if self.backing_covers(guest) {
-                    fill = Fill::Backing;
-                }
-                (self.alloc_data(guest).await?, true)
-            }
-        };
-        Ok(Placement {
-            host,
-            entry_at,
-            fresh,
-            fill,
-            replaces,
-        })
+        Ok(())
     }
 
     /// A host cluster for guest cluster `guest`'s data: from the refcounts,
@@ -187,80 +194,8 @@ where
         self.engine.alloc_cluster().await
     }
 
-    /// Writes `data` (guest sectors from `first`) to the planned clusters,
-    /// zero-filling the uncovered parts of fresh clusters, one device write
-    /// per run of physically contiguous clusters.
-    async fn write_planned(
-        &mut self,
-        plan: &[Placement],
-        first: u64,
-        data: &[Sector],
-    ) -> Result<(), Error<D::Error>> {
-        let cluster_sectors = self.engine.geo.cluster_sectors();
-        let sector_bits = self.engine.geo.cluster_bits - 9;
-        // Allocations for later clusters of the batch may have put a table
-        // on a cluster planned for an in-place write (zeroed refcounts).
-        for p in plan.iter().filter(|p| !p.fresh) {
-            self.check_not_metadata(p.host).await?;
-        }
-        let mask = cluster_sectors - 1;
-        let within = first & mask;
-        let last = plan.len().saturating_sub(1);
-        let tail = (cluster_sectors - ((within + data.len() as u64) & mask)) & mask;
-        // Pending run: host sector where it starts, and data index range.
-        let (mut run_host, mut run_from, mut run_to) = (0u64, 0usize, 0usize);
-        for (i, p) in plan.iter().enumerate() {
-            let skip = if i == 0 { within } else { 0 };
-            let host_sector = p.host / SECTOR as u64 + skip;
-            let from = if i == 0 {
-                0
-            } else {
-                (i as u64 * cluster_sectors - within) as usize
-            };
-            let to = (((i + 1) as u64 * cluster_sectors - within) as usize).min(data.len());
-            let partial = skip > 0 || (i == last && tail > 0);
-            if p.fresh && partial && p.fill != Fill::Zeros {
-                // Copy-on-write of the cluster's old contents, on its own.
-                self.write_run(run_host, data.get(run_from..run_to)).await?;
-                run_from = to;
-                run_to = to;
-                let guest = (first >> sector_bits) + i as u64;
-                self.copy_on_write(p, guest, skip, data.get(from..to))
-                    .await?;
-                continue;
-            }
-            if p.fresh && skip > 0 {
-                self.engine
-                    .dev
-                    .data_write_zeros(p.host / SECTOR as u64, skip)
-                    .await
-                    .map_err(Error::Io)?;
-            }
-            if run_to > run_from && run_host + (run_to - run_from) as u64 == host_sector {
-                run_to = to;
-            } else {
-                self.write_run(run_host, data.get(run_from..run_to)).await?;
-                (run_host, run_from, run_to) = (host_sector, from, to);
-            }
-            if p.fresh && i == last && tail > 0 {
-                // The run must reach the disk before the zeros that follow it.
-                self.write_run(run_host, data.get(run_from..run_to)).await?;
-                run_from = run_to;
-                let end = host_sector + (to - from) as u64;
-                self.engine
-                    .dev
-                    .data_write_zeros(end, tail)
-                    .await
-                    .map_err(Error::Io)?;
-            }
-        }
-        self.write_run(run_host, data.get(run_from..run_to)).await?;
-        self.engine.cache.note_device_write();
-        Ok(())
-    }
-
     /// Writes fresh cluster `p` (guest cluster `guest`) whole: its old
-    /// contents from `p.fill` with `data` over them from cluster sector
+    /// contents from `p.source` with `data` over them from cluster sector
     /// `skip`. In one device write when the workspace's bounce buffer holds
     /// a cluster; else the old contents go sector by sector.
     async fn copy_on_write(
@@ -271,20 +206,25 @@ where
         data: Option<&[Sector]>,
     ) -> Result<(), Error<D::Error>> {
         let data = data.ok_or(Error::Internal("copy-on-write data past the buffer"))?;
+        if let Source::Zeros | Source::Shared { .. } = p.source {
+            // The schedule copies only from a backing or a compressed
+            // cluster (shared clusters are refused when prepared).
+            return Err(Error::Internal("copy-on-write from an uncopied source"));
+        }
         let cluster_sectors = self.engine.geo.cluster_sectors();
         let host = p.host / SECTOR as u64;
         let end = skip + data.len() as u64;
-        let guest_sector = guest << (self.engine.geo.cluster_bits - 9);
+        let guest_sector = self.engine.geo.cluster_sector(guest);
         let whole = cluster_sectors as usize;
         if self.ws.parts().bounce.len() >= whole {
-            if let Fill::Compressed { host, len } = p.fill {
+            if let Source::Compressed { host, len } = p.source {
                 decompress(&mut self.engine, &mut self.ws, host, len, Target::Bounce).await?;
             }
             let bounce = self.ws.parts().bounce;
             let buf = bounce
                 .get_mut(..whole)
                 .ok_or(Error::Internal("bounce buffer shrank"))?;
-            if p.fill == Fill::Backing {
+            if p.source == Source::Backing {
                 read_backing_into(&mut self.backing, guest_sector, buf).await?;
             }
             // Equal lengths; zipped, as `copy_from_slice` panics otherwise.
@@ -299,15 +239,15 @@ where
                 .await
                 .map_err(Error::Io)?;
         } else {
-            match p.fill {
-                Fill::Compressed { host: from, len } => {
+            match p.source {
+                Source::Compressed { host: from, len } => {
                     let target = Target::Device {
                         host,
                         skip: (skip, end),
                     };
                     decompress(&mut self.engine, &mut self.ws, from, len, target).await?;
                 }
-                _ => {
+                Source::Backing | Source::Zeros | Source::Shared { .. } => {
                     for s in (0..skip).chain(end..cluster_sectors) {
                         let sector = core::slice::from_mut(&mut self.engine.scratch);
                         read_backing_into(&mut self.backing, guest_sector + s, sector).await?;
