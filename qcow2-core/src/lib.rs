@@ -16,6 +16,68 @@
 //! let _device = image.close().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Layers
+//!
+//! The modules are layers; each uses only the layers before it in this
+//! list (ARCHITECTURE.md in the repository has a line per file):
+//!
+//! 1. `format`: on-disk types, pure encode/decode/validate, no I/O;
+//! 2. [`device`]: the [`BlockDevice`] trait, seeking, byte and
+//!    `embedded-io-async` adapters, block utilities;
+//! 3. [`codec`]: the decoder interface and the caller-lent [`Workspace`];
+//! 4. `cache`: the bounded metadata cache and its crash-safe write-back
+//!    order;
+//! 5. `engine`: the image's metadata (geometry, header updates, mapping,
+//!    refcounts, allocation, release, the maintenance toolkit), which knows
+//!    nothing of backing files or decoders;
+//! 6. `check`: check and repair, on the engine;
+//! 7. `image`: the guest view, [`Qcow2`] = engine + backing + workspace
+//!    (open policy, create, read, the write plan, discard).
+//!
+//! A lower layer never names a higher one: the engine asks the guest view
+//! to decode a compressed stream through a trait of its own, rather than
+//! knowing the workspace.
+
+#![cfg_attr(
+    feature = "zlib",
+    doc = r#"
+# An overlay on a backing file, with a decoder
+
+```no_run
+# async fn demo<D: qcow2_core::BlockDevice>(base: D, top: D) -> Result<(), qcow2_core::Error<D::Error>> {
+use qcow2_core::codec::inflate::{Inflate, InflateState, MIN_WINDOW};
+use qcow2_core::codec::DecoderWorkspace;
+use qcow2_core::{OpenOptions, Qcow2, Sector, Slot, SECTOR};
+
+// The backing file: an image opened read-only, with a cache of its own.
+let mut base_cache = [const { Slot::<1>::EMPTY }; 8];
+let base = Qcow2::open(base, &mut base_cache, OpenOptions::read_only()).await?;
+
+// The overlay reads from its backing what it has not written itself.
+let mut cache = [const { Slot::<1>::EMPTY }; 8];
+let overlay = Qcow2::open(top, &mut cache, OpenOptions::read_write()).await?;
+
+// Memory lent for compressed clusters (zlib here): the decoder's state and
+// window, a bounce buffer of a cluster (64 KiB), an input buffer.
+let mut state = InflateState::new();
+let mut window = [0u8; MIN_WINDOW];
+let mut bounce = [[0u8; SECTOR]; 128];
+let mut input = [[0u8; SECTOR]; 8];
+let decoder = Inflate::new(&mut state, &mut window);
+let workspace = DecoderWorkspace::new(decoder, &mut bounce, &mut input);
+let mut image = overlay.with_backing(base).with_workspace(workspace);
+
+// Reads come from the overlay, the backing or a compressed cluster; a
+// partial write copies the rest of its cluster from the backing.
+let mut buf: [Sector; 8] = [[0; SECTOR]; 8];
+image.read(0, &mut buf).await?;
+image.write(0, &buf).await?;
+image.close().await?;
+# Ok(()) }
+```
+"#
+)]
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

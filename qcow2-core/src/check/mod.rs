@@ -55,7 +55,7 @@ impl CheckReport {
 
 /// One inconsistency found by a check, in the terms of the line
 /// `qemu-img check` prints for it. Reported as the check finds them: see
-/// [`Qcow2::check_with`].
+/// [`crate::Qcow2::check_with`].
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

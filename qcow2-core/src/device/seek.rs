@@ -14,7 +14,7 @@
 //! region reported unmapped must read as zeros. [`crate::blockutil`] uses
 //! them to copy and fold over only what a device maps.
 //!
-//! [`Qcow2`] knows its sparseness from its L1 and L2 tables. A device that
+//! [`crate::Qcow2`] knows its sparseness from its L1 and L2 tables. A device that
 //! knows nothing of sparseness can opt in as "everything mapped", with an
 //! empty `impl` (the trait's default methods), or, for a type from another
 //! crate, by wrapping it in [`AllMapped`].
