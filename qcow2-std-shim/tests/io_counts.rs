@@ -402,8 +402,8 @@ fn alternating() -> Rows {
 }
 
 /// Workload 7b: the same 16 operations grouped by direction (the 8 allocating
-/// writes, then the 8 discards), then flush: what 7 would cost without the
-/// order switches.
+/// writes, then the 8 discards), then flush: the same cost as 7, since
+/// releases wait for the flush whatever comes between them.
 fn grouped() -> Rows {
     let mut rows = Rows::new();
     let dev = prepared(options(64 << 20), |img| {
@@ -440,6 +440,42 @@ fn span_16_clusters() -> Rows {
         "8 1 MiB write, 16 new clusters: flush",
         &mut rows,
     );
+    rows
+}
+
+/// Workload 9: two compressed clusters packed into one host cluster
+/// (refcount 2), both discarded in one call, then flush: the second
+/// release must see the first one's held decrease to know it frees the
+/// cluster (rule 9's checks, then the discard).
+fn shared_compressed_released_twice() -> Rows {
+    let mut rows = Rows::new();
+    let cluster = 64 << 10;
+    let dev = {
+        let img = block_on(Img::create(Counting::default(), cache(), options(64 << 20))).unwrap();
+        let mut img: WsImg = img.with_workspace(HostWorkspace::new(cluster as u64));
+        for guest in 0..2u64 {
+            let data: Vec<u8> = (0..cluster)
+                .map(|i| (i / 1000) as u8 ^ guest as u8)
+                .collect();
+            let mut stream = Vec::new();
+            assert!(compress_cluster(Compression::Zlib, &data, &mut stream));
+            block_on(img.write_compressed(guest, &stream)).unwrap();
+        }
+        let (dev, _) = block_on(img.close()).unwrap();
+        dev
+    };
+    let mut img: WsImg = open(dev).with_workspace(HostWorkspace::new(cluster as u64));
+    block_on(img.discard(0, 2 * CLUSTER_SECTORS)).unwrap();
+    measure(
+        img.device_mut(),
+        "9 shared compressed x2: discard",
+        &mut rows,
+    );
+    block_on(img.flush()).unwrap();
+    measure(img.device_mut(), "9 shared compressed x2: flush", &mut rows);
+    let mut scratch = vec![0u8; 1 << 16];
+    let report = block_on(img.check(&mut scratch)).unwrap();
+    assert_eq!((report.corruptions, report.leaks), (0, 0));
     rows
 }
 
@@ -481,6 +517,7 @@ fn print_table() {
         alternating(),
         grouped(),
         span_16_clusters(),
+        shared_compressed_released_twice(),
     ] {
         print_rows(&rows);
     }
@@ -553,24 +590,23 @@ fn w3_overwrite_compressed() {
         // checks that the stream decodes to a whole cluster (rule 9).
         reads: 6,
         sectors_read: 6,
-        // The new cluster whole (128 sectors, decoded and merged), then
-        // the order switch to MappingFirst before the release: refcount
-        // block slice (the increase), L2 slice (the new entry).
-        writes: 3,
-        sectors_written: 130,
-        // The switch's flush in RefcountsFirst order: one flush after the
-        // data and refcount block, one after the L2 slice.
-        flushes: 2,
+        // The new cluster whole (128 sectors, decoded and merged). The
+        // release of the compressed cluster is held for the flush (rule
+        // 2), so nothing else is written and nothing flushed yet.
+        writes: 1,
+        sectors_written: 128,
         // The new cluster.
         resizes: 1,
         ..NONE
     };
     let flush = Counts {
-        // The refcount block slice again, now with the decrease.
-        writes: 1,
-        sectors_written: 1,
-        flushes: 1,
-        // The freed compressed cluster, after the flush (rule 6).
+        // The flush cycle: refcount block slice (the increase), flush, L2
+        // slice (the new entry), flush; then the held release applied:
+        // the refcount block slice again with the decrease, flush.
+        writes: 3,
+        sectors_written: 3,
+        flushes: 3,
+        // The freed compressed cluster, after that (rule 6).
         discards: 1,
         sectors_discarded: 128,
         ..NONE
@@ -581,23 +617,22 @@ fn w3_overwrite_compressed() {
 #[test]
 fn w4_discard() {
     let discard = Counts {
-        // L1 and L2 slices, then refcount table and block slices for the
-        // decrease.
+        // L1 and L2 slices, then refcount table and block slices: the
+        // release reads the refcount it will lower. The zero flag goes
+        // into the cached L2 slice and the decrease is held for the flush
+        // (rule 2): nothing is written.
         reads: 4,
         sectors_read: 4,
-        // The L2 slice with the zero flag: the entry changes in the cache
-        // while the order is still RefcountsFirst, so the switch to
-        // MappingFirst writes it back and flushes at once (rule 2).
-        writes: 1,
-        sectors_written: 1,
-        flushes: 1,
         ..NONE
     };
     let flush = Counts {
-        // The refcount block slice with the decrease.
-        writes: 1,
-        sectors_written: 1,
-        flushes: 1,
+        // The L2 slice with the zero flag (no refcount slice dirty, no
+        // data unflushed: no flush before it), flush; then the held
+        // release applied: the refcount block slice with the decrease,
+        // flush.
+        writes: 2,
+        sectors_written: 2,
+        flushes: 2,
         // The freed cluster, once nothing durable points at it.
         discards: 1,
         sectors_discarded: 128,
@@ -662,39 +697,37 @@ fn w6_random_reads() {
 
 #[test]
 fn w7_alternating_alloc_and_free() {
-    // Guest clusters 1, 3, .. 15 live at 0x50000..0xc0000; cluster 0's
-    // write allocates at the end (0xd0000), every later write reuses the
-    // cluster the discard before it freed.
+    // Guest clusters 1, 3, .. 15 live at 0x50000..0xc0000. Their releases
+    // are held until the flush (rule 2), so the clusters they free are not
+    // free yet (rule 6): every write allocates at the end of the device
+    // (0xd0000..0x150000), which grows by 8 clusters where reusing the
+    // freed ones grew it by 1; the 7 extra clusters are free (and
+    // discarded) after the flush.
     let ops = Counts {
         // L1, L2, refcount table and block slices, once.
         reads: 4,
         sectors_read: 4,
-        // 8 data writes (8 sectors each) + 23 metadata slices: each of the
-        // 8 discards switches to MappingFirst (refcount block, L2 slice:
-        // 16), each of the 7 writes after a discard switches back
-        // (refcount block with the decrease: 7).
-        writes: 8 + 23,
-        sectors_written: 8 * 8 + 23,
-        // 2 flushes per switch to MappingFirst, 1 per switch back.
-        flushes: 8 * 2 + 7,
+        // The 8 data writes (8 sectors each); metadata stays in the cache.
+        writes: 8,
+        sectors_written: 8 * 8,
         // The rest of each data cluster.
         write_zeros: 8,
         sectors_zeroed: 8 * 120,
-        // Each freed cluster, issued at the switch back, just before the
-        // allocation that reuses it.
-        discards: 7,
-        sectors_discarded: 7 * 128,
-        // Cluster 0's data cluster at the end of the device.
-        resizes: 1,
+        // One per new data cluster.
+        resizes: 8,
         ..NONE
     };
     let flush = Counts {
-        // The last decrease.
-        writes: 1,
-        sectors_written: 1,
-        flushes: 1,
+        // One flush cycle for all 16 operations: refcount block slice (8
+        // increases), flush, L2 slice (8 entries, 8 zero flags), flush;
+        // the 8 held releases (adjacent clusters: one range) applied, the
+        // refcount block slice again, flush.
+        writes: 3,
+        sectors_written: 3,
+        flushes: 3,
+        // The 8 freed clusters, adjacent: one range.
         discards: 1,
-        sectors_discarded: 128,
+        sectors_discarded: 8 * 128,
         ..NONE
     };
     assert_eq!(counted(&alternating()), [ops, flush]);
@@ -703,18 +736,15 @@ fn w7_alternating_alloc_and_free() {
 #[test]
 fn w7b_grouped_alloc_then_free() {
     // The 8 writes all allocate at the end of the device (0xd0000..
-    // 0x150000): nothing is freed yet.
+    // 0x150000): nothing is freed yet. Exactly workload 7's figures.
     let ops = Counts {
         // L1, L2, refcount table and block slices, once.
         reads: 4,
         sectors_read: 4,
-        // 8 data writes + the first discard's switch to MappingFirst
-        // (refcount block with the 8 increases, L2 slice with the 8 new
-        // entries and the first zero flag).
-        writes: 8 + 2,
-        sectors_written: 8 * 8 + 2,
-        // That switch: after the data and refcounts, after the L2 slice.
-        flushes: 2,
+        // 8 data writes; the discards' zero flags go into the cached L2
+        // slice and their releases are held for the flush.
+        writes: 8,
+        sectors_written: 8 * 8,
         write_zeros: 8,
         sectors_zeroed: 8 * 120,
         // One per new data cluster.
@@ -722,11 +752,12 @@ fn w7b_grouped_alloc_then_free() {
         ..NONE
     };
     let flush = Counts {
-        // The L2 slice again (the other 7 zero flags), then the refcount
-        // block with the 8 decreases (rule 2).
-        writes: 2,
-        sectors_written: 2,
-        flushes: 2,
+        // Refcount block (8 increases), flush, L2 slice (8 entries and 8
+        // zero flags), flush, refcount block with the 8 held decreases
+        // (rule 2), flush.
+        writes: 3,
+        sectors_written: 3,
+        flushes: 3,
         // The 8 freed clusters, adjacent: one range.
         discards: 1,
         sectors_discarded: 8 * 128,
@@ -762,4 +793,34 @@ fn w8_span_16_clusters() {
         ..NONE
     };
     assert_eq!(counted(&span_16_clusters()), [write, flush]);
+}
+
+#[test]
+fn w9_shared_compressed_released_twice() {
+    // Both streams packed at 0x50000 (refcount 2), in the first L2 slice.
+    let discard = Counts {
+        // L1, L2, refcount table and block slices; the first release sees
+        // refcount 2 (it frees nothing: no probe), the second sees 1, its
+        // own count less the first one's held decrease, so it frees the
+        // cluster and rule 9's probe decodes its stream: one sector.
+        reads: 5,
+        sectors_read: 5,
+        ..NONE
+    };
+    let flush = Counts {
+        // The L2 slice (two zero flags), flush; the two held releases (the
+        // same cluster: one entry, twice) applied, refcount block slice
+        // (2 -> 0), flush.
+        writes: 2,
+        sectors_written: 2,
+        flushes: 2,
+        // The freed cluster.
+        discards: 1,
+        sectors_discarded: 128,
+        ..NONE
+    };
+    assert_eq!(
+        counted(&shared_compressed_released_twice()),
+        [discard, flush]
+    );
 }

@@ -8,13 +8,17 @@
 
 mod order;
 
-pub(crate) use order::Order;
-
 use crate::{BlockDevice, Error, Sector, SECTOR};
 
 /// Ranges of freed host sectors held for discarding after the next flush;
 /// a discard over scattered clusters flushes once per this many ranges.
 const DISCARD_RANGES: usize = 4;
+
+/// Releases held until the next flush ([`order::Held`]: ranges of clusters
+/// freed in a row count as one); freeing scattered clusters costs a flush
+/// cycle per this many.
+#[cfg(feature = "write")]
+const HELD_RELEASES: usize = 4;
 
 /// No slice: the `recent` shortcut's empty value (slice tags are aligned).
 const NO_TAG: u64 = u64::MAX;
@@ -125,12 +129,12 @@ pub(crate) struct Cache<S, const K: usize> {
     dirty_mapping: u32,
     /// Some device write since the last device flush.
     device_unflushed: bool,
-    /// L1/L2 slices written since the last device flush.
-    mapping_unflushed: bool,
-    /// Which class of slices must reach the disk first.
-    order: Order,
     /// Host sectors of freed clusters to discard after the next flush.
     pending_discard: heapless::Vec<(u64, u64), DISCARD_RANGES>,
+    /// Refcount decreases waiting for the entry changes that cause them to
+    /// be durable (rules 2 and 6).
+    #[cfg(feature = "write")]
+    held: heapless::Vec<order::Held, HELD_RELEASES>,
     /// Lazy refcounts: L1/L2 slices need not wait for refcount slices.
     lazy_refcounts: bool,
     /// A clean slice may be read as another kind of table than it was
@@ -177,9 +181,9 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
             dirty_refcount: 0,
             dirty_mapping: 0,
             device_unflushed: false,
-            mapping_unflushed: false,
-            order: Order::RefcountsFirst,
             pending_discard: heapless::Vec::new(),
+            #[cfg(feature = "write")]
+            held: heapless::Vec::new(),
             lazy_refcounts,
             relaxed: false,
         })

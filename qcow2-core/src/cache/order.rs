@@ -2,25 +2,35 @@
 //! disk before which (`ORDERING.md`, rules 1, 2, 3 and 6).
 //!
 //! Slices come in two classes, refcount (refcount table and blocks) and
-//! mapping (L1 and L2). Allocation needs refcount increases durable before
-//! the entries that use the cluster; freeing needs entry removals durable
-//! before the refcount decreases. [`Order`] says which of the two holds
-//! now; switching makes everything pending durable first, so the two
-//! directions never wait on each other. Data and zeroed new tables written
-//! outside the cache are always flushed before any mapping slice.
+//! mapping (L1 and L2), and there is one order between them: refcount
+//! slices before mapping slices, so that an increase is durable before the
+//! entries that use the cluster (rule 1; with lazy refcounts the dirty bit
+//! covers them instead). Data and zeroed new tables written outside the
+//! cache are flushed before any mapping slice (rule 3).
+//!
+//! Decreases never wait in a refcount slice for the entry change that
+//! causes them: a release holds them here instead ([`Cache::hold_release`],
+//! a few ranges), and the engine's flush applies them only after the
+//! mapping slices are written and flushed (`Engine::flush_metadata`), then
+//! writes and flushes them in turn. A freed cluster's refcount reaches zero
+//! only once its unmapping is durable (rule 2), so allocation cannot hand
+//! it out and the device is not told to discard it before that (rule 6),
+//! and allocating and freeing in one batch never wait on each other. Code
+//! that decides on a refcount a release may have lowered asks for what it
+//! will be ([`Cache::held_decrease`]).
 
 use super::{broken, Cache, SlotStorage};
 use crate::{BlockDevice, Error, SECTOR};
 
-/// Which class of dirty slices must be durable before the other class may
-/// be written (`ORDERING.md` rules 1, 2 and 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Order {
-    /// Refcount increases before the L1/L2 entries that use the clusters
-    /// (allocation).
-    RefcountsFirst,
-    /// L1/L2 entry removals before the refcount decreases (freeing).
-    MappingFirst,
+/// Refcount decreases held until the entry changes that cause them are
+/// durable: one reference less, `times` over, for each of `clusters`
+/// clusters from `first`.
+#[cfg(feature = "write")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held {
+    pub(crate) first: u64,
+    pub(crate) clusters: u32,
+    pub(crate) times: u32,
 }
 
 impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
@@ -38,12 +48,10 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
         let sectors = self.sectors();
         let s = self.slot(i)?;
         let data = s.data.get(..sectors).ok_or(broken())?;
-        let mapping = !s.kind.is_refcount();
         dev.write(s.tag / SECTOR as u64, data)
             .await
             .map_err(Error::Io)?;
         self.device_unflushed = true;
-        self.mapping_unflushed |= mapping;
         self.clear_dirty(i)
     }
 
@@ -54,7 +62,6 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
     ) -> Result<(), Error<D::Error>> {
         dev.flush().await.map_err(Error::Io)?;
         self.device_unflushed = false;
-        self.mapping_unflushed = false;
         Ok(())
     }
 
@@ -74,11 +81,11 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
     }
 
     /// Writes back every dirty L1/L2 slice once what they depend on is
-    /// durable: the data and zeroed tables they may point at (always), and
-    /// under [`Order::RefcountsFirst`] the refcount increases (rule 1),
-    /// except with lazy refcounts, where the dirty bit covers them.
+    /// durable: the data and zeroed tables they may point at (rule 3), and
+    /// the refcount increases (rule 1), except with lazy refcounts, where
+    /// the dirty bit covers them.
     async fn write_mapping<D: BlockDevice>(&mut self, dev: &mut D) -> Result<(), Error<D::Error>> {
-        if self.order == Order::RefcountsFirst && !self.lazy_refcounts {
+        if !self.lazy_refcounts {
             self.write_class(dev, true).await?;
         }
         if self.device_unflushed {
@@ -87,50 +94,28 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
         self.write_class(dev, false).await
     }
 
-    /// Makes refcount slices safe to write: under [`Order::MappingFirst`]
-    /// every L1/L2 change (entry removals, rule 2) is durable first.
-    async fn order_before_refcounts<D: BlockDevice>(
-        &mut self,
-        dev: &mut D,
-    ) -> Result<(), Error<D::Error>> {
-        if self.order == Order::MappingFirst {
-            if self.dirty_mapping > 0 {
-                self.write_mapping(dev).await?;
-            }
-            if self.mapping_unflushed {
-                self.flush_device(dev).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes back every dirty refcount slice (no flush), in order.
+    /// Writes back every dirty refcount slice (no flush): they hold only
+    /// increases and decreases already due, so they never wait.
     pub(crate) async fn write_refcounts<D: BlockDevice>(
         &mut self,
         dev: &mut D,
     ) -> Result<(), Error<D::Error>> {
-        self.order_before_refcounts(dev).await?;
         self.write_class(dev, true).await
     }
 
     /// Writes back everything dirty in a crash-safe order, then flushes, then
-    /// punches the holes queued by [`Cache::queue_discard`].
+    /// punches the holes queued by [`Cache::queue_discard`]. Held releases
+    /// stay held: the engine applies them after this.
     pub(crate) async fn flush<D: BlockDevice>(
         &mut self,
         dev: &mut D,
     ) -> Result<(), Error<D::Error>> {
-        match self.order {
-            // Lazy refcounts: refcount slices may stay dirty (the dirty bit
-            // covers them) until evicted or the image is closed.
-            Order::RefcountsFirst if self.dirty_mapping > 0 => self.write_mapping(dev).await?,
-            _ => {
-                if self.dirty_refcount > 0 {
-                    self.write_refcounts(dev).await?;
-                }
-                if self.dirty_mapping > 0 {
-                    self.write_mapping(dev).await?;
-                }
-            }
+        if self.dirty_mapping > 0 {
+            // Refcounts first (unless lazy: then they may stay dirty, the
+            // dirty bit covering them, until evicted or the image closed).
+            self.write_mapping(dev).await?;
+        } else if self.dirty_refcount > 0 {
+            self.write_refcounts(dev).await?;
         }
         self.flush_device(dev).await?;
         // Nothing durable points at these clusters any more.
@@ -140,29 +125,56 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
         Ok(())
     }
 
-    /// Declares the order the next metadata changes need (`ORDERING.md`
-    /// rules 1, 2 and 6): [`Order::RefcountsFirst`] before allocating,
-    /// [`Order::MappingFirst`] before a refcount decrease. Switching
-    /// direction first makes everything pending durable in the old order,
-    /// so the two directions never wait on each other, and a freed cluster
-    /// is never handed out again before the change that freed it is durable.
-    pub(crate) async fn require<D: BlockDevice>(
-        &mut self,
-        dev: &mut D,
-        order: Order,
-    ) -> Result<(), Error<D::Error>> {
-        if self.order == order {
-            return Ok(());
+    /// Holds one decrease of the refcount of each of `clusters` clusters
+    /// from `first` until the flush after the entry change that causes it
+    /// (rules 2 and 6); `false` when the queue is full.
+    #[cfg(feature = "write")]
+    pub(crate) fn hold_release(&mut self, first: u64, clusters: u32) -> bool {
+        if let Some(last) = self.held.last_mut() {
+            // The same clusters again (a shared compressed cluster).
+            if last.first == first && last.clusters == clusters {
+                if let Some(times) = last.times.checked_add(1) {
+                    last.times = times;
+                    return true;
+                }
+            }
+            // Clusters freed in a row often follow each other.
+            if last.times == 1 && last.first + u64::from(last.clusters) == first {
+                if let Some(n) = last.clusters.checked_add(clusters) {
+                    last.clusters = n;
+                    return true;
+                }
+            }
         }
-        if self.dirty_mapping > 0
-            || self.dirty_refcount > 0
-            || self.device_unflushed
-            || !self.pending_discard.is_empty()
-        {
-            self.flush(dev).await?;
-        }
-        self.order = order;
-        Ok(())
+        self.held
+            .push(Held {
+                first,
+                clusters,
+                times: 1,
+            })
+            .is_ok()
+    }
+
+    /// How far held releases will lower the refcount of `cluster`.
+    #[cfg(feature = "write")]
+    pub(crate) fn held_decrease(&self, cluster: u64) -> u64 {
+        self.held
+            .iter()
+            .filter(|h| cluster >= h.first && cluster - h.first < u64::from(h.clusters))
+            .map(|h| u64::from(h.times))
+            .sum()
+    }
+
+    /// Whether any release is held.
+    #[cfg(feature = "write")]
+    pub(crate) fn holds_releases(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Takes one held release, to apply it (its entry change is durable).
+    #[cfg(feature = "write")]
+    pub(crate) fn take_release(&mut self) -> Option<Held> {
+        self.held.pop()
     }
 
     /// Queues host sectors `[first, first + count)` of a freed cluster for a
@@ -201,7 +213,6 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
             return Ok(());
         }
         if s.kind.is_refcount() {
-            self.order_before_refcounts(dev).await?;
             self.write_slot(dev, i).await
         } else {
             // One barrier covers every dirty L1/L2 slice: write them all,

@@ -95,3 +95,29 @@ fn slices_never_exceed_a_cluster() {
     assert_eq!(cache.slice_bytes(), 4096);
     assert!(Cache::<_, 1>::new::<()>([Slot::<1>::EMPTY; 0], 512, false).is_err());
 }
+
+#[cfg(feature = "write")]
+#[test]
+fn held_releases_merge_and_count() {
+    let mut cache = Cache::<_, 1>::new::<()>([const { Slot::<1>::EMPTY }; 2], 512, false)
+        .ok()
+        .unwrap();
+    // Adjacent clusters freed in a row: one range.
+    assert!(cache.hold_release(10, 1));
+    assert!(cache.hold_release(11, 1));
+    // A shared (compressed) extent released twice: one range, twice.
+    assert!(cache.hold_release(20, 2));
+    assert!(cache.hold_release(20, 2));
+    let held: [u64; 14] = core::array::from_fn(|i| cache.held_decrease(9 + i as u64));
+    assert_eq!(held, [0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 0]);
+    assert!(cache.hold_release(30, 1));
+    assert!(cache.hold_release(40, 1));
+    // Full: the caller runs a flush cycle.
+    assert!(!cache.hold_release(50, 1));
+    let mut taken = 0;
+    while let Some(h) = cache.take_release() {
+        taken += u64::from(h.clusters) * u64::from(h.times);
+    }
+    assert_eq!(taken, 2 + 4 + 1 + 1);
+    assert!(!cache.holds_releases());
+}

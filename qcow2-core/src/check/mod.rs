@@ -308,7 +308,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
         // What the cache holds reaches the disk first: a cluster freed but
         // not yet durably unmapped must not look unreferenced to the repair.
-        self.cache.flush(&mut self.dev).await?;
+        self.flush_metadata().await?;
         self.check_and_repair(scratch, Some(mode), findings).await
     }
 
@@ -318,6 +318,8 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         mode: Option<Repair>,
         findings: &mut dyn FnMut(Finding),
     ) -> Result<CheckReport, Error<D::Error>> {
+        // Refcounts must count the releases the cache holds.
+        self.settle_releases().await?;
         self.require_data_file_known().await?;
         let len = (scratch.len() / 4) as u64;
         if len == 0 {

@@ -1,8 +1,8 @@
 //! Cluster allocation from the refcounts, growing refcount blocks and the
 //! refcount table on demand.
 
+use crate::cache::Kind;
 use crate::cache::SlotStorage;
-use crate::cache::{Kind, Order};
 use crate::engine::relocate::Structure;
 use crate::engine::{tables, Engine};
 use crate::format::{refcount, MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
@@ -22,12 +22,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     ///
     /// The refcount change stays in the cache; the cache's write-back order
     /// makes it durable before any L1/L2 entry that points at the cluster
-    /// (rule 1), and clusters freed earlier are handed out only once the
-    /// change that freed them is durable (rule 6).
+    /// (rule 1); a cluster released since the last flush still counts its
+    /// reference until then (rule 6).
     pub(crate) async fn alloc_cluster(&mut self) -> Result<u64, Error<D::Error>> {
-        self.cache
-            .require(&mut self.dev, Order::RefcountsFirst)
-            .await?;
         let mut wrapped = self.free_hint == 0;
         for _ in 0..MAX_ALLOC_ROUNDS {
             match self.alloc_round().await {
@@ -37,6 +34,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
                     wrapped = true;
                     self.free_hint = 0;
                 }
+                // Clusters released since the last flush are free once it
+                // is done (rule 6): a full device waits for it.
+                Err(Error::NoSpace) if self.cache.holds_releases() => self.flush_metadata().await?,
                 Err(e) => return Err(e),
             }
         }

@@ -118,7 +118,34 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         if self.read_only {
             return Ok(());
         }
-        self.cache.flush(&mut self.dev).await
+        self.flush_metadata().await
+    }
+
+    /// The flush cycle: the cache written back in crash-safe order and
+    /// flushed (refcount increases, flush, L1/L2, flush); then, when
+    /// releases are held, their decreases applied, now that the entry
+    /// changes behind them are durable (rules 2 and 6), written and
+    /// flushed, and the freed clusters discarded.
+    pub(crate) async fn flush_metadata(&mut self) -> Result<(), Error<D::Error>> {
+        self.cache.flush(&mut self.dev).await?;
+        #[cfg(feature = "write")]
+        if self.cache.holds_releases() {
+            self.apply_releases().await?;
+            self.cache.flush(&mut self.dev).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies held releases (a flush cycle) when there are any, so that
+    /// refcounts read from the cache agree with the entries in it: before
+    /// a check counts references or a repair changes refcounts.
+    #[cfg(feature = "check")]
+    pub(crate) async fn settle_releases(&mut self) -> Result<(), Error<D::Error>> {
+        #[cfg(feature = "write")]
+        if self.cache.holds_releases() && !self.read_only {
+            self.flush_metadata().await?;
+        }
+        Ok(())
     }
 
     /// Flushes, then clears the dirty bit of lazy refcounts unless the

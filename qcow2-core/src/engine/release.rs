@@ -1,9 +1,10 @@
-//! Release: dropping the references an old L2 entry held, freeing (and
-//! queueing the discard of) clusters whose refcount reaches zero.
+//! Release: dropping the references an old L2 entry held, held until the
+//! entry change is durable, then freeing (and queueing the discard of)
+//! clusters whose refcount reaches zero.
 
 use core::future::Future;
 
-use crate::cache::{Kind, Order, SlotStorage};
+use crate::cache::{Kind, SlotStorage};
 use crate::engine::Engine;
 use crate::format::entry::{L1Entry, L2Entry};
 use crate::{BlockDevice, Error, SECTOR};
@@ -27,6 +28,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Drops one reference to every host cluster the old mapping `entry`
     /// used (a data cluster, a preallocated zero cluster, or each cluster a
     /// compressed stream touches), after its L2 entry changed in the cache.
+    /// The decrease is held in the cache and applied by the next flush,
+    /// once that change is durable (rules 2 and 6); a full queue flushes
+    /// at once.
     pub(crate) async fn release(
         &mut self,
         entry: L2Entry,
@@ -51,34 +55,74 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
                 return Ok(());
             }
         }
-        // Rule 2: the entry change reaches the disk before the decrease.
-        self.cache
-            .require(&mut self.dev, Order::MappingFirst)
-            .await?;
         let first = self.geo.cluster_of(host);
         let last = self.geo.cluster_of(host + len.max(1) - 1);
         for cluster in first..=last {
-            let count = self.refcount(cluster).await?;
+            let count = self.refcount_after_releases(cluster).await?;
             let Some(left) = count.checked_sub(1) else {
                 return Err(Error::corrupt(
                     "freeing a cluster whose refcount is already 0",
                     cluster << self.geo.cluster_bits,
                 ));
             };
-            self.set_refcount(cluster, left).await?;
-            if left == 0 {
-                if self.pack_next != 0 && self.geo.cluster_of(self.pack_next) == cluster {
-                    // Never pack into a cluster someone else may get.
-                    self.pack_next = 0;
-                }
-                self.free_hint = self.free_hint.min(cluster);
-                let sectors = self.geo.cluster_sectors();
-                self.cache
-                    .queue_discard(&mut self.dev, cluster * sectors, sectors)
-                    .await?;
+            if left == 0 && self.pack_next != 0 && self.geo.cluster_of(self.pack_next) == cluster {
+                // Never pack into a cluster someone else may get.
+                self.pack_next = 0;
+            }
+        }
+        // Rule 2: the decrease waits until the entry change is durable.
+        let clusters = u32::try_from(last - first + 1)
+            .map_err(|_| Error::Internal("released extent over 2^32 clusters"))?;
+        if !self.cache.hold_release(first, clusters) {
+            // Queue full: a whole flush cycle applies what it holds.
+            self.flush_metadata().await?;
+            if !self.cache.hold_release(first, clusters) {
+                return Err(Error::Internal("release queue full after a flush"));
             }
         }
         Ok(())
+    }
+
+    /// The refcount of `cluster` once the held releases are applied: what
+    /// a decision to free it, or to release it again, must see.
+    async fn refcount_after_releases(&mut self, cluster: u64) -> Result<u64, Error<D::Error>> {
+        let count = self.refcount(cluster).await?;
+        Ok(count.saturating_sub(self.cache.held_decrease(cluster)))
+    }
+
+    /// Applies the held releases, once the entry changes that caused them
+    /// are durable (`flush_metadata`, rules 2 and 6): the refcounts drop,
+    /// and a cluster left unreferenced is free for allocation and queued
+    /// for a device discard after the next flush. Each release is taken
+    /// before it is applied: cancelled or failed halfway, what is left
+    /// undone is a leak, never a decrease applied twice.
+    pub(crate) async fn apply_releases(&mut self) -> Result<(), Error<D::Error>> {
+        while let Some(held) = self.cache.take_release() {
+            let times = u64::from(held.times);
+            for cluster in held.first..held.first + u64::from(held.clusters) {
+                let count = self.refcount(cluster).await?;
+                let left = count
+                    .checked_sub(times)
+                    .ok_or(Error::Internal("held release below a refcount of 0"))?;
+                self.set_refcount(cluster, left).await?;
+                if left == 0 {
+                    self.freed(cluster).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes host cluster `cluster`, whose refcount just reached zero,
+    /// available: to allocation, and to the device as a discard after the
+    /// next flush.
+    async fn freed(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
+        // `pack_next` left it when its release was held.
+        self.free_hint = self.free_hint.min(cluster);
+        let sectors = self.geo.cluster_sectors();
+        self.cache
+            .queue_discard(&mut self.dev, cluster * sectors, sectors)
+            .await
     }
 
     /// Whether the host clusters of the compressed cluster of `len` bytes at
@@ -117,7 +161,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
         let mut frees = false;
         for cluster in first..=last {
-            match self.refcount(cluster).await? {
+            match self.refcount_after_releases(cluster).await? {
                 // Nothing to release: the descriptor claims a free cluster.
                 0 => return Ok(false),
                 1 if self.is_table_cluster(cluster).await? => return Ok(false),

@@ -2,12 +2,10 @@
 //! clusters a mapping change leaves unreferenced.
 //!
 //! Ordering (rules 2 and 6 of `ORDERING.md`): the L2 entry changes first,
-//! in the cache; the cache is then told that mapping changes must reach the
-//! disk before refcount decreases ([`Order::MappingFirst`]); the refcounts
-//! drop; a cluster whose refcount reaches zero is discarded on the device
-//! only after the next flush, and is handed out again only after the change
-//! that freed it is durable (allocation requires [`Order::RefcountsFirst`],
-//! and switching order flushes).
+//! in the cache; the release then holds the refcount decreases, which the
+//! next flush applies once the entry change is durable; only then can a
+//! cluster whose refcount reaches zero be handed out again, and it is
+//! discarded on the device after the flush that follows.
 
 use crate::cache::Kind;
 use crate::cache::SlotStorage;

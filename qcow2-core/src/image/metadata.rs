@@ -17,6 +17,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize, B, W> Qcow2<D, S, K, B, 
     /// Checks the image's consistency; `scratch` holds the reference counts
     /// (4 bytes per host cluster per pass). Counts as `qemu-img check`.
     ///
+    /// Releases of clusters held since the last flush are applied first
+    /// (a flush), so that the refcounts count them.
+    ///
     /// Cancelled, it leaves the image as it was (cached metadata it wrote
     /// back on the way went out in order).
     pub fn check<'a>(

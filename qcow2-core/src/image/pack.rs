@@ -9,8 +9,8 @@
 //! as many; a cluster whose refcount is at the maximum (always, with 1-bit
 //! refcounts) is not packed further.
 
+use crate::cache::Kind;
 use crate::cache::SlotStorage;
-use crate::cache::{Kind, Order};
 use crate::codec::Workspace;
 use crate::format::entry::COMPRESSED;
 use crate::format::L2Entry;
@@ -104,10 +104,6 @@ where
     /// Host bytes for a compressed stream of `len` bytes (less than a
     /// cluster), each host cluster they touch referenced once more.
     async fn alloc_bytes(&mut self, len: u64) -> Result<u64, Error<D::Error>> {
-        self.engine
-            .cache
-            .require(&mut self.engine.dev, Order::RefcountsFirst)
-            .await?;
         let cluster_size = self.engine.geo.cluster_size;
         let mut offset = self.engine.pack_next;
         if offset != 0 {
