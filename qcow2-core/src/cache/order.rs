@@ -201,6 +201,27 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
             .map_err(|_| Error::Internal("discard queue full after a flush"))
     }
 
+    /// Issues the queued discards now if one covers host sectors
+    /// `[first, first + count)`, which are about to be handed out again:
+    /// a discard still queued from a flush that failed or was cancelled
+    /// after the release would otherwise punch the new data. Early is safe:
+    /// a discard is queued only once nothing durable points at its cluster.
+    pub(crate) async fn discard_before_reuse<D: BlockDevice>(
+        &mut self,
+        dev: &mut D,
+        first: u64,
+        count: u64,
+    ) -> Result<(), Error<D::Error>> {
+        let covered = |&(start, n): &(u64, u64)| start < first + count && first < start + n;
+        if !self.pending_discard.iter().any(covered) {
+            return Ok(());
+        }
+        while let Some((start, n)) = self.pending_discard.pop() {
+            dev.discard(start, n).await.map_err(Error::Io)?;
+        }
+        Ok(())
+    }
+
     /// Makes slot `i` clean before it is reused for another slice, writing
     /// it back in order.
     pub(super) async fn clean_for_reuse<D: BlockDevice>(

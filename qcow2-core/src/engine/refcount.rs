@@ -115,6 +115,47 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             .ok_or(Error::corrupt("refcount overflow", loc.slice))
     }
 
+    /// Adds one reference to `cluster` (0 -> 1 for an allocation, one more
+    /// for another compressed stream packed into it) and returns the new
+    /// count. A refcount already at its width's maximum (1 with 1-bit
+    /// refcounts) is refused with [`Error::NoSpace`] before anything
+    /// changes. Ordering is the cache's: an increase reaches the disk before
+    /// any L1/L2 slice (rule 1).
+    #[cfg(feature = "write")]
+    pub(crate) async fn increment(&mut self, cluster: u64) -> Result<u64, Error<D::Error>> {
+        let count = self.refcount(cluster).await?;
+        if count >= refcount::max_value(self.geo.refcount_order) {
+            return Err(Error::NoSpace);
+        }
+        self.set_refcount(cluster, count + 1).await?;
+        Ok(count + 1)
+    }
+
+    /// Drops `times` references to `cluster` and returns what is left; at
+    /// zero the cluster is free, and allocation may hand it out at once:
+    /// the caller has made durable what stopped referencing it (rules 2
+    /// and 6: releases wait in the cache's queue for exactly that). A count
+    /// below `times` is corruption (found before anything changes).
+    #[cfg(feature = "write")]
+    pub(crate) async fn decrement(
+        &mut self,
+        cluster: u64,
+        times: u64,
+    ) -> Result<u64, Error<D::Error>> {
+        let count = self.refcount(cluster).await?;
+        let Some(left) = count.checked_sub(times) else {
+            return Err(Error::corrupt(
+                "freeing a cluster whose refcount is already 0",
+                cluster << self.geo.cluster_bits,
+            ));
+        };
+        self.set_refcount(cluster, left).await?;
+        if left == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(left)
+    }
+
     /// The first cluster at or after `start` whose refcount is zero.
     ///
     /// Scans whole cache slices; terminates because refcount coverage is
@@ -139,5 +180,39 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             }
             cluster += per_slice - loc.index as u64;
         }
+    }
+}
+
+#[cfg(test)]
+#[cfg(feature = "write")]
+mod tests {
+    use crate::testing::ram;
+    use crate::{CreateOptions, Error, Qcow2, Slot};
+    use embassy_futures::block_on;
+
+    /// 1-bit refcounts: a second reference is refused before anything
+    /// changes; dropping the one reference frees the cluster.
+    #[test]
+    fn increments_stop_at_the_width_and_decrements_free_at_zero() {
+        let mut cache = [const { Slot::<1>::EMPTY }; 8];
+        let options = CreateOptions {
+            cluster_bits: 9,
+            refcount_order: 0,
+            ..CreateOptions::new(8 << 9)
+        };
+        let mut image = block_on(Qcow2::create(ram(), &mut cache, options)).unwrap();
+        let e = &mut image.engine;
+        let cluster = block_on(e.alloc_cluster()).unwrap() >> 9;
+        assert_eq!(block_on(e.refcount(cluster)).unwrap(), 1);
+        assert_eq!(block_on(e.increment(cluster)), Err(Error::NoSpace));
+        assert_eq!(block_on(e.refcount(cluster)).unwrap(), 1);
+        assert_eq!(block_on(e.decrement(cluster, 1)).unwrap(), 0);
+        assert!(e.free_hint <= cluster);
+        assert!(matches!(
+            block_on(e.decrement(cluster, 1)),
+            Err(Error::Corrupt { .. })
+        ));
+        // Free again: the next allocation takes it.
+        assert_eq!(block_on(e.alloc_cluster()).unwrap() >> 9, cluster);
     }
 }

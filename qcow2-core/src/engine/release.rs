@@ -100,29 +100,17 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         while let Some(held) = self.cache.take_release() {
             let times = u64::from(held.times);
             for cluster in held.first..held.first + u64::from(held.clusters) {
-                let count = self.refcount(cluster).await?;
-                let left = count
-                    .checked_sub(times)
-                    .ok_or(Error::Internal("held release below a refcount of 0"))?;
-                self.set_refcount(cluster, left).await?;
-                if left == 0 {
-                    self.freed(cluster).await?;
+                if self.decrement(cluster, times).await? == 0 {
+                    // Release is "decrement, and discard at zero".
+                    let sectors = self.geo.cluster_sectors();
+                    let first = self.geo.cluster_sector(cluster);
+                    self.cache
+                        .queue_discard(&mut self.dev, first, sectors)
+                        .await?;
                 }
             }
         }
         Ok(())
-    }
-
-    /// Makes host cluster `cluster`, whose refcount just reached zero,
-    /// available: to allocation, and to the device as a discard after the
-    /// next flush.
-    async fn freed(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
-        // `pack_next` left it when its release was held.
-        self.free_hint = self.free_hint.min(cluster);
-        let sectors = self.geo.cluster_sectors();
-        self.cache
-            .queue_discard(&mut self.dev, cluster * sectors, sectors)
-            .await
     }
 
     /// Whether the host clusters of the compressed cluster of `len` bytes at

@@ -53,14 +53,9 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
         let first = self.geo.cluster_of(old);
         for c in first..first + self.geo.clusters_for(old_len) {
-            let count = self.refcount(c).await?;
-            let dropped = count.checked_sub(1).ok_or(Error::corrupt(
-                "refcount table cluster with refcount 0",
-                c << self.geo.cluster_bits,
-            ))?;
-            self.set_refcount(c, dropped).await?;
+            // Rule 4: nothing points at the old copy any more.
+            self.decrement(c, 1).await?;
         }
-        self.free_hint = self.free_hint.min(first);
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use crate::cache::Kind;
 use crate::cache::SlotStorage;
 use crate::codec::Workspace;
 use crate::format::entry::COMPRESSED;
+use crate::format::refcount;
 use crate::format::L2Entry;
 use crate::image::backing::Backing;
 use crate::{BlockDevice, Error, Qcow2, SECTOR};
@@ -93,14 +94,6 @@ where
         Ok(())
     }
 
-    /// The highest refcount the image's refcount width holds.
-    fn max_refcount(&self) -> u64 {
-        match self.engine.geo.refcount_order {
-            6 => u64::MAX,
-            order => (1u64 << (1u32 << order)) - 1,
-        }
-    }
-
     /// Host bytes for a compressed stream of `len` bytes (less than a
     /// cluster), each host cluster they touch referenced once more.
     async fn alloc_bytes(&mut self, len: u64) -> Result<u64, Error<D::Error>> {
@@ -113,23 +106,21 @@ where
                 .await?;
             // A cluster freed since, or referenced as often as it can be,
             // is not packed further.
-            if count == 0 || count >= self.max_refcount() {
+            if count == 0 || count >= refcount::max_value(self.engine.geo.refcount_order) {
                 offset = 0;
             }
         }
         let room = cluster_size - self.engine.geo.within_cluster(offset);
         if offset != 0 && room >= len {
             let cluster = self.engine.geo.cluster_of(offset);
-            let count = self.engine.refcount(cluster).await?;
-            self.engine.set_refcount(cluster, count + 1).await?;
+            self.engine.increment(cluster).await?;
         } else {
             // A new cluster (refcount 1); if it directly follows the
             // partly used one, the stream runs on into it.
             let fresh = self.engine.alloc_cluster().await?;
             if offset != 0 && fresh == offset + room {
                 let cluster = self.engine.geo.cluster_of(offset);
-                let count = self.engine.refcount(cluster).await?;
-                self.engine.set_refcount(cluster, count + 1).await?;
+                self.engine.increment(cluster).await?;
             } else {
                 offset = fresh;
             }
