@@ -69,7 +69,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let host = first << self.geo.cluster_bits;
         let len = count << self.geo.cluster_bits;
         if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
-            return Err(Error::corrupt("free cluster holds live metadata", host));
+            return Err(Error::corrupt(
+                crate::Corruption::FreeClusterIsMetadata,
+                host,
+            ));
         }
         Ok(())
     }
@@ -239,7 +242,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         for c in first_old..first_old + old_clusters {
             let count = self.refcount(c).await?;
             let dropped = count.checked_sub(1).ok_or(Error::corrupt(
-                "refcount table cluster with refcount 0",
+                crate::Corruption::RefcountTableUnreferenced,
                 c * cs,
             ))?;
             self.set_refcount(c, dropped).await?;

@@ -140,7 +140,10 @@ where
                 (offset, false)
             }
             L2Entry::Data { copied: false, .. } => {
-                return Err(Error::corrupt("L2 entry without COPIED flag", entry_at))
+                return Err(Error::corrupt(
+                    crate::Corruption::L2EntryNotCopied,
+                    entry_at,
+                ))
             }
             L2Entry::Compressed { offset, len } => {
                 // Copy-on-write: decompress into a new cluster, then drop
@@ -361,7 +364,7 @@ where
             .holds_any(host, self.engine.geo.cluster_size)
             || self.engine.refblock_of(cluster).await? == host
         {
-            return Err(Error::corrupt("data cluster is live metadata", host));
+            return Err(Error::corrupt(crate::Corruption::DataIsMetadata, host));
         }
         Ok(())
     }
