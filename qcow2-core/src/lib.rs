@@ -114,7 +114,7 @@ pub use codec::{Compression, NoWorkspace, Workspace};
 pub use device::{BlockDevice, Sector, SECTOR};
 pub use engine::extent::CompressedExtent;
 pub use engine::map::Mapping;
-pub use error::{Error, OpenError};
+pub use error::{Corruption, Error, Feature, OpenError};
 pub use format::Version;
 #[cfg(feature = "write")]
 pub use image::create::CreateOptions;

@@ -4,8 +4,8 @@ use crate::backing::HostBacking;
 use crate::block_on;
 use crate::codec::{HostCompressor, HostDecoder, HostWorkspace};
 use qcow2_core::{
-    BlockDevice, CheckReport, CreateOptions, Error, Finding, ImageInfo, Mapping, OpenOptions,
-    Qcow2, Repair, Sector, Slot, SECTOR,
+    BlockDevice, CheckReport, CreateOptions, Error, Feature, Finding, ImageInfo, Mapping,
+    OpenOptions, Qcow2, Repair, Sector, Slot, SECTOR,
 };
 
 /// Sectors per cache slice on the host: 4 KiB slices.
@@ -278,7 +278,7 @@ impl<D: BlockDevice> Image<D> {
             ));
         }
         let format = qcow2_core::Compression::from_type(self.info().compression_type)
-            .ok_or(Error::Unsupported("compression type"))?;
+            .ok_or(Error::Unsupported(Feature::CompressionType))?;
         let mut compressor = HostCompressor::new();
         let mut padded = vec![0u8; cluster as usize];
         let mut out = Vec::new();

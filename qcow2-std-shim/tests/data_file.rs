@@ -6,7 +6,8 @@
 
 use qcow2_core::format::header::ExternalFiles;
 use qcow2_core::{
-    BlockDevice, CheckReport, CreateOptions, Error, OpenOptions, Qcow2, Sector, Slot, SECTOR,
+    BlockDevice, CheckReport, Corruption, CreateOptions, Error, Feature, OpenOptions, Qcow2,
+    Sector, Slot, SECTOR,
 };
 use qcow2_std_shim::data_file::{attach_data_file, DataFileError, DataFileOptions};
 use qcow2_std_shim::{
@@ -377,7 +378,7 @@ fn hostile_headers_give_precise_errors() {
     let mut image = Image::open(dev, &OpenOptions::read_only()).unwrap();
     let mut buf = vec![0u8; 512];
     match image.read_at(0, &mut buf) {
-        Err(Error::Unsupported(what)) => assert!(what.contains("not attached"), "{what}"),
+        Err(Error::Unsupported(what)) => assert_eq!(what, Feature::DataFileNotAttached),
         other => panic!("read without the data file: {other:?}"),
     }
     let err = attach_data_file(&mut image, &bit_only, &DataFileOptions::trusting()).unwrap_err();
@@ -452,7 +453,7 @@ fn hostile_headers_give_precise_errors() {
     let dev = FileDevice::open(&raw_only, false).unwrap();
     match Image::open(dev, &OpenOptions::read_only()) {
         Err(Error::Corrupt { what, .. }) => {
-            assert_eq!(what, "data-file-raw requires a data file")
+            assert_eq!(what, Corruption::RawDataWithoutDataFile)
         }
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("opened an image with data_file_raw and no data file"),
@@ -483,7 +484,10 @@ fn compressed_clusters_are_corruption() {
     let mut buf = vec![0u8; 512];
     assert!(matches!(
         image.read_at(0, &mut buf),
-        Err(Error::Corrupt { .. })
+        Err(Error::Corrupt {
+            what: Corruption::CompressedWithDataFile,
+            ..
+        })
     ));
     let report = image.check().unwrap();
     assert_eq!(report.corruptions, 1, "{report:?}");

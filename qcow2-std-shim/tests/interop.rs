@@ -19,7 +19,7 @@
 //!
 //! Set `QCOW2_TEST_KEEP=1` to keep the temporary directories.
 
-use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, Version};
+use qcow2_core::{CreateOptions, Error, Feature, Mapping, OpenOptions, Version};
 use qcow2_std_shim::{FileDevice, Image};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -1122,7 +1122,7 @@ fn qemu_internal_snapshot_image_read_only_then_writable_after_delete() {
     let e = Image::open(dev, &OpenOptions::read_write())
         .err()
         .expect("writing a snapshotted image is refused");
-    assert!(matches!(e, qcow2_core::Error::Unsupported(_)), "{e:?}");
+    assert!(matches!(e, Error::Unsupported(Feature::Snapshots)), "{e:?}");
     // Deleting the snapshot restores refcount 1 and the COPIED flags.
     qemu::img(&["snapshot", "-d", "s1", path_str(&path)]);
     let mut img = open_rw(&path);
@@ -1155,7 +1155,7 @@ fn qemu_bitmap_image_reads_but_refuses_writes() {
     let before = std::fs::read(&path).expect("read image");
     let dev = FileDevice::open(&path, true).expect("open file");
     match Image::open(dev, &OpenOptions::read_write()) {
-        Err(Error::Unsupported(what)) => assert_eq!(what, "writing images with persistent bitmaps"),
+        Err(Error::Unsupported(what)) => assert_eq!(what, Feature::PersistentBitmaps),
         Err(e) => panic!("expected Unsupported, got {e}"),
         Ok(_) => panic!("read-write open of a bitmap image was accepted"),
     }

@@ -4,7 +4,7 @@ use crate::error::{
     core_error, core_message, io_error, io_message, CliError, CliResult, CoreError,
 };
 use qcow2_core::format::MAGIC;
-use qcow2_core::{CreateOptions, Error, Mapping, OpenOptions, SECTOR};
+use qcow2_core::{CreateOptions, Error, Feature, Mapping, OpenOptions, SECTOR};
 use qcow2_std_shim::chain::{
     attach_chain, open_checked, parse_backing_name, BackingFormat, ChainError, ChainOptions,
     OpenCheckedError, UnusableFile, DEFAULT_MAX_DEPTH,
@@ -713,12 +713,10 @@ impl Disk {
     /// file cannot (ENOTSUP, before anything else is looked at).
     pub fn write_compressed(&mut self, offset: u64, data: &[u8]) -> Result<(), CoreError> {
         match self {
-            Disk::Raw(_) => Err(Error::Unsupported("compressed writes to raw images")),
+            Disk::Raw(_) => Err(Error::Unsupported(Feature::CompressedWriteToRaw)),
             Disk::Qcow2(image) => {
                 if image.inner_mut().has_data_file() {
-                    return Err(Error::Unsupported(
-                        "compressed writes to an image with an external data file",
-                    ));
+                    return Err(Error::Unsupported(Feature::CompressedWriteWithDataFile));
                 }
                 let cluster = image.info().cluster_size;
                 let end = offset.saturating_add(data.len() as u64);

@@ -8,7 +8,7 @@
 
 mod order;
 
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Sector, SECTOR};
 
 /// Ranges of freed host sectors held for discarding after the next flush;
 /// a discard over scattered clusters flushes once per this many ranges.
@@ -373,10 +373,7 @@ impl<S: SlotStorage<K>, const K: usize> Cache<S, K> {
             if s.kind != kind {
                 if !relaxed || s.dirty {
                     // One cluster cannot be, say, an L2 table and a refcount block.
-                    return Err(Error::corrupt(
-                        "metadata cluster used as two kinds of table",
-                        tag,
-                    ));
+                    return Err(Error::corrupt(Corruption::TableKindConflict, tag));
                 }
                 // `check` reads a cluster claimed by two tables both ways.
                 s.kind = kind;

@@ -375,7 +375,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             Some(Repair::Leaks) => {
                 if w.rebuild {
                     return Err(Error::corrupt(
-                        "refcount structures need a rebuild (repair all)",
+                        crate::Corruption::RefcountsNeedRebuild,
                         self.geo.reftable_offset,
                     ));
                 }

@@ -427,7 +427,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             }
             if refs > refcount::max_value(order) {
                 return Err(Error::corrupt(
-                    "more references than the refcount width holds",
+                    crate::Corruption::TooManyReferences,
                     c << self.geo.cluster_bits,
                 ));
             }
@@ -480,7 +480,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             start = w.avoid_hit;
         }
         Err(Error::corrupt(
-            "no room for refcount structures clear of stray entries",
+            crate::Corruption::NoRoomForRefcounts,
             start << self.geo.cluster_bits,
         ))
     }

@@ -9,7 +9,7 @@ use crate::engine::header_io;
 use crate::engine::Engine;
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{L1Entry, L2Entry};
-use crate::{BlockDevice, Error};
+use crate::{BlockDevice, Corruption, Error};
 
 /// Largest extra data QEMU accepts in a snapshot entry.
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
@@ -207,7 +207,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut fixed).await?;
             let entry = SnapshotEntry::decode(&fixed, at)?;
             if entry.extra_len > MAX_SNAPSHOT_EXTRA {
-                return Err(Error::corrupt("snapshot extra data too large", at));
+                return Err(Error::corrupt(Corruption::SnapshotExtraTooLarge, at));
             }
             let l1_bytes = u64::from(entry.l1_size) * ENTRY_BYTES;
             if !self.valid_clusters(entry.l1_table_offset, l1_bytes.max(1)) {

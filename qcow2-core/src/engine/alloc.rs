@@ -75,7 +75,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let host = first << self.geo.cluster_bits;
         let len = count << self.geo.cluster_bits;
         if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
-            return Err(Error::corrupt("free cluster holds live metadata", host));
+            return Err(Error::corrupt(
+                crate::Corruption::FreeClusterIsMetadata,
+                host,
+            ));
         }
         Ok(())
     }

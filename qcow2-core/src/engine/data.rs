@@ -64,7 +64,7 @@
 
 use crate::cache::SlotStorage;
 use crate::engine::Engine;
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Error, Feature, Sector, SECTOR};
 
 /// The devices of an image: `meta` holds the image file (header, tables,
 /// refcounts, and the guest data of images without a data file), `data`
@@ -266,9 +266,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// file that is not attached.
     pub(crate) fn require_data_file(&self) -> Result<(), Error<D::Error>> {
         if self.header.has_data_file() && self.dev.data.is_none() {
-            return Err(Error::Unsupported(
-                "the image has an external data file that is not attached (Qcow2::attach_data_file)",
-            ));
+            return Err(Error::Unsupported(Feature::DataFileNotAttached));
         }
         Ok(())
     }
@@ -288,7 +286,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             .await?;
         match named {
             Some(_) => Ok(()),
-            None => Err(Error::Unsupported("'data-file' is required for this image")),
+            None => Err(Error::Unsupported(Feature::DataFileUnnamed)),
         }
     }
 
@@ -306,7 +304,7 @@ mod tests {
     use super::*;
     use crate::format::entry::{COMPRESSED, COPIED, ZERO};
     use crate::format::header::ExternalFiles;
-    use crate::{CreateOptions, OpenOptions};
+    use crate::{Corruption, CreateOptions, OpenOptions};
     use crate::{Qcow2, Slot};
     use core::cell::RefCell;
     use embassy_futures::block_on;
@@ -417,9 +415,7 @@ mod tests {
         let mut buf = [[0u8; SECTOR]; 2];
         assert_eq!(
             block_on(image.read(0, &mut buf)),
-            Err(Error::Unsupported(
-                "the image has an external data file that is not attached (Qcow2::attach_data_file)"
-            ))
+            Err(Error::Unsupported(Feature::DataFileNotAttached))
         );
         assert!(matches!(
             block_on(image.write(0, &buf)),
@@ -544,7 +540,10 @@ mod tests {
         .unwrap();
         assert!(matches!(
             block_on(image.read(4, &mut buf)),
-            Err(Error::Corrupt { what, .. }) if what.contains("guest offset")
+            Err(Error::Corrupt {
+                what: Corruption::DataFileOffsetMismatch,
+                ..
+            })
         ));
         // COPIED missing: a corruption a repair fixes.
         block_on(image.engine.cache.write_u64(

@@ -4,7 +4,7 @@
 
 use crate::cache::SlotStorage;
 use crate::engine::Engine;
-use crate::{BlockDevice, Error, SECTOR};
+use crate::{BlockDevice, Corruption, Error, SECTOR};
 
 /// Where the bytes of one compressed cluster are, as reads take them.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -31,13 +31,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let first_sector = host / SECTOR as u64;
         let dev_sectors = self.dev.sector_count();
         if first_sector >= dev_sectors {
-            return Err(Error::corrupt(
-                "compressed cluster beyond the end of the image",
-                host,
-            ));
+            return Err(Error::corrupt(Corruption::CompressedBeyondImage, host));
         }
         if self.geo.hits_fixed_metadata(host, len) || self.cache.holds_any(host, len) {
-            return Err(Error::corrupt("compressed cluster overlaps metadata", host));
+            return Err(Error::corrupt(Corruption::CompressedOverlapsMetadata, host));
         }
         // The descriptor ends on a sector boundary.
         let end = crate::format::shr_ceil(host.saturating_add(len), 9);

@@ -2,7 +2,7 @@
 //! header in place (one sector write, extensions untouched).
 
 use crate::format::{Extension, ExtensionKind, Header};
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Feature, Sector, SECTOR};
 
 /// Upper bound on extensions walked, so a hostile header cannot loop long.
 const MAX_EXTENSIONS: usize = 1024;
@@ -21,10 +21,7 @@ async fn read8<D: BlockDevice>(
 ) -> Result<[u8; 8], Error<D::Error>> {
     let sector = at / SECTOR as u64;
     if sector >= dev.sector_count() {
-        return Err(Error::corrupt(
-            "header extension beyond the end of the image",
-            at,
-        ));
+        return Err(Error::corrupt(Corruption::ExtensionBeyondImage, at));
     }
     if *loaded != Some(sector) {
         dev.read(sector, core::slice::from_mut(scratch))
@@ -37,7 +34,7 @@ async fn read8<D: BlockDevice>(
     out.copy_from_slice(
         scratch
             .get(i..i + 8)
-            .ok_or(Error::corrupt("header extension misaligned", at))?,
+            .ok_or(Error::corrupt(Corruption::ExtensionMisaligned, at))?,
     );
     Ok(out)
 }
@@ -79,7 +76,7 @@ impl ExtensionWalk {
             return Ok(None);
         }
         if self.steps >= MAX_EXTENSIONS {
-            return Err(Error::corrupt("too many header extensions", self.at));
+            return Err(Error::corrupt(Corruption::TooManyExtensions, self.at));
         }
         let raw = read8(dev, scratch, &mut self.loaded, self.at).await?;
         let ext = Extension::decode(raw, self.at, cluster)?;
@@ -111,13 +108,15 @@ pub(crate) async fn check_extensions<D: BlockDevice>(
         match ext.kind {
             // QEMU refuses both at open, whatever the feature bits say.
             ExtensionKind::Bitmaps if ext.len != BITMAPS_EXTENSION_LEN => {
-                return Err(Error::corrupt("bitmaps extension of invalid length", at))
+                return Err(Error::corrupt(Corruption::BitmapsExtensionLength, at))
             }
             ExtensionKind::BackingFormat if ext.len > MAX_BACKING_FORMAT => {
-                return Err(Error::corrupt("backing format name too long", at))
+                return Err(Error::corrupt(Corruption::BackingFormatTooLong, at))
             }
             ExtensionKind::Bitmaps => bitmaps = Some(ext),
-            ExtensionKind::FullDiskEncryption => return Err(Error::Unsupported("encryption")),
+            ExtensionKind::FullDiskEncryption => {
+                return Err(Error::Unsupported(Feature::Encryption))
+            }
             // The data file name means something only with the
             // incompatible bit, which the header check handles (QEMU
             // ignores the extension without it).
@@ -174,7 +173,7 @@ pub(crate) async fn read_bytes<D: BlockDevice>(
         let pos = at + done as u64;
         let sector = pos / SECTOR as u64;
         if sector >= dev.sector_count() {
-            return Err(Error::corrupt("structure beyond the end of the image", pos));
+            return Err(Error::corrupt(Corruption::StructureBeyondImage, pos));
         }
         dev.read(sector, core::slice::from_mut(scratch))
             .await

@@ -5,7 +5,7 @@ use crate::cache::SlotStorage;
 use crate::engine::Engine;
 use crate::format::entry::{COMPRESSED, COPIED, ZERO};
 use crate::format::{L1Entry, L2Entry};
-use crate::{BlockDevice, Error, SECTOR};
+use crate::{BlockDevice, Corruption, Error, SECTOR};
 
 /// Where a run of guest data lives.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -31,25 +31,25 @@ pub enum Mapping {
     },
 }
 
-/// Messages for a bad cluster pointer: unaligned, past the end of the
+/// Errors for a bad cluster pointer: unaligned, past the end of the
 /// device, on the header/L1/refcount table.
-pub(crate) type ClusterErrors = [&'static str; 3];
+pub(crate) type ClusterErrors = [Corruption; 3];
 
 const L2_TABLE: ClusterErrors = [
-    "L2 table offset not cluster aligned",
-    "L2 table beyond the end of the image",
-    "L2 table overlaps the header, L1 or refcount table",
+    Corruption::L2Unaligned,
+    Corruption::L2BeyondImage,
+    Corruption::L2OverlapsMetadata,
 ];
 const DATA_CLUSTER: ClusterErrors = [
-    "data cluster offset not cluster aligned",
-    "data cluster beyond the end of the image",
-    "data cluster overlaps the header, L1 or refcount table",
+    Corruption::DataUnaligned,
+    Corruption::DataBeyondImage,
+    Corruption::DataOverlapsMetadata,
 ];
 /// Placement errors of refcount blocks.
 pub(crate) const REFCOUNT_BLOCK: ClusterErrors = [
-    "refcount block offset not cluster aligned",
-    "refcount block beyond the end of the image",
-    "refcount block overlaps the header, L1 or refcount table",
+    Corruption::RefcountBlockUnaligned,
+    Corruption::RefcountBlockBeyondImage,
+    Corruption::RefcountBlockOverlapsMetadata,
 ];
 
 impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
@@ -73,7 +73,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let (l2, copied) = self.l1_lookup(guest).await?;
         if l2 != 0 && !copied {
             let at = self.l1_entry_offset(guest)?;
-            return Err(Error::corrupt("L1 entry without COPIED flag", at));
+            return Err(Error::corrupt(Corruption::L1EntryNotCopied, at));
         }
         Ok(l2)
     }
@@ -134,7 +134,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let raw = self.cache.read_u64(&mut self.dev, at, Kind::L2).await?;
         if !self.geo.v3 && raw & ZERO != 0 && raw & COMPRESSED == 0 {
             // QEMU refuses the zero flag in a v2 image the same way.
-            return Err(Error::corrupt("zero cluster entry in a v2 image", at));
+            return Err(Error::corrupt(Corruption::ZeroEntryInV2, at));
         }
         // Other reserved bits are ignored, as QEMU does; `check` reports them.
         let entry = self.decode_l2(raw);
@@ -145,10 +145,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             }
             L2Entry::Compressed { .. } if self.external_data() => {
                 // QEMU's qcow2_get_host_offset signals corruption the same way.
-                return Err(Error::corrupt(
-                    "compressed cluster in an image with an external data file",
-                    at,
-                ));
+                return Err(Error::corrupt(Corruption::CompressedWithDataFile, at));
             }
             _ => {}
         }
@@ -181,10 +178,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             return Err(Error::corrupt(DATA_CLUSTER[0], host));
         }
         if guest.checked_shl(self.geo.cluster_bits) != Some(host) {
-            return Err(Error::corrupt(
-                "data cluster offset differs from its guest offset in the external data file",
-                host,
-            ));
+            return Err(Error::corrupt(Corruption::DataFileOffsetMismatch, host));
         }
         Ok(())
     }

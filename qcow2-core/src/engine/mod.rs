@@ -28,7 +28,7 @@ use crate::cache::{Cache, SlotStorage};
 #[cfg(feature = "write")]
 use crate::format::incompatible;
 use crate::format::{Extension, Header};
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Sector, SECTOR};
 use data::Devices;
 use geometry::Geometry;
 
@@ -110,10 +110,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Makes every earlier change durable, metadata in crash-safe order.
     pub(crate) async fn flush(&mut self) -> Result<(), Error<D::Error>> {
         if self.corrupt_detected {
-            return Err(Error::corrupt(
-                "image marked corrupt; writes since the last flush were dropped",
-                0,
-            ));
+            return Err(Error::corrupt(Corruption::WritesDropped, 0));
         }
         if self.read_only {
             return Ok(());

@@ -7,7 +7,7 @@ use crate::cache::SlotStorage;
 use crate::engine::header_io;
 use crate::engine::Engine;
 use crate::format::{Extension, ExtensionKind};
-use crate::{BlockDevice, Error};
+use crate::{BlockDevice, Corruption, Error};
 
 impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// See [`crate::Qcow2::has_backing_file`].
@@ -39,18 +39,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         if len > crate::format::header::MAX_BACKING_FILE_NAME
             || at + u64::from(len) > self.geo.cluster_size
         {
-            return Err(Error::corrupt(
-                "backing file name outside the first cluster",
-                at,
-            ));
+            return Err(Error::corrupt(Corruption::BackingNameOutsideCluster, at));
         }
-        self.read_name(
-            at,
-            len,
-            "backing file name beyond the end of the image",
-            buf,
-        )
-        .await
+        self.read_name(at, len, Corruption::BackingNameBeyondImage, buf)
+            .await
     }
 
     /// See [`crate::Qcow2::backing_format`].
@@ -66,14 +58,14 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         };
         if ext.len > crate::format::header::MAX_BACKING_FORMAT {
             return Err(Error::corrupt(
-                "backing format name too long",
+                Corruption::BackingFormatTooLong,
                 ext.offset - 8,
             ));
         }
         self.read_name(
             ext.offset,
             ext.len,
-            "backing format beyond the end of the image",
+            Corruption::BackingFormatBeyondImage,
             buf,
         )
         .await
@@ -90,7 +82,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         self.read_name(
             ext.offset,
             ext.len,
-            "data file name beyond the end of the image",
+            Corruption::DataFileNameBeyondImage,
             buf,
         )
         .await
@@ -111,7 +103,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         &mut self,
         at: u64,
         len: u32,
-        past_end: &'static str,
+        past_end: Corruption,
         buf: &mut [u8],
     ) -> Result<Option<usize>, Error<D::Error>> {
         let len = len as usize;
@@ -269,20 +261,17 @@ mod tests {
         h.backing_file_size = MAX_BACKING_FILE_NAME;
         assert_eq!(h.validate::<()>(), Ok(()));
         h.backing_file_size = MAX_BACKING_FILE_NAME + 1;
-        assert_eq!(
-            h.validate::<()>(),
-            corrupt("backing file name longer than 1023 bytes")
-        );
+        assert_eq!(h.validate::<()>(), corrupt(Corruption::BackingNameTooLong));
         h.backing_file_offset = 65530;
         h.backing_file_size = 10;
         assert_eq!(
             h.validate::<()>(),
-            corrupt("backing file name outside the first cluster")
+            corrupt(Corruption::BackingNameOutsideCluster)
         );
         h.backing_file_offset = 1 << 62;
         assert_eq!(
             h.validate::<()>(),
-            corrupt("backing file name outside the first cluster")
+            corrupt(Corruption::BackingNameOutsideCluster)
         );
         h.backing_file_offset = u64::MAX;
         h.backing_file_size = u32::MAX;

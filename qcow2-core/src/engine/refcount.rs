@@ -5,7 +5,7 @@ use crate::cache::SlotStorage;
 use crate::engine::map::REFCOUNT_BLOCK;
 use crate::engine::Engine;
 use crate::format::{refcount, MAX_HOST_OFFSET};
-use crate::{BlockDevice, Error};
+use crate::{BlockDevice, Corruption, Error};
 
 /// Low bits of a refcount table entry that must be zero.
 const REFTABLE_RESERVED: u64 = 0x1ff;
@@ -44,19 +44,13 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             .read_u64(&mut self.dev, at, Kind::RefTable)
             .await?;
         if raw & REFTABLE_RESERVED != 0 {
-            return Err(Error::corrupt(
-                "reserved bits set in a refcount table entry",
-                at,
-            ));
+            return Err(Error::corrupt(Corruption::RefcountTableReservedBits, at));
         }
         if raw == 0 {
             return Ok(0);
         }
         if raw >= MAX_HOST_OFFSET {
-            return Err(Error::corrupt(
-                "refcount block beyond the host offset limit",
-                at,
-            ));
+            return Err(Error::corrupt(Corruption::RefcountBlockBeyondLimit, at));
         }
         self.check_cluster(raw, REFCOUNT_BLOCK)?;
         Ok(raw)
@@ -102,7 +96,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let loc = self.refcount_slot(cluster).await?;
         if loc.slice == 0 {
             return Err(Error::corrupt(
-                "refcount block missing for an allocated cluster",
+                Corruption::RefcountBlockMissing,
                 cluster << self.geo.cluster_bits,
             ));
         }
@@ -112,7 +106,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             .get_mut(&mut self.dev, loc.slice, Kind::RefBlock)
             .await?;
         refcount::set(bytes, order, loc.index, value)
-            .ok_or(Error::corrupt("refcount overflow", loc.slice))
+            .ok_or(Error::corrupt(Corruption::RefcountOverflow, loc.slice))
     }
 
     /// Adds one reference to `cluster` (0 -> 1 for an allocation, one more
@@ -145,7 +139,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let count = self.refcount(cluster).await?;
         let Some(left) = count.checked_sub(times) else {
             return Err(Error::corrupt(
-                "freeing a cluster whose refcount is already 0",
+                Corruption::RefcountUnderflow,
                 cluster << self.geo.cluster_bits,
             ));
         };

@@ -61,7 +61,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             let count = self.refcount_after_releases(cluster).await?;
             let Some(left) = count.checked_sub(1) else {
                 return Err(Error::corrupt(
-                    "freeing a cluster whose refcount is already 0",
+                    crate::Corruption::RefcountUnderflow,
                     cluster << self.geo.cluster_bits,
                 ));
             };
@@ -206,7 +206,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     async fn release_external(&mut self, host: u64, entry: L2Entry) -> Result<(), Error<D::Error>> {
         if let L2Entry::Compressed { .. } = entry {
             return Err(Error::corrupt(
-                "compressed cluster in an image with an external data file",
+                crate::Corruption::CompressedWithDataFile,
                 host,
             ));
         }

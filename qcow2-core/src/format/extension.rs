@@ -1,7 +1,7 @@
 //! Header extensions: their kinds and where each one lies.
 
 use super::header::*;
-use crate::Error;
+use crate::{Corruption, Error};
 
 /// Known header extension types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +58,7 @@ impl Extension {
         let len = u32::from_be_bytes([l0, l1, l2, l3]);
         let offset = at + 8;
         if offset + u64::from(len) > cluster_size {
-            return Err(Error::corrupt(
-                "header extension beyond the first cluster",
-                at,
-            ));
+            return Err(Error::corrupt(Corruption::ExtensionBeyondCluster, at));
         }
         Ok(Extension { kind, offset, len })
     }

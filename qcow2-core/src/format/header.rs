@@ -1,7 +1,7 @@
 //! The image header (v2 and v3) and header extensions.
 
 use super::{Version, MAGIC};
-use crate::Error;
+use crate::{Corruption, Error, Feature};
 use zerocopy::byteorder::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -109,7 +109,7 @@ impl Header {
         let version = match raw.version.get() {
             2 => Version::V2,
             3 => Version::V3,
-            _ => return Err(Error::Unsupported("qcow2 version other than 2 or 3")),
+            _ => return Err(Error::Unsupported(Feature::Version)),
         };
         let mut header = Header {
             version,
@@ -220,21 +220,21 @@ impl Header {
         use super::*;
         let corrupt = |what| Err(Error::corrupt(what, 0));
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
-            return Err(Error::Unsupported("cluster size outside 512 B..=2 MiB"));
+            return Err(Error::Unsupported(Feature::ClusterSize));
         }
         let cluster = self.cluster_size();
         if self.crypt_method != 0 {
-            return Err(Error::Unsupported("encryption"));
+            return Err(Error::Unsupported(Feature::Encryption));
         }
         if self.version == Version::V3 {
             if self.header_length < V3_MIN_LENGTH {
-                return corrupt("header_length shorter than the v3 header");
+                return corrupt(Corruption::HeaderTooShort);
             }
             if u64::from(self.header_length) > cluster {
-                return corrupt("header_length larger than a cluster");
+                return corrupt(Corruption::HeaderLongerThanCluster);
             }
             if !self.header_length.is_multiple_of(8) {
-                return corrupt("header_length not a multiple of 8");
+                return corrupt(Corruption::HeaderLengthUnaligned);
             }
         }
         let known = incompatible::DIRTY
@@ -243,52 +243,48 @@ impl Header {
             | incompatible::COMPRESSION_TYPE
             | incompatible::EXTENDED_L2;
         if self.incompatible_features & !known != 0 {
-            return Err(Error::Unsupported("unknown incompatible feature bits"));
+            return Err(Error::Unsupported(Feature::UnknownIncompatibleBits));
         }
         if self.incompatible_features & incompatible::EXTENDED_L2 != 0 {
-            return Err(Error::Unsupported("extended L2 entries (subclusters)"));
+            return Err(Error::Unsupported(Feature::ExtendedL2));
         }
         let type_bit = self.incompatible_features & incompatible::COMPRESSION_TYPE != 0;
         match (self.compression_type, type_bit) {
             (0, false) | (1, true) => {}
-            (0 | 1, _) => return corrupt("compression type disagrees with its feature bit"),
-            _ => {
-                return Err(Error::Unsupported(
-                    "compression type other than zlib or zstd",
-                ))
-            }
+            (0 | 1, _) => return corrupt(Corruption::CompressionBitMismatch),
+            _ => return Err(Error::Unsupported(Feature::CompressionTypeOther)),
         }
         if self.refcount_order > MAX_REFCOUNT_ORDER {
-            return corrupt("refcount_order above 6");
+            return corrupt(Corruption::RefcountOrderTooLarge);
         }
         if self.version == Version::V2 && self.refcount_order != 4 {
-            return corrupt("v2 image with refcount width other than 16");
+            return corrupt(Corruption::V2RefcountWidth);
         }
         if self.backing_file_offset != 0 {
             // QEMU: "Invalid backing file offset" past the first cluster,
             // "Backing file name too long" beyond 1023 bytes or the cluster.
             if self.backing_file_offset > cluster {
-                return corrupt("backing file name outside the first cluster");
+                return corrupt(Corruption::BackingNameOutsideCluster);
             }
             if self.backing_file_size > MAX_BACKING_FILE_NAME {
-                return corrupt("backing file name longer than 1023 bytes");
+                return corrupt(Corruption::BackingNameTooLong);
             }
             if self.backing_file_offset + u64::from(self.backing_file_size) > cluster {
-                return corrupt("backing file name outside the first cluster");
+                return corrupt(Corruption::BackingNameOutsideCluster);
             }
         }
         // L1 table: big enough for the disk, within limits, aligned, not on the header.
         if self.size > (1 << 62) {
-            return corrupt("virtual size too large");
+            return corrupt(Corruption::VirtualSizeTooLarge);
         }
         // One L1 entry maps cluster / 8 clusters.
         let needed_l1 = super::shr_ceil(self.size, 2 * self.cluster_bits - 3);
         if u64::from(self.l1_size) < needed_l1 {
-            return corrupt("L1 table too small for the virtual size");
+            return corrupt(Corruption::L1TooSmall);
         }
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return corrupt("L1 table larger than 32 MiB");
+            return corrupt(Corruption::L1TooLarge);
         }
         if self.l1_size > 0 {
             check_table(self.l1_table_offset, l1_bytes, cluster, L1_PLACEMENT)?;
@@ -298,10 +294,10 @@ impl Header {
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cluster;
         if self.refcount_table_clusters == 0 {
-            return corrupt("refcount table of zero clusters");
+            return corrupt(Corruption::RefcountTableEmpty);
         }
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return corrupt("refcount table larger than 8 MiB");
+            return corrupt(Corruption::RefcountTableTooLarge);
         }
         check_table(
             self.refcount_table_offset,
@@ -310,7 +306,7 @@ impl Header {
             REFTABLE_PLACEMENT,
         )?;
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return corrupt("too many snapshots");
+            return corrupt(Corruption::TooManySnapshots);
         }
         if self.nb_snapshots > 0 {
             check_table(self.snapshots_offset, 1, cluster, SNAPSHOT_PLACEMENT)?;
@@ -321,7 +317,7 @@ impl Header {
         if self.autoclear_features & autoclear::RAW_EXTERNAL != 0
             && self.incompatible_features & incompatible::EXTERNAL_DATA == 0
         {
-            return corrupt("data-file-raw requires a data file");
+            return corrupt(Corruption::RawDataWithoutDataFile);
         }
         Ok(())
     }
@@ -341,7 +337,7 @@ impl Header {
             rt_bytes,
         ) {
             return Err(Error::corrupt(
-                "L1 table overlaps the refcount table",
+                Corruption::L1OverlapsRefcountTable,
                 self.l1_table_offset,
             ));
         }
@@ -349,24 +345,24 @@ impl Header {
     }
 }
 
-/// Messages for one table's placement errors: unaligned, on the header,
-/// beyond the offset limit.
-type PlacementErrors = [&'static str; 3];
+/// One table's placement errors: unaligned, on the header, beyond the
+/// offset limit.
+type PlacementErrors = [Corruption; 3];
 
 const L1_PLACEMENT: PlacementErrors = [
-    "L1 table offset not cluster aligned",
-    "L1 table overlaps the header",
-    "L1 table beyond the host offset limit",
+    Corruption::L1Unaligned,
+    Corruption::L1OverlapsHeader,
+    Corruption::L1BeyondLimit,
 ];
 const REFTABLE_PLACEMENT: PlacementErrors = [
-    "refcount table offset not cluster aligned",
-    "refcount table overlaps the header",
-    "refcount table beyond the host offset limit",
+    Corruption::RefcountTableUnaligned,
+    Corruption::RefcountTableOverlapsHeader,
+    Corruption::RefcountTableBeyondLimit,
 ];
 const SNAPSHOT_PLACEMENT: PlacementErrors = [
-    "snapshot table offset not cluster aligned",
-    "snapshot table overlaps the header",
-    "snapshot table beyond the host offset limit",
+    Corruption::SnapshotTableUnaligned,
+    Corruption::SnapshotTableOverlapsHeader,
+    Corruption::SnapshotTableBeyondLimit,
 ];
 
 /// Checks a metadata table's placement: cluster aligned, after the header

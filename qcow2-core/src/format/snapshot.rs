@@ -1,6 +1,6 @@
 //! Internal snapshot table entries.
 
-use crate::Error;
+use crate::{Corruption, Error};
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -43,7 +43,7 @@ impl SnapshotEntry {
     /// Decodes the fixed part at the start of `bytes`.
     pub fn decode<E>(bytes: &[u8], at: u64) -> Result<Self, Error<E>> {
         let (raw, _) = RawSnapshot::read_from_prefix(bytes)
-            .map_err(|_| Error::corrupt("snapshot table entry truncated", at))?;
+            .map_err(|_| Error::corrupt(Corruption::SnapshotEntryTruncated, at))?;
         Ok(SnapshotEntry {
             l1_table_offset: raw.l1_table_offset.get(),
             l1_size: raw.l1_size.get(),

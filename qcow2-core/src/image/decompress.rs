@@ -11,7 +11,7 @@ use crate::engine::extent::CompressedExtent;
 use crate::engine::release::StreamProbe;
 use crate::engine::Engine;
 use crate::image::fill::Target;
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Feature, Sector, SECTOR};
 
 /// Decompresses the compressed cluster of `len` bytes at host byte `host`
 /// into `target`, applying QEMU's rules: the stream must yield a whole
@@ -37,7 +37,7 @@ where
         truncated,
     } = engine.compressed_extent(host, len)?;
     let format = Compression::from_type(engine.header.compression_type)
-        .ok_or(Error::Unsupported("compression type"))?;
+        .ok_or(Error::Unsupported(Feature::CompressionType))?;
     let cluster = engine.geo.cluster_size;
     let Parts {
         bounce,
@@ -63,9 +63,9 @@ where
     while produced < cluster {
         if next >= input_end {
             let what = if truncated {
-                "compressed cluster beyond the end of the image"
+                Corruption::CompressedBeyondImage
             } else {
-                "compressed cluster data ends early"
+                Corruption::CompressedDataShort
             };
             return Err(Error::corrupt(what, host));
         }
@@ -113,7 +113,7 @@ where
             bytes = bytes.get(step.consumed..).unwrap_or(&[]);
         }
         if last && produced < cluster {
-            return Err(Error::corrupt("compressed cluster data ends early", host));
+            return Err(Error::corrupt(Corruption::CompressedDataShort, host));
         }
     }
     if let Target::Device { .. } = target {
@@ -187,8 +187,8 @@ fn copy_overlap(dst: &mut [u8], dst_start: u64, pos: u64, data: &[u8]) {
 
 fn decode_error<E>(e: DecodeError, host: u64) -> Error<E> {
     match e {
-        DecodeError::Corrupt(what) => Error::corrupt(what, host),
-        DecodeError::Unsupported(what) => Error::Unsupported(what),
+        DecodeError::Corrupt(what) => Error::corrupt(Corruption::Stream(what), host),
+        DecodeError::Unsupported(what) => Error::Unsupported(Feature::Decoder(what)),
     }
 }
 

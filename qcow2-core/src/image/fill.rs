@@ -10,7 +10,7 @@ use crate::format::L2Entry;
 use crate::image::backing::Backing;
 #[cfg(feature = "write")]
 use crate::image::decompress::DecodeProbe;
-use crate::{BlockDevice, Error, Mapping, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Error, Feature, Mapping, Qcow2, Sector, SECTOR};
 
 /// Where decompressed output goes.
 pub(crate) enum Target<'a> {
@@ -57,9 +57,7 @@ where
     /// attached.
     pub(crate) fn require_backing(&self) -> Result<(), Error<D::Error>> {
         if self.names_backing && !self.backing_attached {
-            return Err(Error::Unsupported(
-                "the image has a backing file that is not attached (Qcow2::with_backing)",
-            ));
+            return Err(Error::Unsupported(Feature::BackingNotAttached));
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ use crate::format::{compatible, incompatible, Header, Version};
 use crate::image::backing::{Backing, NoBacking};
 use crate::image::decompress::decompress;
 use crate::image::fill::Target;
-use crate::{BlockDevice, Error, Sector, SECTOR};
+use crate::{BlockDevice, Error, Feature, Sector, SECTOR};
 
 /// A summary of an open image, in the terms `qemu-img info` uses.
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -256,7 +256,10 @@ where
         self.require_backing()?;
         self.engine.require_data_file()?;
         if self.engine.header.incompatible_features & incompatible::CORRUPT != 0 {
-            return Err(Error::corrupt("image marked corrupt; repair it first", 0));
+            return Err(Error::corrupt(
+                crate::Corruption::ChangeWhileMarkedCorrupt,
+                0,
+            ));
         }
         if self.engine.refcounts_stale {
             // Allocating from stale refcounts would overwrite live data.
@@ -277,7 +280,7 @@ where
     ) -> Result<(), Error<D::Error>> {
         if let Err(Error::Corrupt { what, offset }) = result {
             warn!(
-                "qcow2: {=str} (host offset {=u64:#x}): image marked corrupt",
+                "qcow2: {} (host offset {=u64:#x}): image marked corrupt",
                 what, offset
             );
             self.engine.mark_corrupt().await;
@@ -360,7 +363,7 @@ where
     }
 
     async fn set_sector_count(&mut self, _n: u64) -> Result<(), Self::Error> {
-        Err(Error::Unsupported("resizing images"))
+        Err(Error::Unsupported(Feature::Resize))
     }
 
     #[cfg(feature = "write")]

@@ -15,7 +15,7 @@ use crate::engine::{Engine, EngineMode};
 use crate::format::{autoclear, compatible, incompatible, Header, Version};
 use crate::image::backing::{Backing, NoBacking};
 use crate::outline::OutOfLine;
-use crate::{BlockDevice, Error, OpenError, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Feature, OpenError, Qcow2, Sector, SECTOR};
 
 /// [`Prepare::prepare`]'s result for "allocate from the device's end" (a
 /// plain value rather than an `Option`: smaller futures).
@@ -302,42 +302,34 @@ where
         let geo = Geometry::new(&header);
         let dev_bytes = dev.sector_count().saturating_mul(SECTOR as u64);
         if geo.l1_entries > 0 && geo.l1_offset + geo.l1_bytes() > dev_bytes {
-            return Err(Error::corrupt(
-                "L1 table beyond the end of the image",
-                geo.l1_offset,
-            ));
+            return Err(Error::corrupt(Corruption::L1BeyondImage, geo.l1_offset));
         }
         if options.read_only {
             return Ok((header, bitmaps));
         }
         if cfg!(not(feature = "write")) {
-            return Err(Error::Unsupported(
-                "writing (qcow2-core was built without its `write` feature)",
-            ));
+            return Err(Error::Unsupported(Feature::WriteFeatureDisabled));
         }
         if !options.for_repair {
             // Reads never use the refcount table, and a repair rebuilds it;
             // anything else that writes must be able to trust it.
             if geo.reftable_offset + geo.reftable_bytes() > dev_bytes {
                 return Err(Error::corrupt(
-                    "refcount table beyond the end of the image",
+                    Corruption::RefcountTableBeyondImage,
                     geo.reftable_offset,
                 ));
             }
             header.check_tables_apart()?;
         }
         if header.incompatible_features & incompatible::CORRUPT != 0 && !options.for_repair {
-            return Err(Error::corrupt(
-                "image is marked corrupt; open it read-only",
-                0,
-            ));
+            return Err(Error::corrupt(Corruption::MarkedCorrupt, 0));
         }
         if header.nb_snapshots > 0 {
-            return Err(Error::Unsupported("writing images with internal snapshots"));
+            return Err(Error::Unsupported(Feature::Snapshots));
         }
         if header.autoclear_features & autoclear::BITMAPS != 0 {
             // Clearing the bit would strand the bitmaps' clusters as leaks.
-            return Err(Error::Unsupported("writing images with persistent bitmaps"));
+            return Err(Error::Unsupported(Feature::PersistentBitmaps));
         }
         // We maintain none of the autoclear features but raw external data
         // (see `crate::engine::data`): declare the others stale.
@@ -380,10 +372,7 @@ where
             self.engine.repair(rebuild_scratch, Repair::All).await?;
         }
         if options.verify && self.engine.check(rebuild_scratch).await?.corruptions > 0 {
-            return Err(Error::corrupt(
-                "check found corruption; open read-only or repair first",
-                0,
-            ));
+            return Err(Error::corrupt(Corruption::CheckFoundCorruption, 0));
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use crate::format::entry::COMPRESSED;
 use crate::format::refcount;
 use crate::format::L2Entry;
 use crate::image::backing::Backing;
-use crate::{BlockDevice, Error, Qcow2, SECTOR};
+use crate::{BlockDevice, Error, Feature, Qcow2, SECTOR};
 
 impl<D, S, const K: usize, B, W> Qcow2<D, S, K, B, W>
 where
@@ -53,9 +53,7 @@ where
         if self.engine.external_data() {
             // QEMU refuses them too (ENOTSUP): data clusters live in the
             // data file at their guest offset.
-            return Err(Error::Unsupported(
-                "compressed writes to an image with an external data file",
-            ));
+            return Err(Error::Unsupported(Feature::CompressedWriteWithDataFile));
         }
         if data.is_empty() || data.len() as u64 >= self.engine.geo.cluster_size {
             return Err(Error::InvalidArgument(

@@ -11,7 +11,7 @@ use crate::image::backing::Backing;
 use crate::image::decompress::decompress;
 use crate::image::fill::{read_backing_into, Target};
 use crate::image::plan::{self, Placement, Schedule, Source, Step};
-use crate::{BlockDevice, Error, Qcow2, Sector, SECTOR};
+use crate::{BlockDevice, Corruption, Error, Qcow2, Sector, SECTOR};
 
 /// Clusters planned together: their data goes out in one device write
 /// per physically contiguous run.
@@ -103,7 +103,7 @@ where
             if let Source::Shared { .. } = p.source {
                 // Copy-on-write of shared clusters comes with internal
                 // snapshots; without them, a clear COPIED flag is damage.
-                return Err(Error::corrupt("L2 entry without COPIED flag", entry_at));
+                return Err(Error::corrupt(Corruption::L2EntryNotCopied, entry_at));
             }
         }
         for (i, p) in plan.iter_mut().enumerate() {
@@ -301,7 +301,7 @@ where
             .holds_any(host, self.engine.geo.cluster_size)
             || self.engine.refblock_of(cluster).await? == host
         {
-            return Err(Error::corrupt("data cluster is live metadata", host));
+            return Err(Error::corrupt(crate::Corruption::DataIsMetadata, host));
         }
         Ok(())
     }

@@ -89,7 +89,7 @@ fn bad_fields_are_refused_precisely() {
     };
     assert_eq!(
         check(&|h| h.crypt_method = 1),
-        Err(Error::Unsupported("encryption"))
+        Err(Error::Unsupported(Feature::Encryption))
     );
     assert_eq!(check(&|h| h.backing_file_offset = 0x200), Ok(()));
     assert!(matches!(
@@ -146,11 +146,11 @@ fn bad_fields_are_refused_precisely() {
     ));
     assert_eq!(
         check(&|h| h.incompatible_features = 1 << 5),
-        Err(Error::Unsupported("unknown incompatible feature bits"))
+        Err(Error::Unsupported(Feature::UnknownIncompatibleBits))
     );
     assert_eq!(
         check(&|h| h.incompatible_features = incompatible::EXTENDED_L2),
-        Err(Error::Unsupported("extended L2 entries (subclusters)"))
+        Err(Error::Unsupported(Feature::ExtendedL2))
     );
     // External data files open (the data file is attached later).
     assert_eq!(

@@ -1,13 +1,22 @@
 //! The single error type of the core, and the error of a failed open.
+//! What is corrupt ([`Corruption`]) and what is not supported
+//! ([`Feature`]) are enums of their own, so callers and tests match on
+//! values; their `Display` is the text the error prints.
+
+mod corruption;
+mod feature;
 
 use core::fmt;
+
+pub use corruption::Corruption;
+pub use feature::Feature;
 
 /// Everything that can go wrong with an image.
 ///
 /// `E` is the error type of the underlying [`crate::BlockDevice`]. Every
-/// payload is small and `Copy` (static strings and offsets), so errors are
-/// cheap to return through async layers. New variants may be added:
-/// match with a wildcard, or map through [`Error::kind`].
+/// payload is small and `Copy` (enums, static strings and offsets), so
+/// errors are cheap to return through async layers. New variants may be
+/// added: match with a wildcard, or map through [`Error::kind`].
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -16,13 +25,14 @@ pub enum Error<E> {
     Io(E),
     /// The device does not start with a qcow2 header.
     NotQcow2,
-    /// The image uses a feature this library does not implement (named).
-    Unsupported(&'static str),
+    /// The image, or the operation, needs a feature this library (or this
+    /// build) does not implement.
+    Unsupported(Feature),
     /// On-disk metadata is inconsistent: `what` went wrong at host byte
     /// `offset`. When found while writing, the image is marked corrupt.
     Corrupt {
         /// What is wrong.
-        what: &'static str,
+        what: Corruption,
         /// Host byte offset of the offending structure.
         offset: u64,
     },
@@ -30,7 +40,7 @@ pub enum Error<E> {
     /// `offset` of the backing's device. Never marks this image corrupt.
     BackingCorrupt {
         /// What is wrong.
-        what: &'static str,
+        what: Corruption,
         /// Host byte offset in the backing device.
         offset: u64,
     },
@@ -54,7 +64,7 @@ pub enum Error<E> {
 
 impl<E> Error<E> {
     /// Shorthand for a [`Error::Corrupt`] value.
-    pub(crate) const fn corrupt(what: &'static str, offset: u64) -> Self {
+    pub(crate) const fn corrupt(what: Corruption, offset: u64) -> Self {
         Error::Corrupt { what, offset }
     }
 
@@ -162,5 +172,33 @@ impl<D: crate::BlockDevice, S> core::error::Error for OpenError<D, S> {}
 impl<D: crate::BlockDevice, S> From<OpenError<D, S>> for Error<D::Error> {
     fn from(e: OpenError<D, S>) -> Self {
         e.error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn display_prints_the_payloads_text() {
+        let e = Error::<()>::corrupt(Corruption::L1BeyondImage, 0x600);
+        assert_eq!(
+            e.to_string(),
+            "corrupt image: L1 table beyond the end of the image (at host offset 0x600)"
+        );
+        let e = Error::<()>::corrupt(Corruption::Stream("invalid deflate stream"), 0xa00);
+        assert_eq!(
+            e.to_string(),
+            "corrupt image: invalid deflate stream (at host offset 0xa00)"
+        );
+        let e = Error::<()>::Unsupported(Feature::Encryption);
+        assert_eq!(e.to_string(), "unsupported feature: encryption");
+        let e = Error::<()>::Unsupported(Feature::Decoder("zstd: step before start"));
+        assert_eq!(
+            e.to_string(),
+            "unsupported feature: zstd: step before start"
+        );
     }
 }
