@@ -218,6 +218,22 @@ impl Header {
     /// features this crate does not implement with [`Error::Unsupported`].
     pub fn validate<E>(&self) -> Result<(), Error<E>> {
         use super::*;
+        // In QEMU's order: the first problem found is the one reported.
+        self.validate_format()?;
+        self.validate_backing_name()?;
+        self.validate_tables()?;
+        let corrupt = |what| Err(Error::corrupt(what, 0));
+        if self.autoclear_features & autoclear::RAW_EXTERNAL != 0
+            && self.incompatible_features & incompatible::EXTERNAL_DATA == 0
+        {
+            return corrupt(Corruption::RawDataWithoutDataFile);
+        }
+        Ok(())
+    }
+
+    /// [`Header::validate`]: cluster size, encryption, header length, feature bits, compression and refcount width.
+    fn validate_format<E>(&self) -> Result<(), Error<E>> {
+        use super::*;
         let corrupt = |what| Err(Error::corrupt(what, 0));
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(Error::Unsupported(Feature::ClusterSize));
@@ -260,6 +276,13 @@ impl Header {
         if self.version == Version::V2 && self.refcount_order != 4 {
             return corrupt(Corruption::V2RefcountWidth);
         }
+        Ok(())
+    }
+
+    /// [`Header::validate`]: where the backing file name lies.
+    fn validate_backing_name<E>(&self) -> Result<(), Error<E>> {
+        let corrupt = |what| Err(Error::corrupt(what, 0));
+        let cluster = self.cluster_size();
         if self.backing_file_offset != 0 {
             // QEMU: "Invalid backing file offset" past the first cluster,
             // "Backing file name too long" beyond 1023 bytes or the cluster.
@@ -273,6 +296,14 @@ impl Header {
                 return corrupt(Corruption::BackingNameOutsideCluster);
             }
         }
+        Ok(())
+    }
+
+    /// [`Header::validate`]: the virtual size and the L1, refcount and snapshot tables.
+    fn validate_tables<E>(&self) -> Result<(), Error<E>> {
+        use super::*;
+        let corrupt = |what| Err(Error::corrupt(what, 0));
+        let cluster = self.cluster_size();
         // L1 table: big enough for the disk, within limits, aligned, not on the header.
         if self.size > (1 << 62) {
             return corrupt(Corruption::VirtualSizeTooLarge);
@@ -313,11 +344,6 @@ impl Header {
         } else if !super::is_aligned(self.snapshots_offset, cluster) {
             // QEMU checks the alignment even when there are no snapshots.
             return Err(Error::corrupt(SNAPSHOT_PLACEMENT[0], self.snapshots_offset));
-        }
-        if self.autoclear_features & autoclear::RAW_EXTERNAL != 0
-            && self.incompatible_features & incompatible::EXTERNAL_DATA == 0
-        {
-            return corrupt(Corruption::RawDataWithoutDataFile);
         }
         Ok(())
     }
