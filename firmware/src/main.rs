@@ -68,6 +68,17 @@ const LAZY_HOLES: &[(u64, u64)] = &[(8, 8), (4096, 8), (12304, 8)];
 /// layout and writes).
 const APP_SEED: u8 = 0x3c;
 
+/// Awaits API call `$call` measured as `$name` ([`StackMeter::call`]), its
+/// error tagged with phase `$phase`. A macro, not an `async fn`: the
+/// call's future stays pinned in the phase's own future, stored once, and
+/// no wrapper future holds the image or device the call takes a second
+/// time.
+macro_rules! measured {
+    ($m:expr, $name:expr, $call:expr, $phase:expr) => {
+        $m.call($name, pin!($call)).await.in_phase($phase)
+    };
+}
+
 #[derive(Debug)]
 #[allow(dead_code)] // read through Debug
 enum Fail {
@@ -221,10 +232,7 @@ async fn create_write_read(
         cluster_bits: 9,
         ..CreateOptions::new(CREATE_SIZE)
     };
-    let mut image: Image = m
-        .call("create", pin!(Qcow2::create(disk, cache, options)))
-        .await
-        .in_phase("create")?;
+    let mut image: Image = measured!(m, "create", Qcow2::create(disk, cache, options), "create")?;
     m.end_phase("create", top);
 
     let top = m.begin_phase();
@@ -236,16 +244,11 @@ async fn create_write_read(
     m.end_phase("read", top);
 
     let top = m.begin_phase();
-    m.call("flush", pin!(image.flush()))
-        .await
-        .in_phase("flush")?;
+    measured!(m, "flush", image.flush(), "flush")?;
     m.end_phase("flush", top);
 
     let top = m.begin_phase();
-    let closed = m
-        .call("close", pin!(image.close()))
-        .await
-        .in_phase("close")?;
+    let closed = measured!(m, "close", image.close(), "close")?;
     m.end_phase("close", top);
     Ok(closed)
 }
@@ -260,13 +263,12 @@ async fn read_only_and_check(
     scratch: &mut [u8],
 ) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
-    let mut image: Image = m
-        .call(
-            "open-ro",
-            pin!(Qcow2::open(disk, cache, OpenOptions::read_only())),
-        )
-        .await
-        .in_phase("read-only")?;
+    let mut image: Image = measured!(
+        m,
+        "open-ro",
+        Qcow2::open(disk, cache, OpenOptions::read_only()),
+        "read-only"
+    )?;
     verify(m, &mut image, io, CREATE_SEED, CREATE_WRITES, CREATE_HOLES).await?;
     let refused = m
         .call("write", pin!(image.write(0, &io[..1])))
@@ -278,15 +280,9 @@ async fn read_only_and_check(
     m.end_phase("read-only", top);
 
     let top = m.begin_phase();
-    let report = m
-        .call("check", pin!(image.check(scratch)))
-        .await
-        .in_phase("check")?;
+    let report = measured!(m, "check", image.check(scratch), "check")?;
     clean("check", &report)?;
-    let closed = m
-        .call("close", pin!(image.close()))
-        .await
-        .in_phase("check")?;
+    let closed = measured!(m, "close", image.close(), "check")?;
     m.end_phase("check", top);
     Ok(closed)
 }
@@ -300,23 +296,16 @@ async fn repair(
     scratch: &mut [u8],
 ) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
-    let mut image: Image = m
-        .call(
-            "open",
-            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
-        )
-        .await
-        .in_phase("repair")?;
-    let report = m
-        .call("repair", pin!(image.repair(scratch, Repair::All)))
-        .await
-        .in_phase("repair")?;
+    let mut image: Image = measured!(
+        m,
+        "open",
+        Qcow2::open(disk, cache, OpenOptions::read_write()),
+        "repair"
+    )?;
+    let report = measured!(m, "repair", image.repair(scratch, Repair::All), "repair")?;
     clean("repair", &report)?;
     verify(m, &mut image, io, CREATE_SEED, CREATE_WRITES, CREATE_HOLES).await?;
-    let closed = m
-        .call("close", pin!(image.close()))
-        .await
-        .in_phase("repair")?;
+    let closed = measured!(m, "close", image.close(), "repair")?;
     m.end_phase("repair", top);
     Ok(closed)
 }
@@ -333,32 +322,21 @@ async fn discard(
     scratch: &mut [u8],
 ) -> Result<(Device, Cache), Fail> {
     let top = m.begin_phase();
-    let mut image: Image = m
-        .call(
-            "open",
-            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
-        )
-        .await
-        .in_phase("discard")?;
+    let mut image: Image = measured!(
+        m,
+        "open",
+        Qcow2::open(disk, cache, OpenOptions::read_write()),
+        "discard"
+    )?;
     for &(first, count) in DISCARDED {
-        m.call("discard", pin!(image.discard(first, count)))
-            .await
-            .in_phase("discard")?;
+        measured!(m, "discard", image.discard(first, count), "discard")?;
     }
-    m.call("flush", pin!(image.flush()))
-        .await
-        .in_phase("discard")?;
+    measured!(m, "flush", image.flush(), "discard")?;
     verify(m, &mut image, io, CREATE_SEED, KEPT, DISCARDED).await?;
     verify(m, &mut image, io, CREATE_SEED, &[], CREATE_HOLES).await?;
-    let report = m
-        .call("check", pin!(image.check(scratch)))
-        .await
-        .in_phase("discard")?;
+    let report = measured!(m, "check", image.check(scratch), "discard")?;
     clean("discard check", &report)?;
-    let closed = m
-        .call("close", pin!(image.close()))
-        .await
-        .in_phase("discard")?;
+    let closed = measured!(m, "close", image.close(), "discard")?;
     m.end_phase("discard", top);
     Ok(closed)
 }
@@ -380,32 +358,25 @@ async fn lazy_crash(
         lazy_refcounts: true,
         ..CreateOptions::new(LAZY_SIZE)
     };
-    let mut image: Image = m
-        .call("create", pin!(Qcow2::create(disk, cache, options)))
-        .await
-        .in_phase("lazy-crash")?;
+    let mut image: Image = measured!(
+        m,
+        "create",
+        Qcow2::create(disk, cache, options),
+        "lazy-crash"
+    )?;
     write_ranges(m, &mut image, io, LAZY_SEED, LAZY_WRITES).await?;
-    m.call("flush", pin!(image.flush()))
-        .await
-        .in_phase("lazy-crash")?;
+    measured!(m, "flush", image.flush(), "lazy-crash")?;
     let (disk, cache) = image.abandon();
-    let mut image: Image = m
-        .call(
-            "open",
-            pin!(Qcow2::open(disk, cache, OpenOptions::read_write())),
-        )
-        .await
-        .in_phase("lazy-crash: reopening the dirty image")?;
+    let mut image: Image = measured!(
+        m,
+        "open",
+        Qcow2::open(disk, cache, OpenOptions::read_write()),
+        "lazy-crash: reopening the dirty image"
+    )?;
     verify(m, &mut image, io, LAZY_SEED, LAZY_WRITES, LAZY_HOLES).await?;
-    let report = m
-        .call("check", pin!(image.check(scratch)))
-        .await
-        .in_phase("lazy-crash")?;
+    let report = measured!(m, "check", image.check(scratch), "lazy-crash")?;
     clean("lazy-crash check", &report)?;
-    let closed = m
-        .call("close", pin!(image.close()))
-        .await
-        .in_phase("lazy-crash")?;
+    let closed = measured!(m, "close", image.close(), "lazy-crash")?;
     m.end_phase("lazy-crash", top);
     Ok(closed)
 }
@@ -539,9 +510,7 @@ async fn write_ranges(
             for (s, sector) in buf.iter_mut().zip(at..) {
                 pattern(seed, sector, s);
             }
-            m.call("write", pin!(image.write(at, buf)))
-                .await
-                .in_phase("write")?;
+            measured!(m, "write", image.write(at, buf), "write")?;
             at += n as u64;
         }
     }
@@ -567,9 +536,7 @@ async fn verify(
         while at < first + count {
             let n = (first + count - at).min(IO_SECTORS as u64) as usize;
             let buf = io.get_mut(..n).ok_or(Fail::Verify("chunk"))?;
-            m.call("read", pin!(image.read(at, buf)))
-                .await
-                .in_phase("read")?;
+            measured!(m, "read", image.read(at, buf), "read")?;
             let good = if hole {
                 buf.iter().all(|s| s.iter().all(|&b| b == 0))
             } else {

@@ -122,14 +122,7 @@ impl std::error::Error for DataFileError {}
 /// Where data file `name`, named by the image at `image`, is: an absolute
 /// name as it is, a relative one in the image's directory.
 pub fn resolve_data_file(image: &Path, name: &str) -> PathBuf {
-    let name = Path::new(name);
-    if name.is_absolute() {
-        return name.to_path_buf();
-    }
-    match image.parent() {
-        Some(dir) => dir.join(name),
-        None => name.to_path_buf(),
-    }
+    crate::policy::resolve_named(image, name)
 }
 
 /// The data file name an open image's header holds (the extension, shown

@@ -532,36 +532,35 @@ fn release(file: &File, from: LockMode, to: LockMode) -> io::Result<()> {
 /// Tests, in QEMU's order, whether another open holds a byte that
 /// conflicts with `mode`.
 fn test(file: &File, mode: LockMode) -> Result<(), LockError> {
-    let busy = || io::Error::from_raw_os_error(nix::libc::EAGAIN);
     for permission in mode.uses.iter() {
-        let held = sys::held_elsewhere(file, permission.unshare_byte());
-        match held {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                let cause = held.err().unwrap_or_else(busy);
-                return Err(LockError::Permission {
-                    permission,
-                    shared: false,
-                    cause,
-                });
-            }
-        }
+        refuse_if_held(file, permission, false)?;
     }
     for permission in mode.unshares().iter() {
-        let held = sys::held_elsewhere(file, permission.use_byte());
-        match held {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                let cause = held.err().unwrap_or_else(busy);
-                return Err(LockError::Permission {
-                    permission,
-                    shared: true,
-                    cause,
-                });
-            }
-        }
+        refuse_if_held(file, permission, true)?;
     }
     Ok(())
+}
+
+/// Fails with [`LockError::Permission`] when another open holds the byte
+/// that conflicts with `permission`: its use byte when `shared` (this
+/// open does not share it), else its unshare byte (this open uses it). A
+/// failed test counts as held, with its error as the cause.
+fn refuse_if_held(file: &File, permission: Permission, shared: bool) -> Result<(), LockError> {
+    let byte = if shared {
+        permission.use_byte()
+    } else {
+        permission.unshare_byte()
+    };
+    let cause = match sys::held_elsewhere(file, byte) {
+        Ok(false) => return Ok(()),
+        Ok(true) => io::Error::from_raw_os_error(nix::libc::EAGAIN),
+        Err(e) => e,
+    };
+    Err(LockError::Permission {
+        permission,
+        shared,
+        cause,
+    })
 }
 
 /// Whether another open file description holds a lock on `byte` of `file`

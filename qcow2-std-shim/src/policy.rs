@@ -4,9 +4,23 @@
 
 use std::fmt;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::FileDevice;
+
+/// Where a file named in the header of the image at `image` is (a backing
+/// file, an external data file): an absolute name as it is, a relative one
+/// in the image's directory.
+pub(crate) fn resolve_named(image: &Path, name: &str) -> PathBuf {
+    let name = Path::new(name);
+    if name.is_absolute() {
+        return name.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(name),
+        None => name.to_path_buf(),
+    }
+}
 
 /// Which files an image's header may make the library open (backing
 /// files, external data files), and how each is opened. An image from an

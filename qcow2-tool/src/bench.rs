@@ -193,20 +193,28 @@ fn range_error(name: &str, min: u64, max: u64) -> String {
 /// `0x` hexadecimal or `0` octal, after optional blanks and sign) and
 /// bounds it like `cvtnum_full`.
 fn parse_number(name: &str, text: &str, min: u64, max: u64) -> CliResult<u64> {
-    match parse_c_unsigned(text) {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{text}'.").into()),
-        // Negative, too large, or outside the bounds.
-        _ => Err(range_error(name, min, max).into()),
-    }
+    bounded(parse_c_unsigned(text), name, text, min, max)
 }
 
 /// Parses a byte count like `qemu_strtosz` and bounds it like
 /// `cvtnum_full`.
 fn parse_bytes(name: &str, text: &str, min: u64, max: u64) -> CliResult<u64> {
-    match parse_size(text) {
+    bounded(parse_size(text), name, text, min, max)
+}
+
+/// `cvtnum_full`'s bounds and messages over `parsed`, what `text` parsed
+/// to.
+fn bounded(
+    parsed: Result<u64, SizeError>,
+    name: &str,
+    text: &str,
+    min: u64,
+    max: u64,
+) -> CliResult<u64> {
+    match parsed {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         Err(SizeError::Invalid) => Err(format!("Invalid {name} specified: '{text}'.").into()),
+        // Negative, too large, or outside the bounds.
         _ => Err(range_error(name, min, max).into()),
     }
 }

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::output_of;
+
 /// Free space needed before the 8 GiB image is written.
 const BIG_IMAGE_MIN_FREE: u64 = 20 << 30;
 /// I/O chunk for preparing and warming files; small, because this
@@ -271,37 +273,12 @@ impl Drop for Scratch {
 
 /// Output of a command that must succeed.
 fn capture(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    output_of(program, args, None)
 }
 
 /// Runs a preparation command in `dir`.
 fn prep(dir: &Path, program: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    output_of(program, args, Some(dir)).map(drop)
 }
 
 /// splitmix64: fast, deterministic filler data.
@@ -560,6 +537,24 @@ fn bench_variants(ours: &str, args: &[&str], qcow2: &str, raw: &str) -> Vec<Vari
     ]
 }
 
+/// A `bench` workload ([`bench_variants`] with `args`) on existing files,
+/// `qcow2` and `raw`, read once before the runs so that they are in the
+/// page cache; measured by the time each tool reports.
+fn warm_bench_workload(
+    name: String,
+    ours: &str,
+    args: &[&str],
+    qcow2: &str,
+    raw: &str,
+) -> Workload {
+    Workload {
+        name,
+        metrics: vec![Metric::Reported],
+        variants: bench_variants(ours, args, qcow2, raw),
+        warm: strings(&[qcow2, raw]),
+    }
+}
+
 /// Every workload, in order.
 fn workloads(scale: &Scale, ours: &str, big: bool) -> Vec<Workload> {
     let step = SCATTER_STEP.to_string();
@@ -569,39 +564,27 @@ fn workloads(scale: &Scale, ours: &str, big: bool) -> Vec<Workload> {
     let size = scale.image.to_string();
     let gib = |n: u64| format!("{} GiB", n as f64 / f64::from(1u32 << 30));
     let mut list = vec![
-        Workload {
-            name: format!("4 KiB random reads, {} image", gib(scale.image)),
-            metrics: vec![Metric::Reported],
-            variants: bench_variants(
-                ours,
-                &["-d", "1", "-c", &random, "-s", "4k", "-S", &step],
-                "full.qcow2",
-                "random.raw",
-            ),
-            warm: strings(&["full.qcow2", "random.raw"]),
-        },
-        Workload {
-            name: "4 KiB random overwrites".into(),
-            metrics: vec![Metric::Reported],
-            variants: bench_variants(
-                ours,
-                &["-w", "-d", "1", "-c", &random, "-s", "4k", "-S", &step],
-                "write.qcow2",
-                "write.raw",
-            ),
-            warm: strings(&["write.qcow2", "write.raw"]),
-        },
-        Workload {
-            name: "64 KiB sequential reads".into(),
-            metrics: vec![Metric::Reported],
-            variants: bench_variants(
-                ours,
-                &["-d", "1", "-c", &seq, "-s", "64k"],
-                "full.qcow2",
-                "random.raw",
-            ),
-            warm: strings(&["full.qcow2", "random.raw"]),
-        },
+        warm_bench_workload(
+            format!("4 KiB random reads, {} image", gib(scale.image)),
+            ours,
+            &["-d", "1", "-c", &random, "-s", "4k", "-S", &step],
+            "full.qcow2",
+            "random.raw",
+        ),
+        warm_bench_workload(
+            "4 KiB random overwrites".into(),
+            ours,
+            &["-w", "-d", "1", "-c", &random, "-s", "4k", "-S", &step],
+            "write.qcow2",
+            "write.raw",
+        ),
+        warm_bench_workload(
+            "64 KiB sequential reads".into(),
+            ours,
+            &["-d", "1", "-c", &seq, "-s", "64k"],
+            "full.qcow2",
+            "random.raw",
+        ),
         alloc_write_workload(ours, &fill, &size),
     ];
     list.extend(convert_workloads(ours, scale));
@@ -659,14 +642,7 @@ fn convert_workloads(ours: &str, scale: &Scale) -> Vec<Workload> {
             let mut args = strings(&["convert"]);
             args.extend(strings(extra));
             args.extend(strings(&["-f", src_format, "-O", dst_format, source]));
-            args.push(target(name));
-            Variant {
-                tool,
-                program: program.to_string(),
-                args,
-                remove: vec![target(name)],
-                setup: None,
-            }
+            writing_variant(tool, program, args, target(name))
         };
         Workload {
             name: format!("convert {from} -> {to}, {gib} GiB mixed data"),
@@ -686,6 +662,19 @@ fn convert_workloads(ours: &str, scale: &Scale) -> Vec<Workload> {
         compressed_convert(ours, scale, Codec::Zstd, true),
         compressed_convert(ours, scale, Codec::Zstd, false),
     ]
+}
+
+/// A variant that writes the file `target`, removed before each run:
+/// `program` with `args`, then `target`.
+fn writing_variant(tool: Tool, program: &str, mut args: Vec<String>, target: String) -> Variant {
+    args.push(target.clone());
+    Variant {
+        tool,
+        program: program.to_string(),
+        args,
+        remove: vec![target],
+        setup: None,
+    }
 }
 
 /// The compression formats of the compressed `convert` rows.
@@ -744,22 +733,14 @@ fn compressed_convert(ours: &str, scale: &Scale, codec: Codec, compress: bool) -
             ]));
         }
         args.extend(strings(&["-f", src_format, "-O", dst_format, source]));
-        args.push(target(name));
-        Variant {
-            tool,
-            program: program.to_string(),
-            args,
-            remove: vec![target(name)],
-            setup: None,
-        }
+        writing_variant(tool, program, args, target(name))
     };
-    let copy = Variant {
-        tool: Tool::Raw,
-        program: "cp".into(),
-        args: strings(&["--sparse=always", "text.raw", &target("raw")]),
-        remove: vec![target("raw")],
-        setup: None,
-    };
+    let copy = writing_variant(
+        Tool::Raw,
+        "cp",
+        strings(&["--sparse=always", "text.raw"]),
+        target("raw"),
+    );
     let codec = codec.name();
     let name = if compress {
         format!("convert -c raw -> qcow2 ({codec}), {gib} GiB compressible data")

@@ -9,7 +9,9 @@ use qcow2_core::{Compression, CreateOptions};
 use qcow2_std_shim::codec::compress_cluster;
 use qcow2_std_shim::{Image, RamDevice};
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use crate::output_of;
 
 /// Where things are in the base image.
 struct Layout {
@@ -247,18 +249,28 @@ pub fn generate(dir: &Path) -> Result<(), String> {
 
 /// Runs a QEMU tool, failing with its stderr.
 fn qemu(program: &str, args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
+    output_of(program, args, None).map(drop)
+}
+
+/// Writes `bytes` as seed `name` of the fuzz targets that take a whole
+/// image (`open_read`, `check_repair`).
+fn seed_image_targets(fuzz: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    for dir in ["open_read", "check_repair"] {
+        std::fs::write(fuzz.join("corpus").join(dir).join(name), bytes)
+            .map_err(|e| e.to_string())?;
     }
+    Ok(())
+}
+
+/// `qemu-img convert -c` of the qcow2 image `source` into a qcow2 image at
+/// `target` created with `options`; returns `target`.
+fn compressed_copy(source: &str, target: &Path, options: &str) -> Result<PathBuf, String> {
+    let t = target.to_str().ok_or("temp path not UTF-8")?;
+    qemu(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "-o", options, source, t],
+    )?;
+    Ok(target.to_path_buf())
 }
 
 /// Seeds for the fuzz targets: small images made by qemu-img and qemu-io
@@ -301,10 +313,7 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
             ],
         )?;
         let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-        for dir in ["open_read", "check_repair"] {
-            std::fs::write(fuzz.join("corpus").join(dir).join(name), &bytes)
-                .map_err(|e| e.to_string())?;
-        }
+        seed_image_targets(fuzz, name, &bytes)?;
         std::fs::write(fuzz.join("corpus/header").join(name), &bytes[..512])
             .map_err(|e| e.to_string())?;
         made += 1;
@@ -326,35 +335,11 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
         ],
     )?;
     qemu("qemu-io", &["-c", "write -P 0x44 0 8k", p])?;
-    let compressed = tmp.join("compressed.qcow2");
-    let c = compressed.to_str().ok_or("temp path not UTF-8")?;
-    qemu(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            p,
-            c,
-        ],
-    )?;
-    let zstd = tmp.join("compressed-zstd.qcow2");
-    let z = zstd.to_str().ok_or("temp path not UTF-8")?;
-    qemu(
-        "qemu-img",
-        &[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=512,compression_type=zstd",
-            p,
-            z,
-        ],
+    let compressed = compressed_copy(p, &tmp.join("compressed.qcow2"), "cluster_size=512")?;
+    let zstd = compressed_copy(
+        p,
+        &tmp.join("compressed-zstd.qcow2"),
+        "cluster_size=512,compression_type=zstd",
     )?;
     qemu("qemu-img", &["snapshot", "-c", "s1", p])?;
     qemu("qemu-io", &["-c", "write -P 0x55 0 1k", p])?;
@@ -364,10 +349,7 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
         ("snapshot", &plain),
     ] {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        for dir in ["open_read", "check_repair"] {
-            std::fs::write(fuzz.join("corpus").join(dir).join(name), &bytes)
-                .map_err(|e| e.to_string())?;
-        }
+        seed_image_targets(fuzz, name, &bytes)?;
         made += 1;
     }
     // The hostile images with compressed descriptors, so that the image
@@ -386,13 +368,7 @@ pub fn fuzz_seeds(fuzz: &Path) -> Result<(), String> {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-        for dir in ["open_read", "check_repair"] {
-            let seed = fuzz
-                .join("corpus")
-                .join(dir)
-                .join(format!("hostile-{name}"));
-            std::fs::write(seed, &bytes).map_err(|e| e.to_string())?;
-        }
+        seed_image_targets(fuzz, &format!("hostile-{name}"), &bytes)?;
         made += 1;
     }
     // Operation scripts: config bytes, then opcodes with arguments.

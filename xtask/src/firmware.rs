@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{cargo, ensure_target, run, EMBEDDED_TARGET};
+use crate::{cargo_embedded, ensure_target, lint_embedded, run};
 
 /// Largest future any API call may return (bytes).
 pub const MAX_FUTURE_BYTES: u64 = 4096;
@@ -198,29 +198,7 @@ pub fn run_collect(out: &Path) -> Result<Figures, String> {
 /// Formatting and clippy (`-D warnings`) for the firmware crate in every
 /// variant, which the workspace-wide runs do not reach.
 pub fn lint() -> Result<(), String> {
-    ensure_target()?;
-    let manifest = format!("{DIR}/Cargo.toml");
-    let target_dir = format!("{DIR}/target");
-    run(
-        &cargo(),
-        &["fmt", "--manifest-path", &manifest, "--", "--check"],
-    )?;
-    for (_, variant) in VARIANTS {
-        let mut args = vec![
-            "clippy",
-            "--release",
-            "--manifest-path",
-            &manifest,
-            "--target",
-            EMBEDDED_TARGET,
-            "--target-dir",
-            &target_dir,
-        ];
-        args.extend_from_slice(variant);
-        args.extend_from_slice(&["--", "-D", "warnings"]);
-        run(&cargo(), &args)?;
-    }
-    Ok(())
+    lint_embedded(DIR, VARIANTS)
 }
 
 /// The firmware binaries of one build.
@@ -252,22 +230,9 @@ impl Binaries {
 /// selections), installing the target when missing.
 pub fn build(extra: &[&str]) -> Result<Binaries, String> {
     ensure_target()?;
-    let target_dir = format!("{DIR}/target");
-    let manifest = format!("{DIR}/Cargo.toml");
-    let mut args = vec![
-        "build",
-        "--release",
-        "--manifest-path",
-        &manifest,
-        "--target",
-        EMBEDDED_TARGET,
-        "--target-dir",
-        &target_dir,
-        "--bins",
-    ];
+    let mut args = vec!["--bins"];
     args.extend_from_slice(extra);
-    run(&cargo(), &args)?;
-    let dir = Path::new(&target_dir).join(EMBEDDED_TARGET).join("release");
+    let dir = cargo_embedded("build", DIR, &args)?;
     Ok(Binaries {
         main: dir.join(MAIN_BIN),
         readonly: dir.join(READONLY_BIN),

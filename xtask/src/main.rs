@@ -23,6 +23,7 @@ mod corpus;
 mod firmware;
 mod size;
 
+use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 const EMBEDDED_TARGET: &str = "thumbv7em-none-eabihf";
@@ -64,6 +65,28 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The stdout of a command that must succeed, run in `dir` when given (its
+/// stderr is kept for the error: the command line and the stderr,
+/// trimmed).
+fn output_of(program: &str, args: &[&str], dir: Option<&Path>) -> Result<String, String> {
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let out = command
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
@@ -83,6 +106,47 @@ fn ensure_target() -> Result<(), String> {
     } else {
         run("rustup", &["target", "add", EMBEDDED_TARGET])
     }
+}
+
+/// Runs cargo `subcommand` in release for [`EMBEDDED_TARGET`] on the crate
+/// in `dir`, a workspace of its own (`firmware/`, the codec probe) that
+/// builds into `dir/target`, with `extra` arguments after the shared ones
+/// (features, `-- -D warnings`). Returns the directory its release
+/// binaries land in.
+fn cargo_embedded(subcommand: &str, dir: &str, extra: &[&str]) -> Result<PathBuf, String> {
+    let manifest = format!("{dir}/Cargo.toml");
+    let target_dir = format!("{dir}/target");
+    let mut args = vec![
+        subcommand,
+        "--release",
+        "--manifest-path",
+        &manifest,
+        "--target",
+        EMBEDDED_TARGET,
+        "--target-dir",
+        &target_dir,
+    ];
+    args.extend_from_slice(extra);
+    run(&cargo(), &args)?;
+    Ok(Path::new(&target_dir).join(EMBEDDED_TARGET).join("release"))
+}
+
+/// Formatting and clippy (`-D warnings`) for the crate in `dir`, a
+/// workspace of its own that the workspace-wide runs do not reach, once
+/// per (name, cargo arguments) in `builds`.
+fn lint_embedded(dir: &str, builds: &[(&str, &[&str])]) -> Result<(), String> {
+    ensure_target()?;
+    let manifest = format!("{dir}/Cargo.toml");
+    run(
+        &cargo(),
+        &["fmt", "--manifest-path", &manifest, "--", "--check"],
+    )?;
+    for (_, build) in builds {
+        let mut extra = build.to_vec();
+        extra.extend_from_slice(&["--", "-D", "warnings"]);
+        cargo_embedded("clippy", dir, &extra)?;
+    }
+    Ok(())
 }
 
 fn ci() -> Result<(), String> {

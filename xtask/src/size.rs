@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::firmware::{self, Figures, DEFAULT_VARIANT, MAIN_BIN, READONLY_BIN};
-use crate::{cargo, ensure_target, run, EMBEDDED_TARGET};
+use crate::{cargo_embedded, ensure_target, lint_embedded};
 
 /// Most panic call sites from qcow2-core any variant's firmware binary may
 /// hold (see [`panic_sites`] and [`attribute`]); CI fails above it. Set to
@@ -88,54 +88,17 @@ pub struct Codecs {
 
 /// Checks the probe's formatting and lints it in every feature set.
 pub fn lint_probe() -> Result<(), String> {
-    ensure_target()?;
-    let manifest = format!("{PROBE_DIR}/Cargo.toml");
-    let target_dir = format!("{PROBE_DIR}/target");
-    run(
-        &cargo(),
-        &["fmt", "--manifest-path", &manifest, "--", "--check"],
-    )?;
-    for (_, features) in PROBE_SETS {
-        let mut args = vec![
-            "clippy",
-            "--release",
-            "--manifest-path",
-            &manifest,
-            "--target",
-            EMBEDDED_TARGET,
-            "--target-dir",
-            &target_dir,
-        ];
-        args.extend_from_slice(features);
-        args.extend_from_slice(&["--", "-D", "warnings"]);
-        run(&cargo(), &args)?;
-    }
-    Ok(())
+    lint_embedded(PROBE_DIR, PROBE_SETS)
 }
 
 /// Builds the probe with `features` and returns its binary (copied aside,
 /// so that the next build does not replace it).
 fn build_probe(name: &str, features: &[&str]) -> Result<PathBuf, String> {
     ensure_target()?;
-    let manifest = format!("{PROBE_DIR}/Cargo.toml");
-    let target_dir = format!("{PROBE_DIR}/target");
-    let mut args = vec![
-        "build",
-        "--release",
-        "--manifest-path",
-        &manifest,
-        "--target",
-        EMBEDDED_TARGET,
-        "--target-dir",
-        &target_dir,
-    ];
-    args.extend_from_slice(features);
-    run(&cargo(), &args)?;
-    let built = Path::new(&target_dir)
-        .join(EMBEDDED_TARGET)
-        .join("release")
-        .join(PROBE_BIN);
-    let copy = Path::new(&target_dir).join(format!("{PROBE_BIN}-{}", name.replace(',', "-")));
+    let built = cargo_embedded("build", PROBE_DIR, features)?.join(PROBE_BIN);
+    let copy = Path::new(PROBE_DIR)
+        .join("target")
+        .join(format!("{PROBE_BIN}-{}", name.replace(',', "-")));
     std::fs::copy(&built, &copy).map_err(|e| format!("{}: {e}", built.display()))?;
     Ok(copy)
 }
