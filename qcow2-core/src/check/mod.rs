@@ -6,6 +6,7 @@
 //! when the image has more clusters than the buffer holds, the walk is
 //! repeated once per window of clusters. A bigger buffer means fewer passes.
 
+mod count;
 #[cfg(feature = "write")]
 mod in_place;
 #[cfg(feature = "write")]
@@ -194,12 +195,17 @@ struct Walk<'a> {
     entries_deferred: bool,
     leaks_fixed: u64,
     refcounts_fixed: u64,
-    /// Clusters past the end of the device that a rebuild wants to use:
-    /// the walk notes entries pointing there (invalid now, valid once the
-    /// device grows).
-    avoid: Option<(u64, u64)>,
+    /// Clusters `[from, to)` past the end of the device that a rebuild
+    /// wants to use (empty: none): the walk notes entries pointing there
+    /// (invalid now, valid once the device grows).
+    avoid: (u64, u64),
     /// One past the highest cluster of `avoid` an entry points at.
     avoid_hit: u64,
+    /// log2 of the cluster size.
+    cluster_bits: u8,
+    /// Where the next data cluster of the L2 table being walked would be,
+    /// were it contiguous with the previous one (0: none yet).
+    next_contiguous: u64,
 }
 
 impl Walk<'_> {
@@ -227,10 +233,9 @@ impl Walk<'_> {
 
     /// Notes an entry pointing at clusters `[from, to)`.
     fn note_target(&mut self, from: u64, to: u64) {
-        if let Some((a, b)) = self.avoid {
-            if from < b && to > a {
-                self.avoid_hit = self.avoid_hit.max(to.min(b));
-            }
+        let (a, b) = self.avoid;
+        if from < b && to > a {
+            self.avoid_hit = self.avoid_hit.max(to.min(b));
         }
     }
 
@@ -348,8 +353,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             entries_deferred: false,
             leaks_fixed: 0,
             refcounts_fixed: 0,
-            avoid: None,
+            avoid: (0, 0),
             avoid_hit: 0,
+            cluster_bits: self.geo.cluster_bits as u8,
+            next_contiguous: 0,
         };
         // A hostile image may claim one cluster as two kinds of table.
         self.cache.set_relaxed(true);

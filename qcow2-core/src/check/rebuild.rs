@@ -469,10 +469,10 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             if from >= end {
                 return Ok(start);
             }
-            (w.avoid, w.avoid_hit) = (Some((from, end)), 0);
+            (w.avoid, w.avoid_hit) = ((from, end), 0);
             w.reset(0);
             let walked = self.walk(w).await;
-            w.avoid = None;
+            w.avoid = (0, 0);
             walked?;
             if w.avoid_hit == 0 {
                 return Ok(start);

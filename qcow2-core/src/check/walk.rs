@@ -1,12 +1,15 @@
-//! The walk over every metadata structure that counts references to each
-//! host cluster, noting faulty entries (and fixing them during a repair).
+//! The walk over every metadata structure: each reference it finds goes
+//! to a [`Visitor`] with where it lives, each faulty entry too (rewritten
+//! when the visitor asks, during a repair). Check's counting is one
+//! visitor (`count.rs`); the vocabulary is `engine/visit.rs`.
 
-use super::{Finding, Walk};
 use crate::cache::Kind;
 use crate::cache::SlotStorage;
 use crate::engine::geometry::ENTRY_BYTES;
 use crate::engine::header_io;
+use crate::engine::visit::{Fault, Problem, Reference, Target, Tree, Visitor};
 use crate::engine::Engine;
+use crate::format::entry::{COMPRESSED, COPIED};
 use crate::format::snapshot::{SnapshotEntry, FIXED_LEN};
 use crate::format::{L1Entry, L2Entry};
 use crate::{BlockDevice, Corruption, Error};
@@ -16,6 +19,63 @@ const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 /// QEMU's limits on persistent bitmaps.
 const MAX_BITMAPS: u32 = 65535;
 const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
+
+/// What the walk does for an entry once the visitor has seen it.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Nothing more.
+    Done,
+    /// Rewrite the entry with this value (the visitor asked for the fix).
+    Rewrite(u64),
+    /// A valid reference: read the stored refcount of this cluster for the
+    /// visitor, when it wants it; an L2 table is walked next.
+    Valid(Option<u64>),
+}
+
+/// Hands a fault at `at` with fix `fix` to `v`: a rewrite with the fix
+/// when `v` asks for one.
+#[inline(never)]
+fn report<V: Visitor>(v: &mut V, problem: Problem, at: u64, fix: Option<u64>) -> Step {
+    let fault = Fault {
+        fix,
+        ..Fault::new(problem, at)
+    };
+    fault_step(v, &fault)
+}
+
+/// Hands `fault` to `v`: a rewrite with its fix when `v` asks for one.
+fn fault_step<V: Visitor>(v: &mut V, fault: &Fault<'_>) -> Step {
+    match (v.fault(fault), fault.fix) {
+        (true, Some(value)) => Step::Rewrite(value),
+        _ => Step::Done,
+    }
+}
+
+/// L2 entry `raw` with its reserved bits (and COPIED on a compressed entry)
+/// cleared, when it has any.
+fn without_bad_flags(raw: u64) -> Option<u64> {
+    let bad = L2Entry::has_reserved_bits(raw) || (raw & COMPRESSED != 0 && raw & COPIED != 0);
+    bad.then(|| {
+        let fixed = L2Entry::without_reserved_bits(raw);
+        if fixed & COMPRESSED != 0 {
+            fixed & !COPIED
+        } else {
+            fixed
+        }
+    })
+}
+
+/// The big-endian u32 at byte `i` of `b` (0 past its end).
+fn be32(b: &[u8], i: usize) -> u32 {
+    b.get(i..i + 4)
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+/// The big-endian u64 at byte `i` of `b` (0 past its end).
+fn be64(b: &[u8], i: usize) -> u64 {
+    u64::from(be32(b, i)) << 32 | u64::from(be32(b, i + 4))
+}
 
 impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
     /// Whether `[host, host+len)` is a valid cluster-aligned range inside
@@ -49,19 +109,6 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
     }
 
-    /// The stored refcount of `cluster` when the COPIED flag `copied` of an
-    /// entry pointing at it disagrees with it (unreadable refcounts: no).
-    pub(super) async fn copied_wrong(
-        &mut self,
-        cluster: u64,
-        copied: bool,
-    ) -> Result<Option<u64>, Error<D::Error>> {
-        Ok(self
-            .stored_refcount(cluster)
-            .await?
-            .filter(|&n| (n == 1) != copied))
-    }
-
     /// Reads a table entry for the walk; `None` when the cluster cannot be
     /// read as that kind of table (it is cached, dirty, as another kind).
     pub(super) async fn walk_read(
@@ -76,98 +123,120 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         }
     }
 
-    /// Counts the clusters of `[host, host+len)`. As QEMU, a range that ends
-    /// a cluster or more past the end of the device counts nothing (so a
-    /// wild offset cannot stretch the check) and returns false.
-    pub(super) fn count_range(&self, w: &mut Walk<'_>, host: u64, len: u64) -> bool {
-        if len == 0 {
-            // An empty table (l1_size 0) occupies nothing, wherever it points.
+    /// Hands `r` to `v` unless, as QEMU counts, its range ends a cluster
+    /// or more past the end of the device (so a wild offset cannot stretch
+    /// the walk): false then. An empty range (an empty table, l1_size 0)
+    /// occupies nothing, wherever it points.
+    fn yield_range<V: Visitor>(&self, v: &mut V, r: &Reference) -> bool {
+        if r.len == 0 {
             return true;
         }
         let cs = self.geo.cluster_size;
         let dev_bytes = self.dev_clusters * cs;
-        let Some(end) = host.checked_add(len) else {
+        let Some(end) = r.host.checked_add(r.len) else {
             return false;
         };
         if end.saturating_sub(dev_bytes) >= cs {
             return false;
         }
-        let mut c = self.geo.cluster_of(host);
-        while c < self.geo.clusters_for(end) {
-            w.count(c);
-            c += 1;
-        }
+        v.reference(r);
         true
     }
 
-    /// Counts every reference in the image once.
-    pub(super) async fn walk(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
-        w.count(0);
-        self.count_range(w, self.geo.l1_offset, self.geo.l1_bytes());
-        if !w.skip_refcount_structures {
+    /// Walks every reference in the image once, handing each to `v` with
+    /// where it lives, and each faulty entry (rewritten when `v` asks).
+    pub(crate) async fn walk<V: Visitor>(&mut self, v: &mut V) -> Result<(), Error<D::Error>> {
+        let (cs, l1, l1_bytes) = (
+            self.geo.cluster_size,
+            self.geo.l1_offset,
+            self.geo.l1_bytes(),
+        );
+        v.reference(&Reference::header(Target::Header, 0, cs, Tree::Image));
+        self.yield_range(
+            v,
+            &Reference::header(Target::L1Table, l1, l1_bytes, Tree::Active),
+        );
+        if v.refcount_structures() {
             let (table, bytes) = (self.geo.reftable_offset, self.geo.reftable_bytes());
-            if !self.count_range(w, table, bytes) && w.audit {
+            let table = Reference::header(Target::RefcountTable, table, bytes, Tree::Image);
+            if !self.yield_range(v, &table) {
                 // Past the end of the device: every refcount reads as 0.
-                w.refcount_structure_error();
+                report(v, Problem::RefcountStructure, 0, None);
             }
-            self.walk_reftable(w).await?;
+            self.walk_reftable(v).await?;
         }
         let (l1, entries) = (self.geo.l1_offset, self.geo.l1_entries);
-        self.walk_l1(w, l1, entries, true).await?;
+        self.walk_l1(v, l1, entries, Tree::Active).await?;
         if self.external_data() && self.header.nb_snapshots > 0 {
             // QEMU: "ERROR n snapshots in image with data file" (one
             // corruption, left alone by a repair).
-            w.entry_error();
+            report(v, Problem::Structure, 0, None);
         }
-        self.walk_snapshots(w).await?;
-        self.walk_bitmaps(w).await
+        self.walk_snapshots(v).await?;
+        self.walk_bitmaps(v).await
     }
 
-    /// Counts the refcount blocks; the audit reports bad table entries.
-    pub(super) async fn walk_reftable(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
+    /// The refcount blocks; a table entry naming no plausible block is a
+    /// fault.
+    async fn walk_reftable<V: Visitor>(&mut self, v: &mut V) -> Result<(), Error<D::Error>> {
         for i in 0..self.geo.reftable_entries {
-            match self.refblock_entry(i).await? {
-                Some(block) => w.count(self.geo.cluster_of(block)),
-                None if w.audit && self.reftable_raw(i).await? != 0 => w.refcount_structure_error(),
+            let raw = self.reftable_raw(i).await?;
+            let at = self.geo.reftable_entry_at(i);
+            match self.plausible_block(raw) {
+                Some(host) => v.reference(&Reference {
+                    target: Target::RefcountBlock,
+                    host,
+                    len: self.geo.cluster_size,
+                    at,
+                    index: i,
+                    entry: raw,
+                    tree: Tree::Image,
+                }),
+                None if raw != 0 => {
+                    report(v, Problem::RefcountStructure, at, None);
+                }
                 None => {}
             }
         }
         Ok(())
     }
 
-    /// Counts the clusters of persistent bitmaps: the directory, each
-    /// bitmap table and the bitmap data clusters it points at.
-    pub(super) async fn walk_bitmaps(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
+    /// The persistent bitmaps: the directory, each bitmap table and the
+    /// bitmap data clusters it points at.
+    pub(super) async fn walk_bitmaps<V: Visitor>(
+        &mut self,
+        v: &mut V,
+    ) -> Result<(), Error<D::Error>> {
         let Some(ext) = self.bitmaps else {
             return Ok(());
         };
         let mut fixed = [0u8; 24];
         if ext.len < 24 {
-            w.entry_error();
+            report(v, Problem::Structure, ext.offset, None);
             return Ok(());
         }
         header_io::read_bytes(&mut self.dev, &mut self.scratch, ext.offset, &mut fixed).await?;
-        let be32 = |b: &[u8], i: usize| {
-            b.get(i..i + 4)
-                .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .map_or(0, u32::from_be_bytes)
-        };
-        let be64 = |b: &[u8], i: usize| u64::from(be32(b, i)) << 32 | u64::from(be32(b, i + 4));
         let count = be32(&fixed, 0);
         let (dir_size, dir) = (be64(&fixed, 8), be64(&fixed, 16));
+        // The directory's offset is the extension's third field.
+        let dir_at = ext.offset + 16;
         if count > MAX_BITMAPS
             || dir_size > MAX_BITMAP_DIRECTORY
             || !self.valid_clusters(dir, dir_size.max(1))
         {
-            w.entry_error();
+            report(v, Problem::Structure, dir_at, None);
             return Ok(());
         }
-        self.count_range(w, dir, dir_size);
+        let directory = Target::BitmapDirectory;
+        self.yield_range(
+            v,
+            &Reference::entry(directory, dir, dir_size, dir_at, 0, dir, Tree::Image),
+        );
         let mut at = dir;
         let mut entry = [0u8; 24];
-        for _ in 0..count {
+        for i in 0..u64::from(count) {
             if at + 24 > dir + dir_size {
-                w.entry_error();
+                report(v, Problem::Structure, at, None);
                 return Ok(());
             }
             header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut entry).await?;
@@ -175,32 +244,55 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             let name_len = u64::from(be32(&entry, 16) & 0xffff);
             let extra = u64::from(be32(&entry, 20));
             if table_size > 0 {
-                if !self.valid_clusters(table, table_size * ENTRY_BYTES) {
-                    w.entry_error();
-                } else {
-                    self.count_range(w, table, table_size * ENTRY_BYTES);
-                    for i in 0..table_size {
-                        let mut raw = [0u8; 8];
-                        header_io::read_bytes(
-                            &mut self.dev,
-                            &mut self.scratch,
-                            table + i * ENTRY_BYTES,
-                            &mut raw,
-                        )
-                        .await?;
-                        let data = u64::from_be_bytes(raw) & crate::format::entry::OFFSET_MASK;
-                        if data != 0 {
-                            self.count_range(w, data, self.geo.cluster_size);
-                        }
-                    }
-                }
+                self.walk_bitmap_table(v, (at, i), table, table_size)
+                    .await?;
             }
             at += (24 + extra + name_len).div_ceil(8) * 8;
         }
         Ok(())
     }
 
-    pub(super) async fn walk_snapshots(&mut self, w: &mut Walk<'_>) -> Result<(), Error<D::Error>> {
+    /// One bitmap's table of `size` entries at `table`, from the directory
+    /// entry `(at, index)`, and the data clusters it points at.
+    async fn walk_bitmap_table<V: Visitor>(
+        &mut self,
+        v: &mut V,
+        (at, index): (u64, u64),
+        table: u64,
+        size: u64,
+    ) -> Result<(), Error<D::Error>> {
+        if !self.valid_clusters(table, size * ENTRY_BYTES) {
+            report(v, Problem::Structure, at, None);
+            return Ok(());
+        }
+        let (bitmap, bytes) = (Target::BitmapTable, size * ENTRY_BYTES);
+        self.yield_range(
+            v,
+            &Reference::entry(bitmap, table, bytes, at, index, table, Tree::Image),
+        );
+        for i in 0..size {
+            let mut raw = [0u8; 8];
+            let at = table + i * ENTRY_BYTES;
+            header_io::read_bytes(&mut self.dev, &mut self.scratch, at, &mut raw).await?;
+            let entry = u64::from_be_bytes(raw);
+            let data = entry & crate::format::entry::OFFSET_MASK;
+            if data != 0 {
+                let cs = self.geo.cluster_size;
+                self.yield_range(
+                    v,
+                    &Reference::entry(Target::BitmapData, data, cs, at, i, entry, Tree::Image),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The snapshots' L1 tables, what they reference and the snapshot
+    /// table.
+    pub(super) async fn walk_snapshots<V: Visitor>(
+        &mut self,
+        v: &mut V,
+    ) -> Result<(), Error<D::Error>> {
         let mut at = self.header.snapshots_offset;
         let mut fixed = [0u8; FIXED_LEN];
         for _ in 0..self.header.nb_snapshots {
@@ -209,90 +301,84 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             if entry.extra_len > MAX_SNAPSHOT_EXTRA {
                 return Err(Error::corrupt(Corruption::SnapshotExtraTooLarge, at));
             }
-            let l1_bytes = u64::from(entry.l1_size) * ENTRY_BYTES;
-            if !self.valid_clusters(entry.l1_table_offset, l1_bytes.max(1)) {
-                w.entry_error();
+            let (l1, n) = (entry.l1_table_offset, u64::from(entry.l1_size));
+            if !self.valid_clusters(l1, (n * ENTRY_BYTES).max(1)) {
+                report(v, Problem::Structure, at, None);
             } else {
-                self.count_range(w, entry.l1_table_offset, l1_bytes);
-                let (l1, n) = (entry.l1_table_offset, u64::from(entry.l1_size));
-                self.walk_l1(w, l1, n, false).await?;
+                self.yield_snapshot_l1(v, at, l1, n);
+                self.walk_l1(v, l1, n, Tree::Snapshot).await?;
             }
             at += entry.len();
         }
         if self.header.nb_snapshots > 0 {
             let table = self.header.snapshots_offset;
-            self.count_range(w, table, at - table);
+            let r = Reference::header(Target::SnapshotTable, table, at - table, Tree::Image);
+            self.yield_range(v, &r);
         }
         Ok(())
     }
 
-    /// Counts an L1 table's L2 tables and everything they reference.
-    pub(super) async fn walk_l1(
+    /// Hands the L1 table of `entries` entries at `l1` of the snapshot
+    /// whose table entry is at `at` to `v`.
+    fn yield_snapshot_l1<V: Visitor>(&self, v: &mut V, at: u64, l1: u64, entries: u64) {
+        let (table, bytes) = (Target::SnapshotL1Table, entries * ENTRY_BYTES);
+        self.yield_range(
+            v,
+            &Reference::entry(table, l1, bytes, at, 0, l1, Tree::Snapshot),
+        );
+    }
+
+    /// An L1 table's L2 tables and everything they reference.
+    pub(super) async fn walk_l1<V: Visitor>(
         &mut self,
-        w: &mut Walk<'_>,
+        v: &mut V,
         l1: u64,
         entries: u64,
-        active: bool,
+        tree: Tree,
     ) -> Result<(), Error<D::Error>> {
-        let cs = self.geo.cluster_size;
         for i in 0..entries {
             let at = l1 + i * ENTRY_BYTES;
             let Some(raw) = self.walk_read(at, Kind::L1).await? else {
                 // A snapshot's L1 table that is also another table.
-                w.entry_error();
+                report(v, Problem::Unreadable, at, None);
                 return Ok(());
             };
             if raw == 0 {
                 continue;
             }
-            let mut entry = L1Entry(raw);
+            let entry = L1Entry(raw);
             if entry.has_reserved_bits() {
-                w.entry_error();
-                if w.fix_entries {
-                    // Reads ignore these bits: the mapping stays as it was.
-                    entry = entry.without_reserved_bits();
-                    self.fix_entry(w, at, Kind::L1, entry.0).await?;
+                // Reads ignore these bits: the mapping stays as it was.
+                let fixed = entry.without_reserved_bits().0;
+                if let Step::Rewrite(value) = report(v, Problem::ReservedBits, at, Some(fixed)) {
+                    self.rewrite(v, at, Kind::L1, value).await?;
                 }
             }
             let l2 = entry.l2_offset();
-            if l2 == 0 {
-                continue;
-            }
-            if !self.valid_clusters(l2, cs) {
-                w.note_target(self.geo.cluster_of(l2), self.geo.cluster_of(l2) + 1);
-                w.entry_error();
-                if w.fix_entries {
-                    // Reading through it fails: nothing readable is lost.
-                    self.fix_entry(w, at, Kind::L1, 0).await?;
+            match self.entry_step(v, Kind::L1, (at, i, raw), tree) {
+                Step::Done => {}
+                Step::Rewrite(value) => self.rewrite(v, at, Kind::L1, value).await?,
+                Step::Valid(refcount) => {
+                    if let Some(cluster) = refcount {
+                        let stored = self.stored_refcount(cluster).await?;
+                        self.tell_refcount(v, Kind::L1, (at, i, raw), tree, stored);
+                    }
+                    if !self.walk_l2(v, l2, tree).await? {
+                        // The table is cached, dirty, as another kind of table.
+                        report(v, Problem::Unreadable, at, None);
+                    }
                 }
-                continue;
-            }
-            w.count(self.geo.cluster_of(l2));
-            if active && w.audit {
-                let cluster = self.geo.cluster_of(l2);
-                if let Some(refcount) = self.copied_wrong(cluster, entry.copied()).await? {
-                    w.copied_error(Finding::CopiedL2Table {
-                        l1_index: i,
-                        l1_entry: raw,
-                        refcount,
-                        repaired: false,
-                    });
-                }
-            }
-            if !self.walk_l2(w, l2, active).await? {
-                // The table is cached, dirty, as another kind of table.
-                w.entry_error();
             }
         }
         Ok(())
     }
 
-    /// Rewrites one entry during a repair; never one that lies in the
+    /// Rewrites the entry at `at` as `v` asked; never one that lies in the
     /// refcount table (a table entry pointing there is the table, which
     /// stays as it is until a rebuild switches away from it: rule 4).
-    pub(super) async fn fix_entry(
+    async fn rewrite<V: Visitor>(
         &mut self,
-        w: &mut Walk<'_>,
+        v: &mut V,
         at: u64,
         kind: Kind,
         value: u64,
@@ -300,27 +386,23 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         let (table, bytes) = (self.geo.reftable_offset, self.geo.reftable_bytes());
         if at >= table && at - table < bytes {
             // Fixed once a rebuild has moved the refcount table away.
-            w.entries_deferred = true;
+            v.rewritten(false);
             return Ok(());
         }
         self.cache.write_u64(&mut self.dev, at, kind, value).await?;
-        w.entries_fixed += 1;
+        v.rewritten(true);
         Ok(())
     }
 
-    /// Counts the clusters one L2 table references.
+    /// The references of one L2 table.
     ///
     /// Returns false when the cluster cannot be read as an L2 table.
-    pub(super) async fn walk_l2(
+    pub(super) async fn walk_l2<V: Visitor>(
         &mut self,
-        w: &mut Walk<'_>,
+        v: &mut V,
         l2: u64,
-        active: bool,
+        tree: Tree,
     ) -> Result<bool, Error<D::Error>> {
-        use crate::format::entry::{COMPRESSED, COPIED};
-        let cs = self.geo.cluster_size;
-        // As QEMU, contiguity is judged within one L2 table.
-        let mut next_contiguous = 0;
         for j in 0..self.geo.l2_entries {
             let at = l2 + j * ENTRY_BYTES;
             let Some(mut raw) = self.walk_read(at, Kind::L2).await? else {
@@ -329,139 +411,165 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
             if raw == 0 {
                 continue;
             }
-            let bad_flags =
-                L2Entry::has_reserved_bits(raw) || (raw & COMPRESSED != 0 && raw & COPIED != 0);
-            if bad_flags {
-                w.entry_error();
-                if w.fix_entries {
-                    // Reads ignore these bits: the mapping stays as it was.
-                    raw = L2Entry::without_reserved_bits(raw);
-                    if raw & COMPRESSED != 0 {
-                        raw &= !COPIED;
-                    }
-                    self.fix_entry(w, at, Kind::L2, raw).await?;
+            if let Some(fixed) = without_bad_flags(raw) {
+                // Reads ignore these bits: the mapping stays as it was.
+                if let Step::Rewrite(value) = report(v, Problem::ReservedBits, at, Some(fixed)) {
+                    self.rewrite(v, at, Kind::L2, value).await?;
+                    raw = value;
                 }
             }
-            let entry = self.decode_l2(raw);
-            if self.external_data() {
-                self.walk_external_l2_entry(w, at, raw, entry, active, &mut next_contiguous)
-                    .await?;
-                continue;
-            }
-            let (host, len, copied) = match entry {
-                L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => continue,
-                L2Entry::Zero { offset, copied } | L2Entry::Data { offset, copied } => {
-                    (offset, cs, Some(copied))
-                }
-                L2Entry::Compressed { offset, len } => (offset, len, None),
-            };
-            if active && w.audit {
-                w.report.allocated_clusters += 1;
-                if copied.is_none() {
-                    w.report.compressed_clusters += 1;
-                    w.report.fragmented_clusters += 1;
-                } else {
-                    if next_contiguous != 0 && host != next_contiguous {
-                        w.report.fragmented_clusters += 1;
-                    }
-                    next_contiguous = host + cs;
-                }
-            }
-            // A compressed stream may run past the end of the device by
-            // less than a cluster, as QEMU allows (the last sector of a
-            // file a descriptor rounds up to): what a read takes is there.
-            let dev_bytes = self.dev.sector_count() * crate::SECTOR as u64;
-            let valid = match copied {
-                Some(_) => self.valid_clusters(host, cs),
-                None => host.checked_add(len).is_some_and(|end| {
-                    host >= cs && host < dev_bytes && end.saturating_sub(dev_bytes) < cs
-                }),
-            };
-            if !valid {
-                let to = self.geo.clusters_for(host.saturating_add(len.max(1)));
-                w.note_target(self.geo.cluster_of(host), to);
-                w.entry_error();
-                if w.fix_entries {
-                    // Reading through it fails: nothing readable is lost.
-                    self.fix_entry(w, at, Kind::L2, 0).await?;
-                }
-                continue;
-            }
-            self.count_range(w, host, len);
-            if let (true, true, Some(copied)) = (active, w.audit, copied) {
-                let cluster = self.geo.cluster_of(host);
-                if let Some(refcount) = self.copied_wrong(cluster, copied).await? {
-                    w.copied_error(Finding::CopiedData {
-                        l2_entry: raw,
-                        refcount,
-                        repaired: false,
-                    });
+            match self.entry_step(v, Kind::L2, (at, j, raw), tree) {
+                Step::Done | Step::Valid(None) => {}
+                Step::Rewrite(value) => self.rewrite(v, at, Kind::L2, value).await?,
+                Step::Valid(Some(cluster)) => {
+                    let stored = self.stored_refcount(cluster).await?;
+                    self.tell_refcount(v, Kind::L2, (at, j, raw), tree, stored);
                 }
             }
         }
         Ok(true)
     }
 
-    /// The walk's part for one L2 entry (at `at`) of an image with an
-    /// external data file, as QEMU's check_refcounts_l2 and
-    /// check_oflag_copied: data clusters are counted as allocated (and
-    /// fragmented) but hold no reference in the image file; a misaligned
-    /// one is a corruption (cleared by a repair: reading it fails anyway),
-    /// so is a compressed cluster (which QEMU refuses to read), and, their
-    /// refcount being 1 by definition, a missing COPIED flag.
-    async fn walk_external_l2_entry(
-        &mut self,
-        w: &mut Walk<'_>,
-        at: u64,
-        raw: u64,
-        entry: L2Entry,
-        active: bool,
-        next_contiguous: &mut u64,
-    ) -> Result<(), Error<D::Error>> {
+    /// Hands what the L1 or L2 entry `(at, index, raw)` references to `v`,
+    /// or its fault. (Out of line, as the other steps the walk takes
+    /// between reads: their values stay out of the walk's futures and
+    /// polls.)
+    #[inline(never)]
+    fn entry_step<V: Visitor>(
+        &self,
+        v: &mut V,
+        table: Kind,
+        (at, index, raw): (u64, u64, u64),
+        tree: Tree,
+    ) -> Step {
+        if table == Kind::L2 && self.external_data() {
+            return self.external_l2_step(v, at, index, raw, tree);
+        }
+        let Some(r) = self.entry_target(table, at, index, raw, tree) else {
+            return Step::Done;
+        };
+        if !self.target_valid(&r) {
+            // Reading through it fails: nothing readable is lost.
+            let fault = Fault {
+                target: Some(&r),
+                ..Fault::fixable(Problem::Outside, r.at, 0)
+            };
+            return fault_step(v, &fault);
+        }
+        self.yield_range(v, &r);
+        let refcount = v.wants_refcount(&r);
+        Step::Valid(refcount.then_some(self.geo.cluster_of(r.host)))
+    }
+
+    /// Hands the stored refcount of what the entry `(at, index, raw)`
+    /// references to `v`, which asked for it.
+    #[inline(never)]
+    fn tell_refcount<V: Visitor>(
+        &self,
+        v: &mut V,
+        table: Kind,
+        (at, index, raw): (u64, u64, u64),
+        tree: Tree,
+        stored: Option<u64>,
+    ) {
+        if let Some(r) = self.entry_target(table, at, index, raw, tree) {
+            v.refcount(&r, stored);
+        }
+    }
+
+    /// Whether an L2 table, data cluster or compressed extent lies where
+    /// reads may take it.
+    fn target_valid(&self, r: &Reference) -> bool {
         let cs = self.geo.cluster_size;
-        let (host, copied) = match entry {
-            L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => return Ok(()),
-            L2Entry::Zero { offset, copied } | L2Entry::Data { offset, copied } => (offset, copied),
-            L2Entry::Compressed { .. } => {
-                w.entry_error();
-                if w.fix_entries {
-                    self.fix_entry(w, at, Kind::L2, 0).await?;
+        if r.target != Target::Compressed {
+            return self.valid_clusters(r.host, cs);
+        }
+        // A compressed stream may run past the end of the device by
+        // less than a cluster, as QEMU allows (the last sector of a
+        // file a descriptor rounds up to): what a read takes is there.
+        let dev_bytes = self.dev.sector_count() * crate::SECTOR as u64;
+        let (host, len) = (r.host, r.len);
+        host.checked_add(len)
+            .is_some_and(|end| host >= cs && host < dev_bytes && end.saturating_sub(dev_bytes) < cs)
+    }
+
+    /// What the L1 entry (an L2 table) or L2 entry `raw` (at `at`, index
+    /// `index`) references in the image file, if anything.
+    fn entry_target(
+        &self,
+        table: Kind,
+        at: u64,
+        index: u64,
+        raw: u64,
+        tree: Tree,
+    ) -> Option<Reference> {
+        let cs = self.geo.cluster_size;
+        let (target, host, len) = if table == Kind::L1 {
+            (Target::L2Table, L1Entry(raw).l2_offset(), cs)
+        } else {
+            match self.decode_l2(raw) {
+                L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => return None,
+                L2Entry::Zero { offset, .. } | L2Entry::Data { offset, .. } => {
+                    (Target::Data, offset, cs)
                 }
-                return Ok(());
+                L2Entry::Compressed { offset, len } => (Target::Compressed, offset, len),
             }
         };
-        if active && w.audit {
-            w.report.allocated_clusters += 1;
-            if *next_contiguous != 0 && host != *next_contiguous {
-                w.report.fragmented_clusters += 1;
+        (host != 0).then_some(Reference::entry(target, host, len, at, index, raw, tree))
+    }
+
+    /// L2 entry `raw` (at `at`, index `j`) of an image with an external
+    /// data file, as QEMU's check_refcounts_l2 and check_oflag_copied: a
+    /// data cluster holds no reference in the image file (it is handed to
+    /// `v` as [`Target::ExternalData`]); a misaligned one is a fault
+    /// (cleared by a repair: reading it fails anyway), so is a compressed
+    /// cluster (which QEMU refuses to read).
+    #[inline(never)]
+    fn external_l2_step<V: Visitor>(
+        &self,
+        v: &mut V,
+        at: u64,
+        j: u64,
+        raw: u64,
+        tree: Tree,
+    ) -> Step {
+        let host = match self.decode_l2(raw) {
+            L2Entry::Unallocated | L2Entry::Zero { offset: 0, .. } => return Step::Done,
+            L2Entry::Zero { offset, .. } | L2Entry::Data { offset, .. } => offset,
+            L2Entry::Compressed { .. } => {
+                return fault_step(v, &Fault::fixable(Problem::DataFile, at, 0));
             }
-            *next_contiguous = host + cs;
-            if !copied {
-                w.copied_error(Finding::CopiedData {
-                    l2_entry: raw,
-                    refcount: 1,
-                    repaired: false,
-                });
-            }
-        }
+        };
+        let cs = self.geo.cluster_size;
+        v.reference(&Reference::entry(
+            Target::ExternalData,
+            host,
+            cs,
+            at,
+            j,
+            raw,
+            tree,
+        ));
         if self.geo.within_cluster(host) != 0 {
-            w.entry_error();
-            if w.fix_entries {
-                self.fix_entry(w, at, Kind::L2, 0).await?;
-            }
+            return fault_step(v, &Fault::fixable(Problem::DataFile, at, 0));
         }
-        Ok(())
+        Step::Done
     }
 
     /// Refcount table entry `i` when it names a plausible block (aligned,
     /// no reserved bits, inside the device), else `None`.
     pub(super) async fn refblock_entry(&mut self, i: u64) -> Result<Option<u64>, Error<D::Error>> {
         let raw = self.reftable_raw(i).await?;
+        Ok(self.plausible_block(raw))
+    }
+
+    /// The block refcount table entry `raw` names, when plausible.
+    fn plausible_block(&self, raw: u64) -> Option<u64> {
         let block = raw & !0x1ff;
         let plausible = raw & 0x1ff == 0
             && self.geo.within_cluster(block) == 0
             && block >> self.geo.cluster_bits < self.dev_clusters;
-        Ok((raw != 0 && plausible).then_some(block))
+        (raw != 0 && plausible).then_some(block)
     }
 
     /// Raw refcount table entry `i`; entries past the end of the device

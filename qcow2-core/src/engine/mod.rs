@@ -23,6 +23,8 @@ pub(crate) mod release;
 pub(crate) mod relocate;
 #[cfg(feature = "write")]
 pub(crate) mod tables;
+#[cfg(feature = "check")]
+pub(crate) mod visit;
 
 use crate::cache::{Cache, SlotStorage};
 #[cfg(feature = "write")]
