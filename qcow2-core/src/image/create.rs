@@ -213,33 +213,11 @@ impl<D: BlockDevice> Prepare<D> for Format<'_> {
     }
 }
 
-/// Writes an empty image's metadata to `dev`, naming `files`; returns its
-/// size in clusters.
-async fn format<D: BlockDevice>(
-    dev: &mut D,
-    options: &CreateOptions,
-    files: &ExternalFiles<'_>,
-) -> Result<u64, Error<D::Error>> {
-    options.validate()?;
-    files.validate(options.version)?;
-    let layout = Layout::plan(options, files.data_file_raw)?;
+/// The header of a new image with `options` laid out as `layout`.
+fn new_header(options: &CreateOptions, layout: &Layout) -> Header {
     let cs = 1u64 << options.cluster_bits;
-    let cluster_sectors = cs / SECTOR as u64;
-    let total_sectors = layout.total * cluster_sectors;
-
-    // Old contents of the metadata area must read as zeros.
-    let old = dev.sector_count();
-    if old < total_sectors {
-        dev.set_sector_count(total_sectors)
-            .await
-            .map_err(|_| Error::NoSpace)?;
-    }
-    dev.write_zeros(0, old.min(total_sectors))
-        .await
-        .map_err(Error::Io)?;
-
     let v3 = options.version == Version::V3;
-    let header = Header {
+    Header {
         version: options.version,
         backing_file_offset: 0,
         backing_file_size: 0,
@@ -265,7 +243,35 @@ async fn format<D: BlockDevice>(
         refcount_order: options.refcount_order,
         header_length: if v3 { V3_LENGTH } else { V2_LENGTH },
         compression_type: options.compression.type_byte(),
-    };
+    }
+}
+
+/// Writes an empty image's metadata to `dev`, naming `files`; returns its
+/// size in clusters.
+async fn format<D: BlockDevice>(
+    dev: &mut D,
+    options: &CreateOptions,
+    files: &ExternalFiles<'_>,
+) -> Result<u64, Error<D::Error>> {
+    options.validate()?;
+    files.validate(options.version)?;
+    let layout = Layout::plan(options, files.data_file_raw)?;
+    let cs = 1u64 << options.cluster_bits;
+    let cluster_sectors = cs / SECTOR as u64;
+    let total_sectors = layout.total * cluster_sectors;
+
+    // Old contents of the metadata area must read as zeros.
+    let old = dev.sector_count();
+    if old < total_sectors {
+        dev.set_sector_count(total_sectors)
+            .await
+            .map_err(|_| Error::NoSpace)?;
+    }
+    dev.write_zeros(0, old.min(total_sectors))
+        .await
+        .map_err(Error::Io)?;
+
+    let header = new_header(options, &layout);
     // The header, its extensions and the backing file name, as QEMU
     // writes them, a sector at a time.
     let area = HeaderArea::new(&header, files)?;

@@ -5,7 +5,7 @@
 use core::future::Future;
 
 use crate::cache::SlotStorage;
-use crate::codec::{Compression, DecodeError, Decoder, Parts, Workspace};
+use crate::codec::{Compression, DecodeError, Decoder, Parts, Step, Workspace};
 use crate::engine::extent::CompressedExtent;
 #[cfg(feature = "write")]
 use crate::engine::release::StreamProbe;
@@ -36,17 +36,13 @@ where
         skip,
         truncated,
     } = engine.compressed_extent(host, len)?;
-    let format = Compression::from_type(engine.header.compression_type)
-        .ok_or(Error::Unsupported(Feature::CompressionType))?;
     let cluster = engine.geo.cluster_size;
     let Parts {
         bounce,
         input,
         decoder,
     } = ws.parts();
-    decoder
-        .start(format, cluster as usize)
-        .map_err(|e| decode_error(e, host))?;
+    start(decoder, engine.header.compression_type, cluster, host)?;
     let input: &mut [Sector] = if input.is_empty() {
         core::slice::from_mut(&mut engine.scratch)
     } else {
@@ -62,12 +58,7 @@ where
     let mut produced: u64 = 0;
     while produced < cluster {
         if next >= input_end {
-            let what = if truncated {
-                Corruption::CompressedBeyondImage
-            } else {
-                Corruption::CompressedDataShort
-            };
-            return Err(Error::corrupt(what, host));
+            return Err(ran_out(truncated, host));
         }
         let n = (input.len() as u64).min(input_end - next) as usize;
         let chunk = input
@@ -82,17 +73,11 @@ where
             let step = decoder
                 .step(bytes, last)
                 .map_err(|e| decode_error(e, host))?;
-            let data = step.output;
-            if data.is_empty() && step.consumed == 0 {
-                if !bytes.is_empty() && !last {
-                    // The contract: a decoder buffers partial input itself.
-                    return Err(Error::Internal("decoder stalled with input left"));
-                }
+            let consumed = step.consumed;
+            let Some(data) = checked_output(step, bytes.is_empty() || last, cluster - produced)?
+            else {
                 break;
-            }
-            if produced + data.len() as u64 > cluster {
-                return Err(Error::Internal("decoder produced more than a cluster"));
-            }
+            };
             match &mut target {
                 Target::Device { host: at, skip } => {
                     // Sector by sector through `acc`: no buffer to spare.
@@ -110,7 +95,7 @@ where
                 other => place(other, bounce, produced, data)?,
             }
             produced += data.len() as u64;
-            bytes = bytes.get(step.consumed..).unwrap_or(&[]);
+            bytes = bytes.get(consumed..).unwrap_or(&[]);
         }
         if last && produced < cluster {
             return Err(Error::corrupt(Corruption::CompressedDataShort, host));
@@ -120,6 +105,55 @@ where
         engine.cache.note_device_write();
     }
     Ok(())
+}
+
+/// Starts `decoder` on a cluster of `cluster` bytes in the image's
+/// compression type `type_byte` (stream at host byte `host`).
+fn start<Z: Decoder, E>(
+    decoder: &mut Z,
+    type_byte: u8,
+    cluster: u64,
+    host: u64,
+) -> Result<(), Error<E>> {
+    let format =
+        Compression::from_type(type_byte).ok_or(Error::Unsupported(Feature::CompressionType))?;
+    decoder
+        .start(format, cluster as usize)
+        .map_err(|e| decode_error(e, host))
+}
+
+/// The error for a stream whose input ran out before a whole cluster:
+/// the extent was cut at the device's end (`truncated`), or it is short.
+fn ran_out<E>(truncated: bool, host: u64) -> Error<E> {
+    let what = if truncated {
+        Corruption::CompressedBeyondImage
+    } else {
+        Corruption::CompressedDataShort
+    };
+    Error::corrupt(what, host)
+}
+
+/// The output of one decoder step, checked against the decoder contract:
+/// `None` when it needs more input (allowed only when `may_stall`: its
+/// input is used up, or was the last), an error when it would pass the
+/// `room` left in the cluster.
+fn checked_output<E>(
+    step: Step<'_>,
+    may_stall: bool,
+    room: u64,
+) -> Result<Option<&[u8]>, Error<E>> {
+    let data = step.output;
+    if data.is_empty() && step.consumed == 0 {
+        if !may_stall {
+            // The contract: a decoder buffers partial input itself.
+            return Err(Error::Internal("decoder stalled with input left"));
+        }
+        return Ok(None);
+    }
+    if data.len() as u64 > room {
+        return Err(Error::Internal("decoder produced more than a cluster"));
+    }
+    Ok(Some(data))
 }
 
 /// Places decoded `data` (the cluster's bytes from byte `pos`) in a
