@@ -51,12 +51,7 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         self.check_host_limit(cluster + 1)?;
         self.check_unused(cluster, 1)?;
         if self.refblock_of(cluster).await? != 0 {
-            self.grow_device_to(cluster + 1).await?;
-            let sectors = self.geo.cluster_sectors();
-            let first = self.geo.cluster_sector(cluster);
-            self.cache
-                .discard_before_reuse(&mut self.dev, first, sectors)
-                .await?;
+            self.claim(cluster).await?;
             self.increment(cluster).await?;
             self.free_hint = cluster + 1;
             return Ok(Some(cluster << self.geo.cluster_bits));
@@ -105,14 +100,21 @@ impl<D: BlockDevice, S: SlotStorage<K>, const K: usize> Engine<D, S, K> {
         Ok(())
     }
 
-    /// Creates the refcount block for `cluster`'s range at `cluster` itself,
-    /// which is free and which the new block then marks as used.
-    async fn new_refblock(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
+    /// Makes free cluster `cluster` ready to hand out: inside the device,
+    /// and with no discard of it still queued (rule 6: a flush cycle that
+    /// failed after freeing it would otherwise punch its new contents).
+    async fn claim(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
         self.grow_device_to(cluster + 1).await?;
         let (first, sectors) = (self.geo.cluster_sector(cluster), self.geo.cluster_sectors());
         self.cache
             .discard_before_reuse(&mut self.dev, first, sectors)
-            .await?;
+            .await
+    }
+
+    /// Creates the refcount block for `cluster`'s range at `cluster` itself,
+    /// which is free and which the new block then marks as used.
+    async fn new_refblock(&mut self, cluster: u64) -> Result<(), Error<D::Error>> {
+        self.claim(cluster).await?;
         let host = cluster << self.geo.cluster_bits;
         let index = cluster >> self.geo.refblock_bits;
         self.write_refblock(host, index << self.geo.refblock_bits, cluster, cluster + 1)
